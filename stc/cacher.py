@@ -1,0 +1,512 @@
+"""STC-Cacher: reuse the vision encoder's work across the frames of a stream.
+
+Reference frames (every N-th frame of a stream, N = ``cache_interval``) get a full encoder forward,
+and every layer caches, for that frame: the key projection K_ref, the value projection V_ref, the
+attention output A_ref (after out_proj) and the MLP output M_ref. Every other frame, at every layer:
+
+1. computes K for all T tokens and scores each token by the similarity of a feature (K by default)
+   to the reference frame's feature at the same position;
+2. recomputes only the k = floor(T * (1 - R)) least similar ("dynamic") tokens, R = ``reuse_ratio``
+   (R_Cacher in the paper): their Q and V, their attention over all current keys with
+   V_full = V_ref with dynamic rows replaced, and their MLP;
+3. gives every other ("static") token its current input plus the reference frame's cached attention
+   and MLP deltas: out = x + A_ref + M_ref (rows of A_ref / M_ref replaced for dynamic tokens).
+
+This module holds the algorithm as tensor functions (`select_dynamic_tokens`, `reference_layer`,
+`selective_layer`) and the glue that attaches it to Hugging Face vision encoders
+(`attach_cacher`). All state of a stream lives in a `CacherState` that the caller owns and passes to
+each forward as the keyword ``stc_state``; the encoder modules hold none, so several streams can share
+one model::
+
+    with attach_cacher(model.model.vision_tower, CacherConfig(cache_interval=4, reuse_ratio=0.75)) as cacher:
+        state = cacher.new_state()
+        for chunk in frames:                     # [F, 3, H, W], in stream order
+            out = model.model.vision_tower(chunk, stc_state=state, output_hidden_states=True)
+        print(state.recomputed_tokens)           # per frame, tokens recomputed at each layer
+
+A forward without ``stc_state`` runs the original layers untouched.
+
+Frames are reference frames by their index in the stream (index % N == 0), whether they arrive one
+at a time or in chunks, and a chunk gives exactly what its frames give one at a time. (The public code
+decides per chunk; in the ReKV setting a chunk is one frame and both agree.)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+REUSE_MODES = ("attn+mlp", "attn", "mlp")
+SELECTION_FEATURES = ("key", "value", "hidden")
+METRICS = ("cosine", "l1", "l2", "dot")
+STATE_KWARG = "stc_state"
+
+
+@dataclass(frozen=True)
+class CacherConfig:
+    """Settings of STC-Cacher.
+
+    cache_interval: N, one reference frame every N frames of a stream (>= 1, or math.inf for only the
+        first frame). N = 1 makes every frame a reference frame (no reuse).
+    reuse_ratio: R_Cacher in [0, 1): the fraction of tokens whose cached outputs are reused on
+        non-reference frames; k = floor(T * (1 - R)) tokens are recomputed per frame and layer.
+    reuse: which cached outputs static tokens reuse: "attn+mlp" (paper default), "attn" (attention
+        output reused, MLP recomputed for all tokens) or "mlp" (full attention, MLP output reused).
+    selection_feature: what picks the dynamic tokens: "key" (default), "value", or "hidden" (the
+        layer's input hidden state).
+    metric: similarity to the reference feature: "cosine" (default), "l1", "l2" (negative distances)
+        or "dot". The least similar tokens are recomputed.
+    per_layer_selection: select dynamic tokens at every layer (default); if False, layer 0 selects and
+        every layer reuses that selection (the later public code's approximation).
+    """
+
+    cache_interval: float = 4
+    reuse_ratio: float = 0.75
+    reuse: str = "attn+mlp"
+    selection_feature: str = "key"
+    metric: str = "cosine"
+    per_layer_selection: bool = True
+
+    def __post_init__(self):
+        n = self.cache_interval
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or math.isnan(n):
+            raise ValueError(f"cache_interval must be an integer >= 1 or math.inf, got {n!r}")
+        if n < 1 or (not math.isinf(n) and n != int(n)):
+            raise ValueError(f"cache_interval must be an integer >= 1 or math.inf, got {n!r}")
+        r = self.reuse_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+            raise ValueError(
+                f"reuse_ratio must be in [0, 1) (the fraction of tokens reused), got {r!r}; "
+                "use cache_interval=1 to recompute every frame fully"
+            )
+        for name, allowed in (("reuse", REUSE_MODES), ("selection_feature", SELECTION_FEATURES), ("metric", METRICS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def recomputed_tokens(self, num_tokens: int) -> int:
+        """k = floor(T * (1 - R)), the dynamic tokens per non-reference frame and layer."""
+        # round() first so that e.g. 729 * 0.25 is not floored to 182.2499... -> 182 by accident
+        return math.floor(round(num_tokens * (1.0 - self.reuse_ratio), 9))
+
+    def is_reference(self, frame_index: int) -> bool:
+        if math.isinf(self.cache_interval):
+            return frame_index == 0
+        return frame_index % int(self.cache_interval) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor functions
+# ---------------------------------------------------------------------------------------------
+
+
+def token_similarity(current: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
+    """Similarity of each token to the same position of the reference, higher = more similar.
+
+    current, reference: [B, T, C] (reference may broadcast). Returns [B, T] in float32.
+    """
+    a, b = current.float(), reference.float()
+    if metric == "cosine":
+        return nn.functional.cosine_similarity(a, b, dim=-1)
+    if metric == "dot":
+        return (a * b).sum(-1)
+    if metric == "l1":
+        return -(a - b).abs().sum(-1)
+    if metric == "l2":
+        return -(a - b).norm(dim=-1)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def select_dynamic_tokens(current: torch.Tensor, reference: torch.Tensor, k: int, metric: str) -> torch.Tensor:
+    """Indices of the k least similar tokens of each frame, ascending.
+
+    current, reference: [B, T, C]. Returns int64 [B, k].
+    """
+    sim = token_similarity(current, reference, metric)
+    idx = torch.topk(sim, k, dim=1, largest=False, sorted=False).indices
+    return idx.sort(dim=1).values
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C], idx [B, k] -> [B, k, C]."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of base [B, T, C] with rows [B, k, C] written at idx [B, k]."""
+    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows.to(base.dtype))
+
+
+@dataclass
+class LayerCache:
+    """What one layer caches for a reference frame; each tensor [T, C]."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C]."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    b, tq, _ = q.shape
+    q4 = q.view(b, tq, -1, head_dim).transpose(1, 2)
+    k4 = k.view(b, k.shape[1], -1, head_dim).transpose(1, 2)
+    v4 = v.view(b, v.shape[1], -1, head_dim).transpose(1, 2)
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    out, _ = interface(attn, q4, k4, v4, None, is_causal=False, scaling=attn.scale, dropout=0.0)
+    return out.reshape(b, tq, -1).contiguous()
+
+
+def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False) -> tuple[torch.Tensor, LayerCache]:
+    """The full layer forward, decomposed so that K, V and both residual deltas can be cached.
+
+    Same operations as the Hugging Face SigLIP/CLIP encoder layer. x: [B, T, C].
+    Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors.
+    """
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    a = attn.out_proj(_attention(layer, q, k, v))
+    mid = x + a
+    m = layer.mlp(layer.layer_norm2(mid))
+    return mid + m, LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
+
+
+def selective_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    ref: LayerCache,
+    k: int,
+    config: CacherConfig,
+    dynamic: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
+
+    x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
+    or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
+    Returns the output [B, T, C] and the dynamic indices [B, k].
+    """
+    attn = layer.self_attn
+    b, t, _ = x.shape
+    h = layer.layer_norm1(x)
+    key = attn.k_proj(h)
+    value_all = attn.v_proj(h) if config.selection_feature == "value" else None
+    if dynamic is None:
+        feature, ref_feature = {
+            "key": (key, ref.key),
+            "value": (value_all, ref.value),
+            "hidden": (x, ref.hidden),
+        }[config.selection_feature]
+        dynamic = select_dynamic_tokens(feature, ref_feature.expand(b, -1, -1), k, config.metric)
+    ref_v, ref_a, ref_m = (r.expand(b, -1, -1) for r in (ref.value, ref.attn, ref.mlp))
+
+    if config.reuse == "mlp":
+        # Full attention for every token; only the MLP is selective.
+        value = value_all if value_all is not None else attn.v_proj(h)
+        a_full = attn.out_proj(_attention(layer, attn.q_proj(h), key, value))
+    else:
+        h_dyn = _gather(h, dynamic)
+        v_dyn = _gather(value_all, dynamic) if value_all is not None else attn.v_proj(h_dyn)
+        v_full = _scatter(ref_v, dynamic, v_dyn)
+        a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
+        a_full = _scatter(ref_a, dynamic, a_dyn)
+    mid = x + a_full
+
+    if config.reuse == "attn":
+        m_full = layer.mlp(layer.layer_norm2(mid))
+    else:
+        m_dyn = layer.mlp(layer.layer_norm2(_gather(mid, dynamic)))
+        m_full = _scatter(ref_m, dynamic, m_dyn)
+    return mid + m_full, dynamic
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-stream state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameReport:
+    """What the cacher did for one frame: its index in the stream, whether it was a reference frame,
+    and the number of tokens recomputed at each layer (T at every layer for a reference frame)."""
+
+    index: int
+    reference: bool
+    recomputed: list[int]
+    dynamic: list[torch.Tensor] | None = None  # per layer, the recomputed token indices (if recorded)
+
+
+@dataclass
+class CacherState:
+    """Everything the cacher remembers about one stream. Create with `Cacher.new_state()`."""
+
+    config: CacherConfig
+    num_layers: int
+    record_indices: bool = False  # keep each frame's dynamic token indices per layer in its report
+    frames_seen: int = 0
+    reports: list[FrameReport] = field(default_factory=list)
+    # Cache of the latest reference frame, per layer (committed at the end of each chunk).
+    _refs: list[LayerCache | None] = field(default_factory=list, repr=False)
+    # Scratch space of the chunk in flight (reset at layer 0, committed at the last layer).
+    _chunk: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self._refs:
+            self._refs = [None] * self.num_layers
+
+    def reset(self) -> None:
+        """Forget the stream: the next frame is frame 0, a reference frame."""
+        self.frames_seen = 0
+        self.reports = []
+        self._refs = [None] * self.num_layers
+        self._chunk = None
+
+    @property
+    def reference_frames(self) -> list[int]:
+        return [r.index for r in self.reports if r.reference]
+
+    @property
+    def recomputed_tokens(self) -> list[int]:
+        """Tokens recomputed per frame, summed over layers."""
+        return [sum(r.recomputed) for r in self.reports]
+
+    def recomputed_fraction(self, num_tokens: int) -> float:
+        """Share of (token, layer) pairs recomputed over all frames seen."""
+        total = len(self.reports) * self.num_layers * num_tokens
+        return sum(self.recomputed_tokens) / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Attaching to Hugging Face vision encoders
+# ---------------------------------------------------------------------------------------------
+
+SUPPORTED_LAYERS = ("SiglipEncoderLayer", "CLIPEncoderLayer")
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a supported transformers 5.x vision tower, or a TypeError that says why not."""
+    layers = getattr(getattr(vision_tower, "encoder", None), "layers", None)
+    if layers is None:
+        hint = ""
+        if hasattr(vision_tower, "vision_tower") or hasattr(getattr(vision_tower, "model", None), "vision_tower"):
+            hint = " Pass the vision tower itself, e.g. model.model.vision_tower for LLaVA-OneVision."
+        raise TypeError(
+            f"{type(vision_tower).__name__} is not a supported vision encoder: expected a transformers 5.x "
+            f"SiglipVisionModel or CLIPVisionModel with .encoder.layers.{hint}"
+        )
+    for layer in layers:
+        name = type(layer).__name__
+        if name not in SUPPORTED_LAYERS:
+            raise TypeError(
+                f"unsupported encoder layer {name}: STC-Cacher supports {', '.join(SUPPORTED_LAYERS)} "
+                "(SigLIP for LLaVA-OneVision/StreamForest, CLIP for Dispider)"
+            )
+    return layers
+
+
+def _patched_owner(layer: nn.Module):
+    """Who replaced this layer's forward: a Cacher, another patch's marker, or None if unpatched."""
+    forward = layer.__dict__.get("forward")
+    if forward is None:
+        return None
+    return getattr(forward, "__stc_owner__", "an unknown patch")
+
+
+class Cacher:
+    """STC-Cacher attached to one vision tower. Use `attach_cacher` to make one.
+
+    Modifications to each encoder layer: its instance `forward` is replaced by one that, when called
+    with ``stc_state=<CacherState>``, runs `reference_layer` or `selective_layer` per frame; without
+    a state it calls the original forward unchanged. `detach()` removes the instance attribute, so
+    the class forward is restored exactly.
+    """
+
+    def __init__(self, vision_tower: nn.Module, config: CacherConfig):
+        self.vision_tower = vision_tower
+        self.config = config
+        self.layers = encoder_layers(vision_tower)
+        self.attached = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def new_state(self, record_indices: bool = False) -> CacherState:
+        """A fresh state for one stream; record_indices keeps which tokens were recomputed (for plots and tests)."""
+        return CacherState(config=self.config, num_layers=self.num_layers, record_indices=record_indices)
+
+    def _attach(self) -> None:
+        for idx, layer in enumerate(self.layers):
+            owner = _patched_owner(layer)
+            if owner is not None:
+                raise ValueError(
+                    f"encoder layer {idx} already has a patched forward ({owner!r}); detach it first"
+                )
+        for idx, layer in enumerate(self.layers):
+            layer.forward = _make_forward(self, layer, idx)
+        self.attached = True
+
+    def detach(self) -> None:
+        """Restore every layer's original forward. Safe to call twice."""
+        for layer in self.layers:
+            if _patched_owner(layer) is self:
+                del layer.forward
+        self.attached = False
+
+    def __enter__(self) -> "Cacher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return f"Cacher({self.config}, layers={self.num_layers}, attached={self.attached})"
+
+    # -- the per-layer step ------------------------------------------------------------------
+
+    def _layer_step(self, layer: nn.Module, idx: int, x: torch.Tensor, state: CacherState) -> torch.Tensor:
+        cfg = self.config
+        if state.config != cfg or state.num_layers != self.num_layers:
+            raise ValueError("this CacherState was made by another Cacher; use cacher.new_state() of this one")
+        if x.dim() != 3:
+            raise ValueError(f"expected hidden states [frames, tokens, dim], got shape {tuple(x.shape)}")
+        frames, tokens, _ = x.shape
+        if idx == 0:
+            first = state.frames_seen
+            indices = list(range(first, first + frames))
+            state._chunk = {
+                "indices": indices,
+                "is_ref": torch.tensor([cfg.is_reference(i) for i in indices]),
+                "k": cfg.recomputed_tokens(tokens),
+                "refs": [None] * self.num_layers,
+                "recomputed": [[tokens] * self.num_layers for _ in indices],
+                "dynamic": [[None] * self.num_layers for _ in indices],
+                "shared": None,
+            }
+        chunk = state._chunk
+        if chunk is None or len(chunk["indices"]) != frames:
+            raise RuntimeError("STC-Cacher: layers must run in order over one chunk (did a forward fail midway?)")
+        is_ref = chunk["is_ref"]
+        k = chunk["k"]
+        out = torch.empty_like(x)
+        keep_hidden = cfg.selection_feature == "hidden"
+
+        ref_pos = is_ref.nonzero().flatten().tolist()
+        new_ref = None
+        if ref_pos:
+            y, cache = reference_layer(layer, x[ref_pos], keep_hidden=keep_hidden)
+            out[ref_pos] = y
+            new_ref = cache
+        dyn_pos = (~is_ref).nonzero().flatten().tolist()
+        if dyn_pos:
+            ref = self._references_for(state, idx, dyn_pos, ref_pos, new_ref)
+            shared = chunk["shared"]
+            dynamic = None if (cfg.per_layer_selection or shared is None or idx == 0) else shared
+            y, dynamic = selective_layer(layer, x[dyn_pos], ref, k, cfg, dynamic=dynamic)
+            out[dyn_pos] = y
+            if not cfg.per_layer_selection and idx == 0:
+                chunk["shared"] = dynamic
+            for row, p in enumerate(dyn_pos):
+                chunk["recomputed"][p][idx] = k
+                if state.record_indices:
+                    chunk["dynamic"][p][idx] = dynamic[row].cpu()
+        if new_ref is not None:
+            last = len(ref_pos) - 1
+            chunk["refs"][idx] = LayerCache(
+                *(None if t is None else t[last : last + 1].detach() for t in (
+                    new_ref.key, new_ref.value, new_ref.attn, new_ref.mlp, new_ref.hidden))
+            )
+
+        if idx == self.num_layers - 1:
+            self._commit(state)
+        return out
+
+    def _references_for(self, state, idx, dyn_pos, ref_pos, new_ref) -> LayerCache:
+        """The reference cache of each non-reference frame in the chunk, stacked [len(dyn_pos), T, C]."""
+        stored = state._refs[idx]
+        # Candidates: the stored reference (slot 0) and this chunk's reference frames (slots 1..).
+        choice = []
+        for p in dyn_pos:
+            earlier = [j for j, rp in enumerate(ref_pos) if rp < p]
+            if earlier:
+                choice.append(earlier[-1] + 1)
+            elif stored is not None:
+                choice.append(0)
+            else:
+                raise RuntimeError("STC-Cacher: a non-reference frame has no reference frame (state was reset midway?)")
+        if all(c == 0 for c in choice):
+            return stored
+        fields = ("key", "value", "attn", "mlp", "hidden")
+        parts = {}
+        for name in fields:
+            fresh = getattr(new_ref, name) if new_ref is not None else None
+            old = getattr(stored, name) if stored is not None else None
+            if fresh is None and old is None:
+                parts[name] = None
+                continue
+            pool = torch.cat(([old] if old is not None else [fresh[:1]]) + ([fresh] if fresh is not None else []), dim=0)
+            parts[name] = pool[torch.tensor(choice, device=pool.device)]
+        return LayerCache(**parts)
+
+    def _commit(self, state: CacherState) -> None:
+        chunk = state._chunk
+        for layer_idx, cache in enumerate(chunk["refs"]):
+            if cache is not None:
+                state._refs[layer_idx] = cache
+        for pos, frame_index in enumerate(chunk["indices"]):
+            is_ref = bool(chunk["is_ref"][pos])
+            dynamic = None if (is_ref or not state.record_indices) else chunk["dynamic"][pos]
+            state.reports.append(
+                FrameReport(index=frame_index, reference=is_ref, recomputed=chunk["recomputed"][pos], dynamic=dynamic)
+            )
+        state.frames_seen += len(chunk["indices"])
+        state._chunk = None
+
+
+def _make_forward(cacher: Cacher, layer: nn.Module, idx: int) -> Callable:
+    original = type(layer).forward
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        state = kwargs.pop(STATE_KWARG, None)
+        if state is None:
+            return original(self, hidden_states, attention_mask, **kwargs)
+        if not isinstance(state, CacherState):
+            raise TypeError(f"{STATE_KWARG} must be a CacherState from cacher.new_state(), got {type(state).__name__}")
+        if attention_mask is not None:
+            raise ValueError("STC-Cacher does not support an attention mask in the vision encoder")
+        return cacher._layer_step(self, idx, hidden_states, state)
+
+    bound = types.MethodType(forward, layer)
+    bound.__func__.__stc_owner__ = cacher
+    return bound
+
+
+def attach_cacher(vision_tower: nn.Module, config: CacherConfig | None = None) -> Cacher:
+    """Attach STC-Cacher to a transformers 5.x SigLIP or CLIP vision tower.
+
+    Idempotent: attaching again with the same config returns the attached Cacher; a different config
+    (or another patch, e.g. ToMe) raises ValueError - detach first. Use as a context manager to
+    detach on exit.
+    """
+    config = config or CacherConfig()
+    layers = encoder_layers(vision_tower)
+    owner = _patched_owner(layers[0])
+    if isinstance(owner, Cacher):
+        if owner.config == config:
+            return owner
+        raise ValueError(f"a cacher with another config is attached ({owner.config}); detach it first")
+    cacher = Cacher(vision_tower, config)
+    cacher._attach()
+    return cacher

@@ -1,0 +1,58 @@
+"""The interface every post-projector token compressor implements (STC-Pruner and the baselines).
+
+A compressor sees one stream's visual tokens chunk by chunk, after projector and pooling, and keeps
+a subset (or a merged set) per frame. It is causal: a frame's decision uses only that frame and the
+past, held in a per-stream state object that the compressor creates and the caller owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class VisionContext:
+    """What the vision side of one chunk produced, for compressors that need more than tokens.
+
+    hidden_states: the vision tower's per-layer hidden states (embeddings first), each
+        [frames, vit_tokens, vit_dim], or None when they were not kept.
+    vision_tower: the encoder module itself (e.g. to recompute one layer's attention).
+    grid: (height, width) of the token grid after pooling, e.g. (14, 14) for LLaVA-OV at 384 px.
+    """
+
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    vision_tower: torch.nn.Module | None = None
+    grid: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Compressed:
+    """Per-frame output of a compressor.
+
+    tokens: one tensor per frame, [kept_f, dim]; frames may keep different numbers of tokens.
+    indices: one int64 tensor per frame, [kept_f], the positions of kept tokens in the frame's
+        input (ascending, i.e. spatial order); -1 marks a token that does not come from a single
+        input position (e.g. a merged token).
+    """
+
+    tokens: list[torch.Tensor]
+    indices: list[torch.Tensor]
+
+    @property
+    def counts(self) -> list[int]:
+        return [int(t.shape[0]) for t in self.tokens]
+
+
+@runtime_checkable
+class FrameCompressor(Protocol):
+    """A post-projector compressor: `compress(tokens [frames, tokens, dim], state, context)`."""
+
+    def new_state(self) -> Any:
+        """A fresh per-stream state (call once per video/stream)."""
+
+    def compress(self, tokens: torch.Tensor, state: Any, context: VisionContext | None = None) -> Compressed:
+        """Compress one chunk of one stream; frames in the chunk are in temporal order."""
