@@ -1,0 +1,484 @@
+"""ReKV streaming video QA on transformers' LlavaOnevisionForConditionalGeneration, with STC plugged in.
+
+One `Stream` is one video arriving over time. Its life:
+
+1. the init prompt (system + "user ") is prefilled once;
+2. pushed frames go through the vision tower (optionally with STC-Cacher, per-stream state) ->
+   projector -> 2x2 bilinear pooling (196 tokens/frame at 384 px) -> optionally a compressor
+   (STC-Pruner or a baseline, per-stream state) -> LLM prefill, one frame at a time; each frame's
+   KV is kept as one block. While encoding, a frame attends to the init tokens plus the last
+   ``n_local`` tokens;
+3. a question at time t sees only the frames pushed so far. Each layer scores the frame blocks by
+   the dot product of the question's mean query with each block's mean key (both before RoPE) and
+   keeps the top ``retrieve_top_k``; the question is prefilled over init + retrieved blocks (in
+   temporal order, RoPE re-applied so that they sit at contiguous positions) and answered greedily.
+   The question's KV is dropped afterwards: later questions reuse the stream's KV, nothing is
+   re-encoded.
+
+Choices where ReKV leaves room, stated here once:
+- Retrieval queries come from a separate pass of the retrieval text (the raw question), which
+  attends to the init tokens only; the answer pass then uses each layer's retrieved blocks.
+- Keys are stored after RoPE at the positions they were computed with; when a block is used at
+  other positions it is rotated by the difference (exact up to rounding; zero difference is exact).
+- With frames of different token counts (e.g. VidCom2), every layer keeps the first tokens, in
+  temporal order, of its top-k blocks up to one shared budget (the smallest layer total, at most
+  top_k x the mean block length), so all layers share one attention mask.
+- Blocks beyond ``device_blocks`` most recent ones live in CPU memory; their mean keys stay on the
+  accelerator for scoring, and retrieved blocks are copied back per question.
+
+No model code is copied: the engine drives the model's own modules (vision tower, projector,
+``apply_pooling``, the Qwen2 decoder, ``lm_head``) through their public forwards, passing its own
+KV object as ``past_key_values`` and a prepared mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+from stc.cacher import CacherConfig, attach_cacher
+from stc.compress import Compressed, FrameCompressor, VisionContext
+from stc.pruner import Pruner, PrunerConfig
+from stc.timing import StageTimer
+
+INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_start|>user "
+QUESTION_TEMPLATE = "\n{query}<|im_end|><|im_start|>assistant\n"
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the streaming engine (ReKV defaults from the paper).
+
+    n_local: tokens of recent context each frame attends to while encoding (15000).
+    retrieve_top_k: frame blocks retrieved per layer for a question (64); None attends to every
+        frame (no retrieval).
+    device_blocks: frame blocks kept on the accelerator; older ones are moved to CPU memory. None
+        keeps all on the model's device.
+    max_new_tokens: default answer length (16 for multiple choice).
+    cacher: STC-Cacher settings, or None.
+    pruner: STC-Pruner settings, or None (another compressor can be passed to StreamingEngine).
+    timing: record per-stage times.
+    """
+
+    n_local: int = 15000
+    retrieve_top_k: int | None = 64
+    device_blocks: int | None = None
+    max_new_tokens: int = 16
+    cacher: CacherConfig | None = None
+    pruner: PrunerConfig | None = None
+    init_prompt: str = INIT_PROMPT
+    timing: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.n_local, int) or self.n_local < 0:
+            raise ValueError(f"n_local must be an integer >= 0, got {self.n_local!r}")
+        if self.retrieve_top_k is not None and (not isinstance(self.retrieve_top_k, int) or self.retrieve_top_k < 1):
+            raise ValueError(f"retrieve_top_k must be an integer >= 1 or None, got {self.retrieve_top_k!r}")
+        if self.device_blocks is not None and (not isinstance(self.device_blocks, int) or self.device_blocks < 0):
+            raise ValueError(f"device_blocks must be an integer >= 0 or None, got {self.device_blocks!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+
+
+@dataclass
+class Block:
+    """One frame's KV: kv [layers, 2, kv_heads, tokens, head_dim] at positions start..start+tokens-1."""
+
+    frame: int
+    time: float | None
+    start: int
+    kv: torch.Tensor
+    mean_key: torch.Tensor  # [layers, kv_heads, head_dim], before RoPE, float32, on the model device
+
+    @property
+    def length(self) -> int:
+        return int(self.kv.shape[3])
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    retrieved: list[list[int]] | None  # per layer, frame indices retrieved (None without retrieval)
+    logits: torch.Tensor  # [vocab] float32 on the CPU: the scores of the first answer token
+
+
+class _KV:
+    """What the decoder's attention layers see as `past_key_values`: one buffer [layers, 2, kvh, cap, d]
+    holding a prepared context, to which each forward appends its tokens in place."""
+
+    def __init__(self, buf: torch.Tensor, length: int):
+        self.buf, self.length = buf, length
+        self.pending = 0
+        self.query_sink = None  # set during a retrieval pass: layer_idx, q [1, heads, n, d] -> None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        n = key.shape[2]
+        end = self.length + n
+        self.buf[layer_idx, 0, :, self.length : end] = key[0]
+        self.buf[layer_idx, 1, :, self.length : end] = value[0]
+        self.pending = n
+        return self.buf[layer_idx, 0, :, :end][None], self.buf[layer_idx, 1, :, :end][None]
+
+    def commit(self) -> None:
+        self.length += self.pending
+        self.pending = 0
+
+
+def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, q, kv]: query i sees keys j <= kv_len - q_len + i (the context, then causal)."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(j > kv_len - q_len + i, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class StreamingEngine:
+    """ReKV on a LLaVA-OneVision model, shared by any number of streams.
+
+    Modifications to the model, undone by `close()`: with a cacher, the vision tower's encoder layers
+    get STC-Cacher's forward (see stc.cacher); each decoder attention gets a forward pre-hook that
+    reports the question's queries during retrieval passes (it does nothing for other caches).
+    """
+
+    def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None, compressor: FrameCompressor | None = None):
+        self.config = config = config or EngineConfig()
+        inner = getattr(model, "model", None)
+        if not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector", "language_model", "apply_pooling")) or not hasattr(model, "lm_head"):
+            raise TypeError(
+                f"StreamingEngine needs a transformers 5.x LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
+            )
+        self.model, self.processor = model, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.lm = inner.language_model
+        text_cfg = self.lm.config
+        attn = text_cfg._attn_implementation
+        if attn not in SUPPORTED_ATTENTION:
+            raise ValueError(f"the language model uses attention {attn!r}; the engine supports {SUPPORTED_ATTENTION}")
+        if getattr(text_cfg, "use_sliding_window", False):
+            raise ValueError("sliding-window attention in the language model is not supported")
+        if getattr(self.lm.rotary_emb, "attention_scaling", 1.0) != 1.0:
+            raise ValueError("RoPE variants with attention scaling are not supported (positions are re-rotated)")
+        self.device = self.lm.embed_tokens.weight.device
+        self.dtype = self.lm.embed_tokens.weight.dtype
+        self.num_layers = text_cfg.num_hidden_layers
+        self.num_heads = text_cfg.num_attention_heads
+        self.kv_heads = text_cfg.num_key_value_heads
+        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.num_heads
+        self.vision_layer = model.config.vision_feature_layer
+        self.select_strategy = model.config.vision_feature_select_strategy
+        if not isinstance(self.vision_layer, int):
+            raise ValueError("only a single vision_feature_layer is supported")
+
+        if compressor is not None and config.pruner is not None:
+            raise ValueError("give either config.pruner or a compressor, not both")
+        self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
+        self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher else None
+        self._hooks = [
+            layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
+        ]
+        self.init_ids = self._ids(config.init_prompt)
+        self.eos_ids = {
+            i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id)
+            if isinstance(i, int) and i >= 0
+        }
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _query_hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, _KV) and cache.query_sink is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            q = module.q_proj(hidden)
+            cache.query_sink(module.layer_idx, q.view(*q.shape[:-1], -1, module.head_dim).transpose(1, 2))
+        return None
+
+    def _ids(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def _rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate keys x [..., n, d] by delta positions [n] (RoPE composes: R(a) R(b) = R(a + b))."""
+        cos, sin = self.lm.rotary_emb(x.float(), delta.to(x.device)[None])
+        return (x.float() * cos[0] + rotate_half(x.float()) * sin[0]).to(x.dtype)
+
+    def _decoder(self, embeds: torch.Tensor, kv: _KV, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the decoder over embeds [1, n, D] appended to kv's context; returns the final hidden states."""
+        n = embeds.shape[1]
+        pos = torch.arange(kv.length, kv.length + n, device=self.device)[None]
+        masks = {"full_attention": mask, "sliding_attention": mask}
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=masks, past_key_values=kv, use_cache=False)
+        kv.commit()
+        return out.last_hidden_state
+
+    def _new_buffer(self, capacity: int) -> torch.Tensor:
+        return torch.empty(
+            self.num_layers, 2, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device
+        )
+
+    def open_stream(self) -> "Stream":
+        """A new stream with its own KV, cacher and compressor state."""
+        return Stream(self)
+
+    def close(self) -> None:
+        """Remove the hooks and detach the cacher. Streams of this engine are unusable afterwards."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.cacher is not None:
+            self.cacher.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Stream:
+    """One video stream. Push frames in time order with `push_frames`; ask with `ask`."""
+
+    def __init__(self, engine: StreamingEngine):
+        self.engine = engine
+        self.cacher_state = engine.cacher.new_state() if engine.cacher else None
+        self.compressor_state = engine.compressor.new_state() if engine.compressor else None
+        self.timer = StageTimer(engine.device, engine.config.timing)
+        self.blocks: list[Block] = []
+        self.frames_seen = 0
+        self.last_time: float | None = None
+        self.tokens_per_frame: list[int] = []
+        self._window: _KV | None = None  # init + recent tokens, at contiguous positions
+        self._n_init = 0
+        self._closed = False
+        self.last_compressed: Compressed | None = None  # the latest chunk's kept tokens and indices
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        e = self.engine
+        n = e.init_ids.shape[1]
+        self._window = _KV(e._new_buffer(n + 256), 0)
+        with torch.no_grad(), self.timer.stage("prefill"):
+            e._decoder(e.lm.embed_tokens(e.init_ids), self._window, _causal_mask(n, n, e.dtype, e.device))
+        self._n_init = n
+
+    def _ensure_window(self, incoming: int) -> None:
+        """Keep at most n_local recent tokens (re-rotating them to follow the init tokens) and room for incoming."""
+        e, w = self.engine, self._window
+        recent = w.length - self._n_init
+        drop = max(0, recent - e.config.n_local)
+        if drop:
+            keep = w.buf[:, :, :, self._n_init + drop : w.length].clone()
+            delta = torch.full((keep.shape[3],), -drop, dtype=torch.long)
+            keep[:, 0] = e._rotate(keep[:, 0], delta)
+            w.buf[:, :, :, self._n_init : self._n_init + keep.shape[3]] = keep
+            w.length -= drop
+        need = w.length + incoming
+        if need > w.buf.shape[3]:
+            bigger = e._new_buffer(max(need, 2 * w.buf.shape[3]))
+            bigger[:, :, :, : w.length] = w.buf[:, :, :, : w.length]
+            w.buf = bigger
+
+    def _encode_frame(self, tokens: torch.Tensor, frame: int, time: float | None) -> None:
+        """Prefill one frame's visual tokens [n, D] as a new block."""
+        e = self.engine
+        n = tokens.shape[0]
+        self._ensure_window(n)
+        w = self._window
+        start = w.length
+        with self.timer.stage("prefill"):
+            e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
+            kv = w.buf[:, :, :, start : start + n].clone()
+            pos = torch.arange(start, start + n)
+            mean_key = e._rotate(kv[:, 0].float(), -pos).mean(dim=2)
+            if e.config.device_blocks is not None:
+                on_device = [b for b in self.blocks if b.kv.device == e.device]
+                for old in on_device[: max(0, len(on_device) + 1 - e.config.device_blocks)]:
+                    old.kv = old.kv.to("cpu").pin_memory() if e.device.type == "cuda" else old.kv.to("cpu")
+                if e.config.device_blocks == 0:
+                    kv = kv.to("cpu")
+            self.blocks.append(Block(frame=frame, time=time, start=start, kv=kv, mean_key=mean_key))
+        self.tokens_per_frame.append(n)
+
+    @torch.no_grad()
+    def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
+        """Push preprocessed frames [F, 3, S, S] (in time order)."""
+        self._check_open()
+        e = self.engine
+        if pixel_values.dim() != 4:
+            raise ValueError(f"expected pixel values [frames, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        f = pixel_values.shape[0]
+        times = self._times(timestamps, f)
+        if self._window is None:
+            self._start()
+        inner = e.model.model
+        kwargs = {"stc_state": self.cacher_state} if self.cacher_state is not None else {}
+        with self.timer.stage("vision"):
+            out = inner.vision_tower(pixel_values.to(e.device, e.dtype), output_hidden_states=True, **kwargs)
+            feats = out.hidden_states[e.vision_layer]
+            if e.select_strategy == "default":
+                feats = feats[:, 1:]
+        with self.timer.stage("projector"):
+            tokens = inner.apply_pooling(inner.multi_modal_projector(feats))
+            if e.compressor is not None:
+                side = int(math.isqrt(tokens.shape[1]))
+                ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=inner.vision_tower, grid=(side, side))
+                compressed = e.compressor.compress(tokens, self.compressor_state, ctx)
+            else:
+                compressed = Compressed(tokens=list(tokens), indices=[None] * f)
+        for i, frame_tokens in enumerate(compressed.tokens):
+            self._encode_frame(frame_tokens, self.frames_seen, times[i])
+            self.frames_seen += 1
+        if times[-1] is not None:
+            self.last_time = times[-1]
+        self.last_compressed = compressed
+
+    def push_frames(self, frames, timestamps=None) -> None:
+        """Push raw frames [F, H, W, 3] uint8 (NumPy or torch), in time order."""
+        from stc.models import preprocess_frames
+
+        arr = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"expected frames [frames, height, width, 3], got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            return
+        self.push_pixels(preprocess_frames(self.engine.processor, arr), timestamps)
+
+    def _times(self, timestamps, f):
+        if timestamps is None:
+            return [None] * f
+        times = [float(t) for t in timestamps]
+        if len(times) != f:
+            raise ValueError(f"got {f} frames but {len(times)} timestamps")
+        prev = self.last_time if self.last_time is not None else -math.inf
+        for t in times:
+            if t < prev:
+                raise ValueError(f"frames must arrive in time order: {t} s after {prev} s")
+            prev = t
+        return times
+
+    # -- answering -------------------------------------------------------------------------------
+
+    def _question_queries(self, text: str) -> list[torch.Tensor]:
+        """Per layer, the text's mean query before RoPE, summed over each KV head's query group: [kvh, d].
+
+        The text attends to the init tokens only (a retrieval pass; see the module docstring)."""
+        e = self.engine
+        groups = e.num_heads // e.kv_heads
+        queries: list[torch.Tensor | None] = [None] * e.num_layers
+
+        def sink(layer_idx, q):
+            queries[layer_idx] = q[0].float().mean(dim=1).view(e.kv_heads, groups, -1).sum(1)
+
+        ids = e._ids(text)
+        probe = _KV(e._new_buffer(self._n_init + ids.shape[1]), self._n_init)
+        probe.buf[:, :, :, : self._n_init] = self._window.buf[:, :, :, : self._n_init]
+        probe.query_sink = sink
+        e._decoder(e.lm.embed_tokens(ids), probe, _causal_mask(ids.shape[1], probe.length + ids.shape[1], e.dtype, e.device))
+        return queries
+
+    def _retrieve(self, text: str) -> list[list[int]]:
+        """Per layer, the indices (into self.blocks, ascending) of the top-k blocks for this text."""
+        keys = torch.stack([b.mean_key for b in self.blocks], dim=1)  # [layers, blocks, kvh, d]
+        picks = []
+        for layer, q in enumerate(self._question_queries(text)):
+            scores = torch.einsum("bhd,hd->b", keys[layer], q)
+            picks.append(sorted(torch.topk(scores, self.engine.config.retrieve_top_k).indices.tolist()))
+        return picks
+
+    def _context(self, picks: list[list[int]] | None, extra: int) -> _KV:
+        """init + the chosen blocks per layer at contiguous positions, with room for `extra` tokens."""
+        e = self.engine
+        n_init = self._n_init
+        if picks is None:
+            picks = [list(range(len(self.blocks)))] * e.num_layers
+        lengths = [sum(self.blocks[i].length for i in p) for p in picks]
+        budget = min(lengths)
+        if len(set(lengths)) > 1 and e.config.retrieve_top_k is not None:
+            mean_len = sum(b.length for b in self.blocks) / len(self.blocks)
+            budget = min(budget, int(e.config.retrieve_top_k * mean_len))
+        kv = _KV(e._new_buffer(n_init + budget + extra), n_init + budget)
+        kv.buf[:, :, :, :n_init] = self._window.buf[:, :, :, :n_init]
+        for layer, pick in enumerate(picks):
+            parts = [self.blocks[i].kv[layer].to(e.device, non_blocking=True) for i in pick]
+            old = torch.cat([torch.arange(self.blocks[i].start, self.blocks[i].start + self.blocks[i].length) for i in pick])
+            ctx = torch.cat(parts, dim=2)[:, :, :budget]
+            delta = torch.arange(n_init, n_init + budget) - old[:budget]
+            keys = ctx[0] if not delta.any() else e._rotate(ctx[0], delta)
+            kv.buf[layer, 0, :, n_init : n_init + budget] = keys
+            kv.buf[layer, 1, :, n_init : n_init + budget] = ctx[1]
+        return kv
+
+    @torch.no_grad()
+    def ask(self, query: str, *, answer_prefix: str = "", retrieval_text: str | None = None, max_new_tokens: int | None = None) -> str:
+        """Answer a question about the frames pushed so far (greedy). Returns the answer text."""
+        return self.answer(query, answer_prefix=answer_prefix, retrieval_text=retrieval_text, max_new_tokens=max_new_tokens).text
+
+    @torch.no_grad()
+    def answer(self, query: str, *, answer_prefix: str = "", retrieval_text: str | None = None, max_new_tokens: int | None = None) -> Answer:
+        """Like `ask`, returning the token ids and the retrieved frames too."""
+        self._check_open()
+        e = self.engine
+        if not self.blocks:
+            raise ValueError("no frame has been pushed to this stream yet: push frames before asking")
+        max_new = max_new_tokens or e.config.max_new_tokens
+        prompt = e._ids(QUESTION_TEMPLATE.format(query=query) + answer_prefix)
+        top_k = e.config.retrieve_top_k
+        with self.timer.stage("retrieval"):
+            picks = self._retrieve(retrieval_text or query) if top_k is not None and len(self.blocks) > top_k else None
+            kv = self._context(picks, prompt.shape[1] + max_new)
+        generated: list[int] = []
+        with self.timer.stage("decode"):
+            mask = _causal_mask(prompt.shape[1], kv.length + prompt.shape[1], e.dtype, e.device)
+            hidden = e._decoder(e.lm.embed_tokens(prompt), kv, mask)
+            first_logits = None
+            for step in range(max_new):
+                logits = e.model.lm_head(hidden[:, -1])
+                if first_logits is None:
+                    first_logits = logits[0].float().cpu()
+                token = int(logits.argmax(-1))
+                if token in e.eos_ids:
+                    break
+                generated.append(token)
+                if step + 1 < max_new:
+                    hidden = e._decoder(e.lm.embed_tokens(torch.tensor([[token]], device=e.device)), kv, None)
+        retrieved = None if picks is None else [[self.blocks[i].frame for i in p] for p in picks]
+        text = e.tokenizer.decode(generated, skip_special_tokens=True)
+        return Answer(text=text, token_ids=generated, retrieved=retrieved, logits=first_logits)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this stream is closed")
+        if not self.engine._hooks:
+            raise RuntimeError("the engine of this stream is closed")
+
+    def stats(self) -> dict:
+        """Per-stage times (ms), token counts and, with a cacher, its work per frame."""
+        out = {
+            "frames": self.frames_seen,
+            "tokens_per_frame": list(self.tokens_per_frame),
+            "kv_tokens": sum(self.tokens_per_frame),
+            "stages": self.timer.summary(),
+        }
+        if self.cacher_state is not None:
+            out["reference_frames"] = self.cacher_state.reference_frames
+            out["vit_recomputed_tokens"] = self.cacher_state.recomputed_tokens
+        if self.engine.device.type == "cuda":
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.engine.device)
+        return out
+
+    def close(self) -> None:
+        """Free this stream's KV."""
+        self.blocks = []
+        self._window = None
+        self._closed = True

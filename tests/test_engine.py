@@ -1,0 +1,287 @@
+"""The ReKV streaming engine on the tiny LLaVA-OneVision: exactness, retrieval, STC plumbing, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from stc.cacher import CacherConfig
+from stc.engine import INIT_PROMPT, QUESTION_TEMPLATE, EngineConfig, StreamingEngine
+from stc.models import build_model, preprocess_frames
+from stc.pruner import PrunerConfig
+
+QUESTION = "What colour is the square?"
+PREFIX = "Best option: ("
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny", seed=0)
+
+
+def frames(n=6, seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size, size, 3))
+    out = [base]
+    for _ in range(n - 1):
+        out.append(np.clip(out[-1] + rng.integers(-40, 40, (size, size, 3)), 0, 255))
+    return np.stack(out).astype(np.uint8)
+
+
+def full_forward_logits(model, processor, video, query, prefix):
+    """Reference: one plain HF forward over [init prompt, every frame's 16 tokens, question]."""
+    tok = processor.tokenizer
+    inner = model.model
+    with torch.no_grad():
+        pix = preprocess_frames(processor, video)
+        feats = inner.get_video_features(
+            pixel_values_videos=pix[None],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output[:, :-1]  # drop image_newline: ReKV feeds frames without it
+        emb = inner.language_model.embed_tokens
+        ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
+        seq = torch.cat([emb(ids(INIT_PROMPT)), feats, emb(ids(QUESTION_TEMPLATE.format(query=query) + prefix))], dim=1)
+        hidden = inner.language_model(inputs_embeds=seq).last_hidden_state
+        return model.lm_head(hidden[:, -1])[0]
+
+
+def test_streaming_prefill_equals_one_full_forward(tiny):
+    model, proc = tiny
+    video = frames(6)
+    want = full_forward_logits(model, proc, video, QUESTION, PREFIX)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=None)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video[:2], [0, 2])
+        stream.push_frames(video[2:], [4, 6, 8, 10])  # chunks of any size
+        got = stream.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=1).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32
+
+
+def test_retrieval_keeping_every_frame_is_exact(tiny):
+    """top_k >= frames skips retrieval; top_k = frames - 0 via the retrieval path must agree."""
+    model, proc = tiny
+    video = frames(5)
+    want = full_forward_logits(model, proc, video, QUESTION, PREFIX)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=5)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video)
+        got = stream.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=1).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def brute_force_retrieval(model, processor, video, text, top_k):
+    """Per layer, top-k frames by <mean question query, mean frame key>, both from k_proj/q_proj outputs
+    (before RoPE) captured in plain HF forwards."""
+    tok = processor.tokenizer
+    inner = model.model
+    lm = inner.language_model
+    captured = {}
+
+    def hook(name, layer):
+        def fn(module, args, out):
+            captured[(name, layer)] = out[0].detach()
+        return fn
+
+    handles = []
+    for i, layer in enumerate(lm.layers):
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook("k", i)))
+        handles.append(layer.self_attn.q_proj.register_forward_hook(hook("q", i)))
+    ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
+    init = lm.embed_tokens(ids(INIT_PROMPT))
+    n_init = init.shape[1]
+    with torch.no_grad():
+        pix = preprocess_frames(processor, video)
+        feats = inner.get_video_features(
+            pixel_values_videos=pix[None], vision_feature_layer=-1, vision_feature_select_strategy="full"
+        ).pooler_output[:, :-1]
+        lm(inputs_embeds=torch.cat([init, feats], 1))
+        keys = {i: captured[("k", i)] for i in range(len(lm.layers))}
+        lm(inputs_embeds=torch.cat([init, lm.embed_tokens(ids(text))], 1))
+        queries = {i: captured[("q", i)] for i in range(len(lm.layers))}
+    for h in handles:
+        h.remove()
+    cfg = lm.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    per_frame = feats.shape[1] // len(video)
+    picks = []
+    for i in range(len(lm.layers)):
+        q = queries[i][n_init:].view(-1, cfg.num_attention_heads, hd).mean(0)  # [heads, d]
+        scores = []
+        for f in range(len(video)):
+            k = keys[i][n_init + f * per_frame : n_init + (f + 1) * per_frame].view(per_frame, -1, hd).mean(0)
+            scores.append(sum(float(q[h] @ k[h // groups]) for h in range(cfg.num_attention_heads)))
+        picks.append(sorted(np.argsort(scores)[::-1][:top_k].tolist()))
+    return picks
+
+
+def test_retrieval_matches_brute_force(tiny):
+    model, proc = tiny
+    video = frames(7, seed=3)
+    want = brute_force_retrieval(model, proc, video, QUESTION, top_k=3)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video)
+        answer = stream.answer("Question: " + QUESTION + "\nOptions:\n(A) red\n(B) blue", retrieval_text=QUESTION)
+    assert answer.retrieved == want
+    assert len({tuple(p) for p in want}) >= 1 and all(len(p) == 3 for p in want)
+
+
+def test_retrieval_returns_a_planted_frame(tiny):
+    """A block whose mean key points along the question's query wins at every layer."""
+    model, proc = tiny
+    video = frames(6, seed=4)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video)
+        picks_before = stream._retrieve(QUESTION)
+        queries = stream._question_queries(QUESTION)
+        for layer in range(engine.num_layers):
+            stream.blocks[2].mean_key[layer] = 1e3 * queries[layer]
+        picks = stream.answer(QUESTION, max_new_tokens=1).retrieved
+    assert all(2 in p for p in picks)
+    assert not all(2 in p for p in picks_before)
+
+
+def test_answer_path_gives_an_option_letter(tiny):
+    from stc.benchmarks.prompts import parse_answer
+    from stc.benchmarks.records import Question
+
+    model, proc = tiny
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(frames(4), [0, 2, 4, 6])
+        text = stream.ask("Question: what?\nOptions:\n(A) a\n(B) b\nOnly give the best option.", answer_prefix=PREFIX)
+    q = Question(benchmark="synthetic", qid="1", video="v.mp4", question="what?", options=("a", "b"), answer="A",
+                 ask_time=6.0, task="t", kind="mc")
+    parsed = parse_answer(q, text)
+    assert isinstance(text, str) and isinstance(parsed, str)
+
+
+def test_stc_changes_vision_work_and_token_counts_as_configured(tiny):
+    model, proc = tiny
+    video = frames(6)
+    cfg = EngineConfig(retrieve_top_k=None, cacher=CacherConfig(cache_interval=2, reuse_ratio=0.75), pruner=PrunerConfig(keep_ratio=0.25))
+    with StreamingEngine(model, proc, cfg) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video[:3])
+        stream.push_frames(video[3:])
+        stats = stream.stats()
+    # tiny: 64 ViT tokens over 2 layers; 16 pooled tokens per frame
+    assert stats["reference_frames"] == [0, 2, 4]
+    assert stats["vit_recomputed_tokens"] == [128, 32, 128, 32, 128, 32]
+    assert stats["tokens_per_frame"] == [4] * 6 and stats["kv_tokens"] == 24
+    assert all(b.length == 4 for b in stream.blocks)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=None)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video)
+        plain = stream.stats()
+    assert plain["tokens_per_frame"] == [16] * 6 and "vit_recomputed_tokens" not in plain
+
+
+def test_several_questions_reuse_the_stream(tiny):
+    model, proc = tiny
+    video = frames(6)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video[:3], [0, 2, 4])
+        first = stream.answer(QUESTION, max_new_tokens=4)
+        again = stream.answer(QUESTION, max_new_tokens=4)
+        vision_calls = stream.stats()["stages"]["vision"]["count"]
+        stream.push_frames(video[3:], [6, 8, 10])
+        later = stream.answer(QUESTION, max_new_tokens=4)
+        assert stream.stats()["stages"]["vision"]["count"] == vision_calls + 1
+        # causal: the answer at t=4 equals a stream that only ever saw frames up to t=4
+        short = engine.open_stream()
+        short.push_frames(video[:3], [0, 2, 4])
+        alone = short.answer(QUESTION, max_new_tokens=4)
+    assert first.token_ids == again.token_ids == alone.token_ids
+    torch.testing.assert_close(first.logits, alone.logits)
+    assert not torch.allclose(first.logits, later.logits)
+    assert all(f < 3 for p in first.retrieved for f in p)
+
+
+def test_interleaved_streams_equal_separate_streams(tiny):
+    model, proc = tiny
+    a, b = frames(5, seed=1), frames(5, seed=2)
+    cfg = EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5))
+    with StreamingEngine(model, proc, cfg) as engine:
+        alone = []
+        for v in (a, b):
+            s = engine.open_stream()
+            s.push_frames(v)
+            alone.append(s.answer(QUESTION, max_new_tokens=3).logits)
+        sa, sb = engine.open_stream(), engine.open_stream()
+        for i in range(5):
+            sa.push_frames(a[i : i + 1])
+            sb.push_frames(b[i : i + 1])
+        both = [sa.answer(QUESTION, max_new_tokens=3).logits, sb.answer(QUESTION, max_new_tokens=3).logits]
+    torch.testing.assert_close(both[0], alone[0])
+    torch.testing.assert_close(both[1], alone[1])
+
+
+def test_local_window_and_offload(tiny):
+    model, proc = tiny
+    video = frames(6)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=1000)) as engine:
+        s = engine.open_stream()
+        s.push_frames(video)
+        wide = s.answer(QUESTION, max_new_tokens=2)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=1000, device_blocks=2)) as engine:
+        s = engine.open_stream()
+        s.push_frames(video)
+        offloaded = s.answer(QUESTION, max_new_tokens=2)
+    torch.testing.assert_close(offloaded.logits, wide.logits)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=32)) as engine:
+        s = engine.open_stream()
+        s.push_frames(video)
+        narrow = s.answer(QUESTION, max_new_tokens=2)
+        assert s._window.length - s._n_init <= 32 + 16
+    assert not torch.allclose(narrow.logits, wide.logits)  # frames saw less context
+
+
+def test_rotation_composes_like_rope(tiny):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    model, proc = tiny
+    with StreamingEngine(model, proc) as engine:
+        x = torch.randn(2, 5, engine.head_dim)
+        pos = torch.tensor([3, 7, 11, 2, 40])
+        cos, sin = engine.lm.rotary_emb(x, pos[None])
+        hf, _ = apply_rotary_pos_emb(x[None], x[None], cos, sin)
+        torch.testing.assert_close(engine._rotate(x, pos), hf[0], atol=1e-6, rtol=1e-6)
+        twice = engine._rotate(engine._rotate(x, pos), torch.tensor([5, -7, 1, 0, -40]))
+        torch.testing.assert_close(twice, engine._rotate(x, torch.tensor([8, 0, 12, 2, 0])), atol=1e-5, rtol=1e-5)
+
+
+def test_errors(tiny):
+    model, proc = tiny
+    with StreamingEngine(model, proc) as engine:
+        s = engine.open_stream()
+        with pytest.raises(ValueError, match="no frame has been pushed"):
+            s.ask(QUESTION)
+        with pytest.raises(ValueError, match=r"\[frames, height, width, 3\]"):
+            s.push_frames(np.zeros((64, 64, 3), np.uint8))
+        with pytest.raises(ValueError, match="timestamps"):
+            s.push_frames(frames(2), [0.0])
+        s.push_frames(frames(1), [4.0])
+        with pytest.raises(ValueError, match="time order"):
+            s.push_frames(frames(1), [2.0])
+        s.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            s.ask(QUESTION)
+    with pytest.raises(TypeError, match="LlavaOnevisionForConditionalGeneration"):
+        StreamingEngine(torch.nn.Linear(2, 2), proc)
+    for bad in (dict(retrieve_top_k=0), dict(n_local=-1), dict(max_new_tokens=0), dict(device_blocks=-2)):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
+
+
+def test_close_restores_the_model(tiny):
+    model, proc = tiny
+    tower = model.model.vision_tower
+    engine = StreamingEngine(model, proc, EngineConfig(cacher=CacherConfig()))
+    assert "forward" in tower.encoder.layers[0].__dict__
+    engine.close()
+    assert "forward" not in tower.encoder.layers[0].__dict__
+    assert all(not layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)
