@@ -1,0 +1,125 @@
+"""Latency at paper scale: the LLaVA-OV-7B architecture with random weights (latency does not depend on
+weight values), baseline and STC settings in one run, with the floor model. Writes one JSON file.
+
+    python scripts/bench_latency.py --arch llava-ov-7b --out results/latency/h100.json          # GPU
+    python scripts/bench_latency.py --arch llava-ov-7b --vit-only --frames 4 --device cpu ...   # CPU ViT only
+
+Part 1 (issue 2): the SigLIP tower alone, full vs STC-Cacher (N=4, R=0.75), per frame and per chunk.
+Part 2 (issue 3): one stream of --frames frames pushed one per step, then one question, per method;
+per-stage ms per frame at 16/32/64 frames, the question's time and peak memory.
+Both sides run the same eager Hugging Face code path: neither is graph-captured or compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from stc.cacher import CacherConfig
+from stc.flops import llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
+from stc.latency import device_rates, environment, measure_stream, measure_vit, synthetic_pixels
+from stc.methods import get_method
+from stc.models import build_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def vit_part(model, args, rates):
+    tower = model.model.vision_tower
+    vcfg = model.config.vision_config
+    pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
+    cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
+    rows = []
+    for chunk in args.chunks:
+        full = measure_vit(tower, pixels, None, chunk=chunk, warmup=1, repeats=args.repeats)
+        stc = measure_vit(tower, pixels, cacher, chunk=chunk, warmup=1, repeats=args.repeats)
+        floor_full = vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3
+        floor_stc = vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3
+        rows.append({
+            "chunk": chunk,
+            "full_ms_per_frame": full["ms_per_frame"],
+            "cacher_ms_per_frame": stc["ms_per_frame"],
+            "ratio": stc["ms_per_frame"] / full["ms_per_frame"],
+            "floor_full_ms": floor_full,
+            "floor_cacher_ms": floor_stc,
+            "ideal_ratio": floor_stc / floor_full,
+        })
+        print(f"ViT chunk={chunk}: full {full['ms_per_frame']:.2f} ms/frame, cacher {stc['ms_per_frame']:.2f} "
+              f"({rows[-1]['ratio']:.2f}x; FLOP ideal {rows[-1]['ideal_ratio']:.2f}x; floors {floor_full:.2f}/{floor_stc:.2f} ms)",
+              flush=True)
+    return rows
+
+
+def stream_part(model, processor, args, rates):
+    tcfg = model.config.text_config
+    weights_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
+    rows = []
+    for name in args.methods:
+        res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats)
+        n = res["tokens_per_frame"]
+        for c, stage in res["checkpoints"].items():
+            # floor of one frame step at the end of the first c frames: weights once, FLOPs of n tokens over the past
+            flops = llm_prefill_flops(tcfg, n, past_tokens=c * n)
+            stage["prefill_floor_ms"] = max(flops / rates["matmul_flops"] * 1e3, weights_ms)
+        rows.append(res)
+        last = res["checkpoints"][max(res["checkpoints"])]
+        print(f"{name:>14}: {n} tok/frame  ViT {last['vit_ms_per_frame']:.1f}  proj {last['projector_ms_per_frame']:.1f}  "
+              f"prefill {last['prefill_ms_per_frame']:.1f} (floor {last['prefill_floor_ms']:.1f}) ms/frame  "
+              f"QA {res['qa_ms']:.0f} ms  peak {res['peak_memory_gb']:.1f} GB", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llava-ov-7b")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--vit-frames", type=int, default=32)
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--methods", nargs="+", default=["baseline", "cacher", "pruner", "cacher+pruner"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vit-only", action="store_true")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    for name in args.methods:
+        get_method(name)
+
+    device = torch.device(args.device)
+    if args.vit_only:  # only the vision tower: the 7B's fp32 CPU copy would not fit a small machine
+        from transformers import SiglipVisionModel
+
+        from stc.models import architecture_config
+
+        with device:
+            tower = SiglipVisionModel(architecture_config(args.arch).vision_config).to(DTYPES[args.dtype]).eval()
+        model = type("VisionOnly", (), {})()
+        model.model = type("Inner", (), {"vision_tower": tower})()
+        model.config = architecture_config(args.arch)
+        processor = None
+    else:
+        model, processor = build_model(args.arch, dtype=DTYPES[args.dtype], device=device)
+    rates = device_rates(device, DTYPES[args.dtype])
+    print(f"{args.arch} {args.dtype} on {environment(args.commit)['device']}: matmul "
+          f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    result = {
+        "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
+                 "protocol": "one frame per step; eager Hugging Face modules for baseline and STC alike",
+                 "argv": sys.argv[1:]},
+        "vit": vit_part(model, args, rates),
+    }
+    if not args.vit_only:
+        result["rows"] = stream_part(model, processor, args, rates)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

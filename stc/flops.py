@@ -1,0 +1,64 @@
+"""Analytic FLOP counts, for the floor model of the latency benchmarks (2 FLOPs per multiply-add).
+
+floor(stage) = max(FLOPs / measured matmul rate, weight bytes / measured copy bandwidth) (+ attention
+over the past, which the FLOP count includes).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def vit_layer_flops(tokens: int, dim: int, mlp_dim: int, recomputed: int | None = None, reuse: str = "attn+mlp") -> float:
+    """One SigLIP/CLIP encoder layer for one frame; `recomputed` = k dynamic tokens (None = full layer).
+
+    Full: q, k, v, out projections (4 T D^2 MACs), attention (2 T^2 D), MLP (2 T D M).
+    STC-Cacher (attn+mlp): k projection for all T; q, v, out for k tokens; attention k x T; MLP for k.
+    """
+    t, d, m = tokens, dim, mlp_dim
+    if recomputed is None:
+        return 2 * (4 * t * d * d + 2 * t * t * d + 2 * t * d * m)
+    k = recomputed
+    attn_rows = t if reuse == "mlp" else k
+    mlp_rows = t if reuse == "attn" else k
+    macs = t * d * d  # keys of every token (the selection needs them)
+    macs += 3 * attn_rows * d * d  # q, v and out projections
+    macs += 2 * attn_rows * t * d  # QK^T and AV
+    macs += 2 * mlp_rows * d * m
+    return 2 * macs
+
+
+def vit_frame_flops(vision_config, recomputed: int | None = None, reuse: str = "attn+mlp") -> float:
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    return vision_config.num_hidden_layers * vit_layer_flops(
+        tokens, vision_config.hidden_size, vision_config.intermediate_size, recomputed, reuse
+    )
+
+
+def vit_stream_flops_per_frame(vision_config, cache_interval: float, reuse_ratio: float) -> float:
+    """Mean ViT FLOPs per frame of a long stream with STC-Cacher (one full frame every N)."""
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    k = math.floor(round(tokens * (1 - reuse_ratio), 9))
+    full = vit_frame_flops(vision_config)
+    if math.isinf(cache_interval):
+        return vit_frame_flops(vision_config, k)
+    n = int(cache_interval)
+    return (full + (n - 1) * vit_frame_flops(vision_config, k)) / n
+
+
+def llm_weight_bytes(text_config, bytes_per_param: int = 2) -> float:
+    """Bytes of decoder weights read by one forward step (embeddings excluded, lm_head excluded)."""
+    d, m, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
+    hd = getattr(text_config, "head_dim", None) or d // text_config.num_attention_heads
+    kv = text_config.num_key_value_heads * hd
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * m  # q, o; k, v; gate, up, down
+    return L * per_layer * bytes_per_param
+
+
+def llm_prefill_flops(text_config, new_tokens: int, past_tokens: int) -> float:
+    """Decoder FLOPs to prefill new_tokens after past_tokens (projections, MLP, attention)."""
+    d, L = text_config.hidden_size, text_config.num_hidden_layers
+    macs_weights = llm_weight_bytes(text_config, 1) * new_tokens
+    ctx = past_tokens + (new_tokens + 1) / 2  # causal within the new tokens
+    macs_attn = L * 2 * new_tokens * ctx * d
+    return 2 * (macs_weights + macs_attn)
