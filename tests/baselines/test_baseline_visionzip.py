@@ -1,0 +1,142 @@
+"""VisionZip: dominant tokens against the encoder's own attention maps, contextual merging against a
+loop reference, budgets and bad inputs."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from stc.baselines import VisionZip
+from stc.baselines.visionzip import merge_contextual
+from stc.compress import FrameCompressor, VisionContext
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=112, patch_size=14)
+
+
+@pytest.fixture(scope="module")
+def encoded():
+    """A tiny SigLIP (8x8 patches) with eager attention, its hidden states and attention maps for 3 frames."""
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 112, 112), output_hidden_states=True, output_attentions=True)
+    return model, out
+
+
+def brute_force_dominant(attentions, layer, k):
+    """Top-k tokens of the 4x4 grid by attention received (mean over heads and queries), pooled 8x8 -> 4x4.
+
+    For an even grid, LLaVA-OneVision's bilinear halving samples between each 2x2 block's pixels, i.e. it is
+    a 2x2 average.
+    """
+    received = attentions[layer].mean(dim=(1, 2))  # [F, 64]
+    pooled = nn.functional.avg_pool2d(received.view(-1, 1, 8, 8), 2).flatten(1)  # [F, 16]
+    return [set(torch.topk(row, k).indices.tolist()) for row in pooled]
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_dominant_tokens_are_the_most_attended(encoded, layer):
+    model, out = encoded
+    tokens = torch.randn(3, 16, 8)
+    comp = VisionZip(dominant=5, contextual=3, attention_layer=layer)
+    assert isinstance(comp, FrameCompressor)
+    ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=model, grid=(4, 4))
+    res = comp.compress(tokens, comp.new_state(), ctx)
+    assert res.counts == [8, 8, 8]
+    for f, expected in enumerate(brute_force_dominant(out.attentions, layer, 5)):
+        dominant = res.indices[f][:5]
+        assert set(dominant.tolist()) == expected
+        assert torch.all(dominant[1:] > dominant[:-1])  # spatial order
+        assert torch.equal(res.tokens[f][:5], tokens[f, dominant])
+        contextual = res.indices[f][5:]
+        assert not set(contextual.tolist()) & expected  # contextual tokens come from the rest
+
+
+def test_compress_without_pooling_and_grid_inference(encoded):
+    model, out = encoded
+    tokens = torch.randn(3, 64, 8)  # the 8x8 patch grid itself (no grid given: a square is inferred)
+    comp = VisionZip(dominant=4, contextual=0)
+    res = comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states, vision_tower=model))
+    received = out.attentions[-1].mean(dim=(1, 2))
+    for f in range(3):
+        assert set(res.indices[f].tolist()) == set(torch.topk(received[f], 4).indices.tolist())
+
+
+def test_total_budget_split_and_counts(encoded):
+    model, out = encoded
+    assert VisionZip(tokens_per_frame=64).split(196) == (54, 10)  # VisionZip's own settings
+    assert VisionZip(tokens_per_frame=128).split(196) == (108, 20)
+    assert VisionZip(tokens_per_frame=59).split(196) == (50, 9)
+    assert VisionZip().split(196) == (41, 8)  # default keep_ratio 0.25: 49 tokens
+    assert VisionZip(tokens_per_frame=1).split(196) == (1, 0)
+    ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=model, grid=(4, 4))
+    tokens = torch.randn(3, 16, 8)
+    for comp, n in [(VisionZip(keep_ratio=0.5), 8), (VisionZip(contextual=4), 4), (VisionZip(dominant=16), 16)]:
+        res = comp.compress(tokens, comp.new_state(), ctx)
+        assert res.counts == [n] * 3
+        assert all(i.shape == (n,) for i in res.indices)
+
+
+def brute_force_contextual(tokens, metric, c):
+    r = tokens.shape[0]
+    step = max(1, r // c)
+    targets = list(range(0, r, step))[:c]
+    groups = {t: [t] for t in targets}
+    for i in range(r):
+        if i in groups:
+            continue
+        sims = [float(nn.functional.cosine_similarity(metric[i], metric[t], dim=0)) for t in targets]
+        groups[targets[max(range(c), key=lambda j: sims[j])]].append(i)
+    return targets, [tokens[groups[t]].mean(0) for t in targets], [len(groups[t]) for t in targets]
+
+
+@pytest.mark.parametrize("r, c", [(11, 3), (12, 4), (5, 5), (7, 1)])
+def test_contextual_merging_matches_loop_reference(r, c):
+    g = torch.Generator().manual_seed(r * 10 + c)
+    tokens = torch.randn(r, 6, generator=g, dtype=torch.float64)
+    metric = torch.randn(r, 4, generator=g, dtype=torch.float64)
+    merged, targets, sizes = merge_contextual(tokens, metric, c)
+    ref_targets, ref_tokens, ref_sizes = brute_force_contextual(tokens, metric, c)
+    assert targets.tolist() == ref_targets and sizes.tolist() == ref_sizes and int(sizes.sum()) == r
+    torch.testing.assert_close(merged, torch.stack(ref_tokens))
+    with pytest.raises(ValueError):
+        merge_contextual(tokens, metric, r + 1)
+
+
+def test_invalid_configs_and_inputs(encoded):
+    model, out = encoded
+    for kwargs in [dict(dominant=5, keep_ratio=0.3), dict(dominant=-1), dict(contextual=1.5), dict(dominant=0, contextual=0),
+                   dict(keep_ratio=0), dict(tokens_per_frame=0), dict(contextual_share=1.0), dict(attention_layer=0.5)]:
+        with pytest.raises(ValueError):
+            VisionZip(**kwargs)
+    tokens = torch.randn(3, 16, 8)
+    comp = VisionZip(tokens_per_frame=6)
+    with pytest.raises(ValueError, match="hidden states"):
+        comp.compress(tokens, comp.new_state())
+    ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=model, grid=(4, 4))
+    with pytest.raises(ValueError, match="exceeds"):
+        VisionZip(dominant=10, contextual=7).compress(tokens, comp.new_state(), ctx)
+    with pytest.raises(ValueError, match="out of range"):
+        VisionZip(attention_layer=2).compress(tokens, comp.new_state(), ctx)
+    with pytest.raises(ValueError, match="frames"):
+        comp.compress(tokens[:2], comp.new_state(), ctx)
+    with pytest.raises(ValueError, match="hidden states"):
+        comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states[:2], vision_tower=model))
+    with pytest.raises(TypeError):
+        comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states, vision_tower=nn.Linear(2, 2)))
+
+
+def test_score_mapping_is_llava_onevision_pooling():
+    # pool_to_grid must move per-patch values exactly as LLaVA-OneVision pools features (27x27 -> 14x14).
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from stc.baselines.visionzip import pool_to_grid
+
+    fake = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=378, patch_size=14)))
+    feats = torch.randn(2, 729, 3)
+    expected = LlavaOnevisionModel.apply_pooling(fake, feats)
+    torch.testing.assert_close(pool_to_grid(feats, (27, 27), (14, 14)), expected, atol=0, rtol=0)
+    torch.testing.assert_close(pool_to_grid(feats[..., 0], (27, 27), (14, 14)), expected[..., 0], atol=0, rtol=0)
