@@ -50,11 +50,11 @@ _ROWS = [
     Method("cacher", "+STC-Cacher", cacher=_cacher()),
     Method("pruner", "+STC-Pruner", pruner=PrunerConfig(keep_ratio=0.25)),
     Method("cacher+pruner", "+STC-Cacher & Pruner", **_both()),
-    Method("tome", "+ToMe", compressor="tome", compressor_args={"keep_ratio": 0.30}),
-    Method("visionzip", "+VisionZip", compressor="visionzip", compressor_args={"keep_ratio": 0.30}),
-    Method("vidcom2", "+VidCom2", compressor="vidcom2", compressor_args={"keep_ratio": 0.30}),
-    Method("uniform", "+Uniform pooling", compressor="uniform", compressor_args={"keep_ratio": 0.30}, group="reference"),
-    Method("random", "+Random drop", compressor="random", compressor_args={"keep_ratio": 0.30}, group="reference"),
+    Method("tome", "+ToMe", compressor="tome", compressor_args={"keep_ratio": 0.25}),
+    Method("visionzip", "+VisionZip", compressor="visionzip", compressor_args={"keep_ratio": 0.25}),
+    Method("vidcom2", "+VidCom2", compressor="vidcom2", compressor_args={"keep_ratio": 0.25}),
+    Method("uniform", "+Uniform pooling", compressor="uniform", compressor_args={"keep_ratio": 0.25}, group="reference"),
+    Method("random", "+Random drop", compressor="random", compressor_args={"keep_ratio": 0.25}, group="reference"),
     # Table 4 / 6: reused features
     Method("reuse-attn", "attn only (R 85%)", cacher=_cacher(reuse="attn", reuse_ratio=0.85), group="T4"),
     Method("reuse-mlp", "MLP only (R 85%)", cacher=_cacher(reuse="mlp", reuse_ratio=0.85), group="T4"),
@@ -92,7 +92,10 @@ def get_method(name: str) -> Method:
 
 
 def make_compressor(method: Method):
-    """The baseline compressor of a method, or MethodUnavailable if stc.baselines lacks it."""
+    """The baseline compressor of a method, or MethodUnavailable if stc.baselines lacks it.
+
+    ToMe works inside the vision encoder and needs the engine to skip the 2x2 pooling; that wiring
+    is not done yet, so "tome" is unavailable (its rows show as missing)."""
     try:
         from stc import baselines
     except ImportError as err:

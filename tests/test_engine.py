@@ -27,17 +27,27 @@ def frames(n=6, seed=0, size=64):
     return np.stack(out).astype(np.uint8)
 
 
+def video_features(model, pix):
+    """Pooled video tokens [1, F*16, D] through the model's own get_video_features (any 5.x return type)."""
+    out = model.model.get_video_features(
+        pixel_values_videos=pix[None],
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    )
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (tuple, list)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])[None]
+    feats = feats.reshape(1, -1, feats.shape[-1])
+    n = pix.shape[0] * 16
+    return feats[:, :n]  # drop image_newline if present: ReKV feeds frames without it
+
+
 def full_forward_logits(model, processor, video, query, prefix):
     """Reference: one plain HF forward over [init prompt, every frame's 16 tokens, question]."""
     tok = processor.tokenizer
     inner = model.model
     with torch.no_grad():
-        pix = preprocess_frames(processor, video)
-        feats = inner.get_video_features(
-            pixel_values_videos=pix[None],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        ).pooler_output[:, :-1]  # drop image_newline: ReKV feeds frames without it
+        feats = video_features(model, preprocess_frames(processor, video))
         emb = inner.language_model.embed_tokens
         ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
         seq = torch.cat([emb(ids(INIT_PROMPT)), feats, emb(ids(QUESTION_TEMPLATE.format(query=query) + prefix))], dim=1)
@@ -90,10 +100,7 @@ def brute_force_retrieval(model, processor, video, text, top_k):
     init = lm.embed_tokens(ids(INIT_PROMPT))
     n_init = init.shape[1]
     with torch.no_grad():
-        pix = preprocess_frames(processor, video)
-        feats = inner.get_video_features(
-            pixel_values_videos=pix[None], vision_feature_layer=-1, vision_feature_select_strategy="full"
-        ).pooler_output[:, :-1]
+        feats = video_features(model, preprocess_frames(processor, video))
         lm(inputs_embeds=torch.cat([init, feats], 1))
         keys = {i: captured[("k", i)] for i in range(len(lm.layers))}
         lm(inputs_embeds=torch.cat([init, lm.embed_tokens(ids(text))], 1))

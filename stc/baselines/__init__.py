@@ -47,3 +47,11 @@ __all__ = [
     "merge_weighted_average",
     "tome_r_for_budget",
 ]
+
+# Post-projector baselines by the names stc.methods uses; each factory takes the budget keywords.
+COMPRESSORS = {
+    "visionzip": VisionZip,
+    "vidcom2": VidCom2,
+    "uniform": UniformPooling,
+    "random": RandomDrop,
+}
