@@ -63,6 +63,9 @@ class EngineConfig:
     max_new_tokens: default answer length (16 for multiple choice).
     cacher: STC-Cacher settings, or None.
     pruner: STC-Pruner settings, or None (another compressor can be passed to StreamingEngine).
+    tome_tokens_per_frame: the ToMe baseline: merge inside the vision encoder down to this many tokens
+        per frame (schedule from stc.baselines.tome_r_for_budget); merging destroys the token grid, so
+        the 2x2 pooling is skipped and merged tokens are put in raster order of their first patch.
     timing: record per-stage times.
     """
 
@@ -72,6 +75,7 @@ class EngineConfig:
     max_new_tokens: int = 16
     cacher: CacherConfig | None = None
     pruner: PrunerConfig | None = None
+    tome_tokens_per_frame: int | None = None
     init_prompt: str = INIT_PROMPT
     timing: bool = True
 
@@ -82,6 +86,10 @@ class EngineConfig:
             raise ValueError(f"retrieve_top_k must be an integer >= 1 or None, got {self.retrieve_top_k!r}")
         if self.device_blocks is not None and (not isinstance(self.device_blocks, int) or self.device_blocks < 0):
             raise ValueError(f"device_blocks must be an integer >= 0 or None, got {self.device_blocks!r}")
+        if self.tome_tokens_per_frame is not None and (
+            not isinstance(self.tome_tokens_per_frame, int) or self.tome_tokens_per_frame < 1 or self.cacher is not None
+        ):
+            raise ValueError(f"tome_tokens_per_frame must be an integer >= 1 and excludes the cacher, got {self.tome_tokens_per_frame!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
@@ -181,6 +189,14 @@ class StreamingEngine:
             raise ValueError("give either config.pruner or a compressor, not both")
         self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
         self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher else None
+        self.tome = None
+        if config.tome_tokens_per_frame is not None:
+            from stc.baselines.tome import attach_tome, tome_r_for_budget
+
+            vcfg = model.config.vision_config
+            patches = (vcfg.image_size // vcfg.patch_size) ** 2
+            schedule = tome_r_for_budget(patches, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
+            self.tome = attach_tome(inner.vision_tower, schedule)
         self._hooks = [
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
@@ -235,6 +251,8 @@ class StreamingEngine:
         self._hooks = []
         if self.cacher is not None:
             self.cacher.detach()
+        if self.tome is not None:
+            self.tome.detach()
 
     def __enter__(self):
         return self
@@ -321,13 +339,21 @@ class Stream:
             self._start()
         inner = e.model.model
         kwargs = {"stc_state": self.cacher_state} if self.cacher_state is not None else {}
+        tome_state = e.tome.new_state() if e.tome is not None else None
+        if tome_state is not None:
+            kwargs["tome_state"] = tome_state
         with self.timer.stage("vision"):
             out = inner.vision_tower(pixel_values.to(e.device, e.dtype), output_hidden_states=True, **kwargs)
             feats = out.hidden_states[e.vision_layer]
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
+            if tome_state is not None:
+                order = tome_state.spatial_order().to(feats.device)
+                feats = torch.gather(feats, 1, order[..., None].expand(-1, -1, feats.shape[-1]))
         with self.timer.stage("projector"):
-            tokens = inner.apply_pooling(inner.multi_modal_projector(feats))
+            tokens = inner.multi_modal_projector(feats)
+            if tome_state is None:
+                tokens = inner.apply_pooling(tokens)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=inner.vision_tower, grid=(side, side))

@@ -30,10 +30,12 @@ class Method:
     pruner: PrunerConfig | None = None
     compressor: str | None = None  # a baseline from stc.baselines, built by `make_compressor`
     compressor_args: dict = field(default_factory=dict)
+    tome_keep_ratio: float | None = None  # ToMe: merge in the ViT to this share of the pooled tokens
     group: str = "main"
 
-    def engine_config(self, base: EngineConfig | None = None) -> EngineConfig:
-        return replace(base or EngineConfig(), cacher=self.cacher, pruner=self.pruner)
+    def engine_config(self, base: EngineConfig | None = None, pooled_tokens: int = 196) -> EngineConfig:
+        tome = None if self.tome_keep_ratio is None else max(1, math.floor(pooled_tokens * self.tome_keep_ratio))
+        return replace(base or EngineConfig(), cacher=self.cacher, pruner=self.pruner, tome_tokens_per_frame=tome)
 
 
 def _cacher(**kw):
@@ -50,7 +52,7 @@ _ROWS = [
     Method("cacher", "+STC-Cacher", cacher=_cacher()),
     Method("pruner", "+STC-Pruner", pruner=PrunerConfig(keep_ratio=0.25)),
     Method("cacher+pruner", "+STC-Cacher & Pruner", **_both()),
-    Method("tome", "+ToMe", compressor="tome", compressor_args={"keep_ratio": 0.25}),
+    Method("tome", "+ToMe", tome_keep_ratio=0.25),
     Method("visionzip", "+VisionZip", compressor="visionzip", compressor_args={"keep_ratio": 0.25}),
     Method("vidcom2", "+VidCom2", compressor="vidcom2", compressor_args={"keep_ratio": 0.25}),
     Method("uniform", "+Uniform pooling", compressor="uniform", compressor_args={"keep_ratio": 0.25}, group="reference"),
@@ -92,10 +94,7 @@ def get_method(name: str) -> Method:
 
 
 def make_compressor(method: Method):
-    """The baseline compressor of a method, or MethodUnavailable if stc.baselines lacks it.
-
-    ToMe works inside the vision encoder and needs the engine to skip the 2x2 pooling; that wiring
-    is not done yet, so "tome" is unavailable (its rows show as missing)."""
+    """The baseline compressor of a method, or MethodUnavailable if stc.baselines lacks it."""
     try:
         from stc import baselines
     except ImportError as err:
@@ -110,4 +109,6 @@ def build_engine(model, processor, name: str, base: EngineConfig | None = None) 
     """The streaming engine for a named method (see METHODS)."""
     method = get_method(name)
     compressor = make_compressor(method) if method.compressor else None
-    return StreamingEngine(model, processor, method.engine_config(base), compressor=compressor)
+    vcfg = model.config.vision_config
+    pooled = math.ceil(vcfg.image_size // vcfg.patch_size / 2) ** 2
+    return StreamingEngine(model, processor, method.engine_config(base, pooled), compressor=compressor)
