@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from stc.cacher import CacherConfig
+from stc.engine import EngineConfig
 from stc.flops import llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
-from stc.latency import device_rates, environment, measure_stream, measure_vit, synthetic_pixels
+from stc.latency import device_rates, environment, measure_graphed_vit, measure_stream, measure_vit, synthetic_pixels
 from stc.methods import get_method
 from stc.models import build_model
 
@@ -55,12 +56,44 @@ def vit_part(model, args, rates):
     return rows
 
 
+def graphed_vit_part(model, args, rates):
+    """Both sides CUDA-graph captured, one frame per stream per step, B synchronised streams."""
+    tower = model.model.vision_tower
+    vcfg = model.config.vision_config
+    pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
+    cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
+    floor_full = vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3
+    floor_stc = vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3
+    rows = []
+    for batch in args.batches:
+        full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats)
+        stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats)
+        rows.append({
+            "batch": batch, "graphs": True,
+            "full_ms_per_frame": full["ms_per_frame"], "cacher_ms_per_frame": stc["ms_per_frame"],
+            "ratio": stc["ms_per_frame"] / full["ms_per_frame"],
+            "floor_full_ms": floor_full, "floor_cacher_ms": floor_stc, "ideal_ratio": floor_stc / floor_full,
+            "full_vs_floor": full["ms_per_frame"] / floor_full, "cacher_vs_floor": stc["ms_per_frame"] / floor_stc,
+        })
+        r = rows[-1]
+        print(f"ViT graphs B={batch}: full {r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), "
+              f"cacher {r['cacher_ms_per_frame']:.2f} ({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time "
+              f"(FLOP ideal {1 - r['ideal_ratio']:.0%})", flush=True)
+    return rows
+
+
 def stream_part(model, processor, args, rates):
     tcfg = model.config.text_config
     weights_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
     rows = []
     for name in args.methods:
-        res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats)
+        base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs)
+        try:
+            res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats, base=base)
+        except ValueError as err:  # e.g. ToMe or VisionZip under cuda_graphs
+            print(f"{name:>14}: skipped ({err})", flush=True)
+            continue
+        res["cuda_graphs"] = args.graphs
         n = res["tokens_per_frame"]
         for c, stage in res["checkpoints"].items():
             # floor of one frame step at the end of the first c frames: weights once, FLOPs of n tokens over the past
@@ -82,6 +115,10 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--vit-frames", type=int, default=32)
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="synchronised streams (graphed ViT)")
+    p.add_argument("--skip-eager-vit", action="store_true")
+    p.add_argument("--skip-graphed-vit", action="store_true")
+    p.add_argument("--graphs", action="store_true", help="run the streams with EngineConfig(cuda_graphs=True)")
     p.add_argument("--methods", nargs="+", default=["baseline", "cacher", "pruner", "cacher+pruner"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vit-only", action="store_true")
@@ -110,10 +147,13 @@ def main(argv=None):
           f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
-                 "protocol": "one frame per step; eager Hugging Face modules for baseline and STC alike",
+                 "protocol": "one frame per step; baseline and STC on the same code path "
+                             + ("(CUDA graphs, static KV, packed GQA)" if args.graphs else "(eager Hugging Face modules)"),
                  "argv": sys.argv[1:]},
-        "vit": vit_part(model, args, rates),
+        "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }
+    if torch.device(args.device).type == "cuda" and not args.skip_graphed_vit:
+        result["vit_graphs"] = graphed_vit_part(model, args, rates)
     if not args.vit_only:
         result["rows"] = stream_part(model, processor, args, rates)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,11 @@ class EngineConfig:
     tome_tokens_per_frame: the ToMe baseline: merge inside the vision encoder down to this many tokens
         per frame (schedule from stc.baselines.tome_r_for_budget); merging destroys the token grid, so
         the 2x2 pooling is skipped and merged tokens are put in raster order of their first patch.
+    cuda_graphs: the fast path of issue 7, for the baseline and STC alike: the vision step runs as
+        CUDA graphs (`stc.fast.GraphedVision`), each stream's KV window is one static buffer written
+        in place, every frame's prefill is a captured graph (per token count) attending to the whole
+        buffer through a mask, and attention packs grouped query heads instead of repeating K/V.
+        On a CPU the same static-shape code runs without capture (that is how it is tested).
     timing: record per-stage times.
     """
 
@@ -76,6 +81,7 @@ class EngineConfig:
     cacher: CacherConfig | None = None
     pruner: PrunerConfig | None = None
     tome_tokens_per_frame: int | None = None
+    cuda_graphs: bool = False
     init_prompt: str = INIT_PROMPT
     timing: bool = True
 
@@ -90,6 +96,8 @@ class EngineConfig:
             not isinstance(self.tome_tokens_per_frame, int) or self.tome_tokens_per_frame < 1 or self.cacher is not None
         ):
             raise ValueError(f"tome_tokens_per_frame must be an integer >= 1 and excludes the cacher, got {self.tome_tokens_per_frame!r}")
+        if self.cuda_graphs and self.tome_tokens_per_frame is not None:
+            raise ValueError("cuda_graphs does not support ToMe (its token counts vary inside the encoder)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
@@ -137,6 +145,22 @@ class _KV:
     def commit(self) -> None:
         self.length += self.pending
         self.pending = 0
+
+
+class _StaticKV(_KV):
+    """A fixed-capacity window: each forward writes its tokens at `index` in place and attends to the
+    whole buffer through a mask (unused slots are zeros, masked), so every step has the same shapes."""
+
+    def __init__(self, buf: torch.Tensor, length: int):
+        super().__init__(buf, length)
+        self.index: torch.Tensor | None = None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.index is None:
+            return super().update(key, value, layer_idx)
+        self.buf[layer_idx, 0].index_copy_(1, self.index, key[0])
+        self.buf[layer_idx, 1].index_copy_(1, self.index, value[0])
+        return self.buf[layer_idx, 0][None], self.buf[layer_idx, 1][None]
 
 
 def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
@@ -200,6 +224,22 @@ class StreamingEngine:
         self._hooks = [
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
+        self.capture = config.cuda_graphs and self.device.type == "cuda"
+        self._attn_before = None
+        self.vision_runner = None
+        if config.cuda_graphs:
+            from stc import attention
+            from stc.fast import GraphedVision
+
+            if self.cacher is not None:  # the runner replaces the patched tower path
+                self.cacher.detach()
+                self.cacher = None
+            self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher,
+                                               feature_layer=self.vision_layer, use_graphs=self.capture)
+            self._attn_before = text_cfg._attn_implementation
+            text_cfg._attn_implementation = attention.NAME
+            vcfg = model.config.vision_config
+            self.max_frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
         self.init_ids = self._ids(config.init_prompt)
         self.eos_ids = {
             i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id)
@@ -253,6 +293,9 @@ class StreamingEngine:
             self.cacher.detach()
         if self.tome is not None:
             self.tome.detach()
+        if self._attn_before is not None:
+            self.lm.config._attn_implementation = self._attn_before
+            self._attn_before = None
 
     def __enter__(self):
         return self
@@ -267,6 +310,9 @@ class Stream:
     def __init__(self, engine: StreamingEngine):
         self.engine = engine
         self.cacher_state = engine.cacher.new_state() if engine.cacher else None
+        if engine.vision_runner is not None and engine.config.cacher is not None:
+            self.cacher_state = engine.vision_runner.new_state()
+        self._graphs: dict[int, tuple] = {}  # cuda_graphs: token count -> (graph or None, static inputs, step)
         self.compressor_state = engine.compressor.new_state() if engine.compressor else None
         self.timer = StageTimer(engine.device, engine.config.timing)
         self.blocks: list[Block] = []
@@ -283,7 +329,11 @@ class Stream:
     def _start(self) -> None:
         e = self.engine
         n = e.init_ids.shape[1]
-        self._window = _KV(e._new_buffer(n + 256), 0)
+        if e.config.cuda_graphs:
+            cap = n + e.config.n_local + e.max_frame_tokens
+            self._window = _StaticKV(e._new_buffer(cap).zero_(), 0)  # zeros: masked slots must be finite
+        else:
+            self._window = _KV(e._new_buffer(n + 256), 0)
         with torch.no_grad(), self.timer.stage("prefill"):
             e._decoder(e.lm.embed_tokens(e.init_ids), self._window, _causal_mask(n, n, e.dtype, e.device))
         self._n_init = n
@@ -300,6 +350,8 @@ class Stream:
             w.buf[:, :, :, self._n_init : self._n_init + keep.shape[3]] = keep
             w.length -= drop
         need = w.length + incoming
+        if need > w.buf.shape[3] and isinstance(w, _StaticKV):
+            raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[3]} slots)")
         if need > w.buf.shape[3]:
             bigger = e._new_buffer(max(need, 2 * w.buf.shape[3]))
             bigger[:, :, :, : w.length] = w.buf[:, :, :, : w.length]
@@ -313,7 +365,10 @@ class Stream:
         w = self._window
         start = w.length
         with self.timer.stage("prefill"):
-            e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
+            if e.config.cuda_graphs:
+                self._static_prefill(tokens, start)
+            else:
+                e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
             kv = w.buf[:, :, :, start : start + n].clone()
             pos = torch.arange(start, start + n)
             mean_key = e._rotate(kv[:, 0].float(), -pos).mean(dim=2)
@@ -325,6 +380,47 @@ class Stream:
                     kv = kv.to("cpu")
             self.blocks.append(Block(frame=frame, time=time, start=start, kv=kv, mean_key=mean_key))
         self.tokens_per_frame.append(n)
+
+    def _static_prefill(self, tokens: torch.Tensor, start: int) -> None:
+        """Prefill n tokens at `start` of the static window: a captured graph per token count n."""
+        e, w = self.engine, self._window
+        n = tokens.shape[0]
+        if n not in self._graphs:
+            inputs = {
+                "embeds": torch.zeros(1, n, tokens.shape[1], dtype=e.dtype, device=e.device),
+                "start": torch.zeros((), dtype=torch.long, device=e.device),
+            }
+            slots = torch.arange(w.buf.shape[3], device=e.device)
+            offsets = torch.arange(n, device=e.device)
+            groups = e.num_heads // e.kv_heads
+
+            def step():
+                pos = inputs["start"] + offsets
+                w.index = pos
+                mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(e.dtype).min, 0.0).to(e.dtype)
+                mask = mask.repeat(groups, 1)[None, None]  # packed for stc.attention: rows (group, query)
+                masks = {"full_attention": mask, "sliding_attention": mask}
+                e.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None], attention_mask=masks, past_key_values=w)
+                w.index = None
+
+            graph = None
+            if e.capture:
+                inputs["start"].fill_(start)
+                side = torch.cuda.Stream(e.device)
+                side.wait_stream(torch.cuda.current_stream(e.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
+                        step()
+                torch.cuda.current_stream(e.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+            self._graphs[n] = (graph, inputs, step)
+        graph, inputs, step = self._graphs[n]
+        inputs["embeds"].copy_(tokens[None])
+        inputs["start"].fill_(start)
+        graph.replay() if graph is not None else step()
+        w.length = start + n
 
     @torch.no_grad()
     def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
@@ -343,8 +439,14 @@ class Stream:
         if tome_state is not None:
             kwargs["tome_state"] = tome_state
         with self.timer.stage("vision"):
-            out = inner.vision_tower(pixel_values.to(e.device, e.dtype), output_hidden_states=True, **kwargs)
-            feats = out.hidden_states[e.vision_layer]
+            if e.vision_runner is not None:
+                pix = pixel_values.to(e.device, e.dtype)
+                states = [self.cacher_state] if self.cacher_state is not None else None
+                feats = torch.cat([e.vision_runner(pix[i : i + 1], states) for i in range(f)])
+                out = None
+            else:
+                out = inner.vision_tower(pixel_values.to(e.device, e.dtype), output_hidden_states=True, **kwargs)
+                feats = out.hidden_states[e.vision_layer]
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
             if tome_state is not None:
@@ -356,7 +458,8 @@ class Stream:
                 tokens = inner.apply_pooling(tokens)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
-                ctx = VisionContext(hidden_states=out.hidden_states, vision_tower=inner.vision_tower, grid=(side, side))
+                hidden = out.hidden_states if out is not None else None
+                ctx = VisionContext(hidden_states=hidden, vision_tower=inner.vision_tower, grid=(side, side))
                 compressed = e.compressor.compress(tokens, self.compressor_state, ctx)
             else:
                 compressed = Compressed(tokens=list(tokens), indices=[None] * f)

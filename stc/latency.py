@@ -107,6 +107,30 @@ def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chu
     return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
 
 
+def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
+                        warmup: int = 1, repeats: int = 3) -> dict:
+    """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step."""
+    from stc.fast import GraphedVision
+
+    device = next(tower.parameters()).device
+    dtype = next(tower.parameters()).dtype
+    pixels = pixels.to(device, dtype)
+    f = len(pixels)
+    runner = GraphedVision(tower, batch=batch, cacher=cacher)
+    steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
+    per_frame = []
+    for rep in range(warmup + repeats):
+        states = [runner.new_state() for _ in range(batch)] if cacher else None
+        _sync(device)
+        t0 = time.perf_counter()
+        for x in steps:
+            runner(x, states)
+        _sync(device)
+        if rep >= warmup:
+            per_frame.append((time.perf_counter() - t0) * 1e3 / (f * batch))
+    return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
+
+
 def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=(16, 32, 64), warmup: int = 1,
                    repeats: int = 3, base: EngineConfig | None = None, seed: int = 0) -> dict:
     """Stream n_frames one per step through `method`, then ask one question; medians over repeats.

@@ -292,3 +292,49 @@ def test_close_restores_the_model(tiny):
     engine.close()
     assert "forward" not in tower.encoder.layers[0].__dict__
     assert all(not layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("cfg", [
+    EngineConfig(retrieve_top_k=None),
+    EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
+    EngineConfig(retrieve_top_k=3, n_local=40),  # the window is trimmed and re-rotated in place
+], ids=["plain", "stc", "window"])
+def test_cuda_graph_mode_equals_the_default_path(tiny, cfg):
+    """The static-shape path of cuda_graphs (captured on a GPU, run as is on a CPU) gives the same answers."""
+    from dataclasses import replace
+
+    model, proc = tiny
+    video = frames(6)
+    results = []
+    for graphs in (False, True):
+        with StreamingEngine(model, proc, replace(cfg, cuda_graphs=graphs)) as engine:
+            s = engine.open_stream()
+            s.push_frames(video[:2])
+            s.push_frames(video[2:])
+            results.append((s.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=3), s.stats()))
+    (a, sa), (b, sb) = results
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    assert a.token_ids == b.token_ids and a.retrieved == b.retrieved
+    assert sa["tokens_per_frame"] == sb["tokens_per_frame"]
+    assert sa.get("reference_frames") == sb.get("reference_frames")
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # restored on close
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_graphs_equal_eager_on_gpu():
+    model, proc = build_model("tiny", seed=0, device="cuda")
+    video = frames(6)
+    cfg = EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5))
+    out = []
+    for graphs in (False, True):
+        with StreamingEngine(model, proc, EngineConfig(**{**cfg.__dict__, "cuda_graphs": graphs})) as engine:
+            assert engine.capture == graphs
+            s = engine.open_stream()
+            for i in range(6):
+                s.push_frames(video[i : i + 1])
+            kv = [b.kv.clone() for b in s.blocks]
+            out.append((s.answer(QUESTION, max_new_tokens=3), kv))
+    (a, kva), (b, kvb) = out
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    for x, y in zip(kva, kvb):  # every frame's block, not just the last: no aliasing across steps
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,155 @@
+"""Per-step vision encoding as CUDA graphs, for the baseline and STC-Cacher alike.
+
+Streaming encodes one frame per step (per stream), so the stock eager encoder is launch-bound. A
+`GraphedVision` captures each kind of step once and replays it:
+
+- baseline: the unmodified encoder layers (their Hugging Face forward) -> features;
+- STC-Cacher, reference step: `reference_layer` per layer, writing K, V, A, M into static buffers;
+- STC-Cacher, other steps: `selective_layer` per layer, reading those buffers.
+
+Semantics are exactly those of `stc.cacher` (the same tensor functions run inside the graphs), for
+B synchronised streams: every stream in a step is at the same frame index, so all are reference
+frames or none. Each stream's caches belong to its `CacherState`; the static buffers hold the
+caches of the streams that used the runner last and are swapped (copied) only when the caller
+passes other states. Outputs are cloned out of the graph's buffers: nothing returned aliases a later
+step. Without CUDA (or with use_graphs=False) the same code runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stc.cacher import CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, reference_layer, selective_layer
+
+_FIELDS = ("key", "value", "attn", "mlp", "hidden")
+
+
+class GraphedVision:
+    """Vision features [B, T, C] (the output of layer `feature_layer`) for B frames, one per stream.
+
+    tower: a SigLIP/CLIP vision tower (transformers 5.x); cacher: STC-Cacher settings or None for
+    the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice).
+    """
+
+    def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
+                 feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2):
+        self.tower = tower
+        self.layers = encoder_layers(tower)
+        n = len(self.layers)
+        self.depth = n if feature_layer == -1 else (feature_layer % (n + 1))
+        self.batch = batch
+        self.cacher = cacher
+        param = next(tower.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        cfg = tower.config
+        self.size = cfg.image_size
+        self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            self.tokens = tower.embeddings(self.pixels).shape[1]
+        self.k = cacher.recomputed_tokens(self.tokens) if cacher else None
+        self.keep_hidden = bool(cacher) and cacher.selection_feature == "hidden"
+        if cacher:
+            shape = (batch, self.tokens, cfg.hidden_size)
+            self.refs = [
+                LayerCache(*(torch.zeros(shape, device=self.device, dtype=self.dtype) if f != "hidden" or self.keep_hidden else None
+                             for f in _FIELDS))
+                for _ in range(self.depth)
+            ]
+        self._owners: list[CacherState] | None = None
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._warmup = warmup
+        self._pool = None
+
+    # -- the steps, as plain code -----------------------------------------------------------------
+
+    def _full(self) -> torch.Tensor:
+        x = self.tower.embeddings(self.pixels)
+        for layer in self.layers[: self.depth]:
+            x = layer(x, None)
+        return x
+
+    def _reference(self) -> torch.Tensor:
+        x = self.tower.embeddings(self.pixels)
+        for i, layer in enumerate(self.layers[: self.depth]):
+            x, cache = reference_layer(layer, x, keep_hidden=self.keep_hidden)
+            for f in _FIELDS:
+                if getattr(cache, f) is not None:
+                    getattr(self.refs[i], f).copy_(getattr(cache, f))
+        return x
+
+    def _selective(self) -> torch.Tensor:
+        x = self.tower.embeddings(self.pixels)
+        shared = None
+        for i, layer in enumerate(self.layers[: self.depth]):
+            reuse = None if self.cacher.per_layer_selection else shared
+            x, shared = selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
+        return x
+
+    def _run(self, kind: str) -> torch.Tensor:
+        fn = {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
+        if not self.use_graphs:
+            return fn()
+        if kind not in self._graphs:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(self._warmup):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn()
+            self._pool = graph.pool()
+            self._graphs[kind] = (graph, out)
+        graph, out = self._graphs[kind]
+        graph.replay()
+        return out
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def new_state(self) -> CacherState:
+        """A fresh per-stream cacher state (only with a cacher)."""
+        if not self.cacher:
+            raise ValueError("this GraphedVision has no cacher: it keeps no per-stream state")
+        return CacherState(config=self.cacher, num_layers=self.depth)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, states: list[CacherState] | None = None) -> torch.Tensor:
+        """Features of one frame per stream: pixels [B, 3, S, S]; states: one CacherState per stream."""
+        if pixels.shape != self.pixels.shape:
+            raise ValueError(f"expected pixels of shape {tuple(self.pixels.shape)}, got {tuple(pixels.shape)}")
+        self.pixels.copy_(pixels)
+        if not self.cacher:
+            return self._run("full").clone()
+        if states is None or len(states) != self.batch:
+            raise ValueError(f"pass one CacherState per stream ({self.batch})")
+        index = states[0].frames_seen
+        if any(s.frames_seen != index for s in states):
+            raise ValueError("streams batched in one step must be at the same frame index")
+        self._load(states)
+        reference = self.cacher.is_reference(index)
+        out = self._run("reference" if reference else "selective").clone()
+        for s in states:
+            counts = [self.tokens if reference else self.k] * self.depth
+            s.reports.append(FrameReport(index=index, reference=reference, recomputed=counts))
+            s.frames_seen += 1
+        return out
+
+    def _load(self, states: list[CacherState]) -> None:
+        """Make the static buffers hold these streams' caches (a copy only when the streams change)."""
+        if self._owners is not None and len(self._owners) == len(states) and all(a is b for a, b in zip(self._owners, states)):
+            return
+        if self._owners is not None:  # save the previous streams' caches into their states
+            for row, owner in enumerate(self._owners):
+                if owner.frames_seen:
+                    owner._refs = [LayerCache(*(None if getattr(r, f) is None else getattr(r, f)[row : row + 1].clone()
+                                                for f in _FIELDS)) for r in self.refs]
+        for row, s in enumerate(states):
+            if s.frames_seen and s._refs[0] is not None:
+                for r, mine in zip(self.refs, s._refs):
+                    for f in _FIELDS:
+                        if getattr(r, f) is not None:
+                            getattr(r, f)[row : row + 1].copy_(getattr(mine, f))
+        self._owners = list(states)

@@ -1,0 +1,100 @@
+"""GraphedVision runs the same semantics as stc.cacher (eager here; graphs are compared on a GPU)."""
+
+import pytest
+import torch
+
+from stc.cacher import CacherConfig, attach_cacher
+from stc.fast import GraphedVision
+from tests.test_cacher import siglip, video
+
+CUDA = torch.cuda.is_available()
+
+
+def reference_stream(tower, frames, cfg):
+    """Layer-by-layer features from the attached Cacher (or the plain tower), one frame per step."""
+    outs = []
+    with torch.no_grad():
+        if cfg is None:
+            return torch.cat([tower(f[None], output_hidden_states=True).hidden_states[-1] for f in frames])
+        with attach_cacher(tower, cfg) as cacher:
+            state = cacher.new_state()
+            for f in frames:
+                outs.append(tower(f[None], stc_state=state, output_hidden_states=True).hidden_states[-1])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=3, reuse_ratio=0.75),
+                                 CacherConfig(cache_interval=2, reuse_ratio=0.5, selection_feature="hidden", per_layer_selection=False)])
+def test_same_semantics_as_the_cacher(cfg):
+    tower, frames = siglip(), video(7)
+    want = reference_stream(tower, frames, cfg)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    state = [runner.new_state()] if cfg else None
+    got = torch.cat([runner(f[None], state) for f in frames])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if cfg:
+        assert state[0].reference_frames == [i for i in range(7) if i % cfg.cache_interval == 0]
+
+
+def test_streams_swap_in_and_out():
+    tower = siglip()
+    cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
+    a, b = video(6, seed=1), video(6, seed=2)
+    want_a, want_b = reference_stream(tower, a, cfg), reference_stream(tower, b, cfg)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    sa, sb = runner.new_state(), runner.new_state()
+    got_a, got_b = [], []
+    for i in range(6):
+        got_a.append(runner(a[i : i + 1], [sa]))
+        got_b.append(runner(b[i : i + 1], [sb]))
+    torch.testing.assert_close(torch.cat(got_a), want_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(got_b), want_b, atol=1e-5, rtol=1e-5)
+
+
+def test_synchronised_streams_in_one_batch():
+    tower = siglip()
+    cfg = CacherConfig(cache_interval=3, reuse_ratio=0.75)
+    a, b = video(5, seed=1), video(5, seed=2)
+    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False)
+    states = [runner.new_state(), runner.new_state()]
+    got = torch.stack([runner(torch.stack([a[i], b[i]]), states) for i in range(5)], dim=1)
+    torch.testing.assert_close(got[0], reference_stream(tower, a, cfg), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], reference_stream(tower, b, cfg), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same frame index"):
+        runner(torch.stack([a[0], b[0]]), [states[0], runner.new_state()])
+
+
+def test_bad_inputs():
+    tower = siglip()
+    runner = GraphedVision(tower, cacher=CacherConfig(), use_graphs=False)
+    with pytest.raises(ValueError, match="expected pixels of shape"):
+        runner(video(2), [runner.new_state()])
+    with pytest.raises(ValueError, match="one CacherState per stream"):
+        runner(video(1))
+    with pytest.raises(ValueError, match="no cacher"):
+        GraphedVision(tower, use_graphs=False).new_state()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=4, reuse_ratio=0.75)])
+def test_graphs_equal_eager_on_gpu(cfg):
+    tower = siglip().cuda()
+    frames = video(9).cuda()
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True)
+    se = [eager.new_state()] if cfg else None
+    sg = [graphed.new_state()] if cfg else None
+    outs = []
+    for f in frames:
+        e, g = eager(f[None], se), graphed(f[None], sg)
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        outs.append(g)
+    # returned features are copies: later replays do not change earlier outputs
+    assert not torch.equal(outs[1], outs[2])
+    torch.testing.assert_close(outs[1], eager_again(tower, frames, cfg)[1], atol=1e-5, rtol=1e-5)
+
+
+def eager_again(tower, frames, cfg):
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    states = [runner.new_state()] if cfg else None
+    return [runner(f[None], states) for f in frames]
