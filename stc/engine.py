@@ -610,4 +610,5 @@ class Stream:
         """Free this stream's KV."""
         self.blocks = []
         self._window = None
+        self._graphs = {}
         self._closed = True
