@@ -221,6 +221,12 @@ def selective_layer(
         v_dyn = _gather(value_all, dynamic) if value_all is not None else attn.v_proj(h_dyn)
         v_full = _scatter(ref_v, dynamic, v_dyn)
         a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
+        if config.reuse == "attn+mlp":
+            # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
+            mid_dyn = _gather(x, dynamic) + a_dyn
+            out_dyn = mid_dyn + layer.mlp(layer.layer_norm2(mid_dyn))
+            out = (x + ref.attn) + ref.mlp
+            return out.scatter_(1, dynamic.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out_dyn.to(out.dtype)), dynamic
         a_full = _scatter(ref_a, dynamic, a_dyn)
     mid = x + a_full
 

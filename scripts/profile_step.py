@@ -1,0 +1,47 @@
+"""Profile per-frame streaming steps of the 7B architecture (random weights) on a GPU: where does a
+step's time go? Prints the top CUDA kernels of a few steps for one method and setting.
+
+    python scripts/profile_step.py --method baseline --graphs --frames 32 --profile-frames 3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from stc.engine import EngineConfig
+from stc.latency import synthetic_pixels
+from stc.methods import build_engine
+from stc.models import build_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="llava-ov-7b")
+    p.add_argument("--method", default="baseline")
+    p.add_argument("--graphs", action="store_true")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--profile-frames", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args(argv)
+    model, processor = build_model(args.arch, dtype=torch.bfloat16, device="cuda")
+    pixels = synthetic_pixels(args.frames + args.profile_frames, model.config.vision_config.image_size)
+    with build_engine(model, processor, args.method, EngineConfig(cuda_graphs=args.graphs)) as engine:
+        stream = engine.open_stream()
+        for i in range(args.frames):
+            stream.push_pixels(pixels[i : i + 1])
+        torch.cuda.synchronize()
+        stream.timer.reset()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(args.frames, args.frames + args.profile_frames):
+                stream.push_pixels(pixels[i : i + 1])
+            torch.cuda.synchronize()
+        print(f"{args.method} graphs={args.graphs}: stages (ms per step)",
+              {k: round(v["mean_ms"], 2) for k, v in stream.timer.summary().items()})
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
