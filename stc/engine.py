@@ -49,6 +49,7 @@ from stc.timing import StageTimer
 INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_start|>user "
 QUESTION_TEMPLATE = "\n{query}<|im_end|><|im_start|>assistant\n"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+GRAPH_BUCKET = 1024  # cuda_graphs: context lengths are rounded up to a multiple of this many slots
 
 
 @dataclass(frozen=True)
@@ -154,13 +155,14 @@ class _StaticKV(_KV):
     def __init__(self, buf: torch.Tensor, length: int):
         super().__init__(buf, length)
         self.index: torch.Tensor | None = None
+        self.visible = buf.shape[3]  # slots attended to: a bucket covering the context, not the whole buffer
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.index is None:
             return super().update(key, value, layer_idx)
         self.buf[layer_idx, 0].index_copy_(1, self.index, key[0])
         self.buf[layer_idx, 1].index_copy_(1, self.index, value[0])
-        return self.buf[layer_idx, 0][None], self.buf[layer_idx, 1][None]
+        return self.buf[layer_idx, 0, :, : self.visible][None], self.buf[layer_idx, 1, :, : self.visible][None]
 
 
 def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
@@ -312,7 +314,7 @@ class Stream:
         self.cacher_state = engine.cacher.new_state() if engine.cacher else None
         if engine.vision_runner is not None and engine.config.cacher is not None:
             self.cacher_state = engine.vision_runner.new_state()
-        self._graphs: dict[int, tuple] = {}  # cuda_graphs: token count -> (graph or None, static inputs, step)
+        self._graphs: dict[tuple, tuple] = {}  # cuda_graphs: (tokens, bucket) -> (graph or None, inputs, step)
         self.compressor_state = engine.compressor.new_state() if engine.compressor else None
         self.timer = StageTimer(engine.device, engine.config.timing)
         self.blocks: list[Block] = []
@@ -364,9 +366,12 @@ class Stream:
         self._ensure_window(n)
         w = self._window
         start = w.length
+        if e.config.cuda_graphs:
+            with self.timer.stage("capture"):  # once per (token count, bucket) and stream; not a per-frame cost
+                step = self._static_step(n, start, tokens.shape[1])
         with self.timer.stage("prefill"):
             if e.config.cuda_graphs:
-                self._static_prefill(tokens, start)
+                step(tokens)
             else:
                 e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
             kv = w.buf[:, :, :, start : start + n].clone()
@@ -381,46 +386,51 @@ class Stream:
             self.blocks.append(Block(frame=frame, time=time, start=start, kv=kv, mean_key=mean_key))
         self.tokens_per_frame.append(n)
 
-    def _static_prefill(self, tokens: torch.Tensor, start: int) -> None:
-        """Prefill n tokens at `start` of the static window: a captured graph per token count n."""
+    def _static_step(self, n: int, start: int, dim: int):
+        """The prefill of n tokens at `start` of the static window, as a function of the tokens: one
+        captured graph per token count n and context bucket (attention covers the first `bucket`
+        slots, a multiple of GRAPH_BUCKET, rather than the whole buffer)."""
         e, w = self.engine, self._window
-        n = tokens.shape[0]
-        if n not in self._graphs:
+        bucket = min(w.buf.shape[3], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
+        if (n, bucket) not in self._graphs:
             inputs = {
-                "embeds": torch.zeros(1, n, tokens.shape[1], dtype=e.dtype, device=e.device),
-                "start": torch.zeros((), dtype=torch.long, device=e.device),
+                "embeds": torch.zeros(1, n, dim, dtype=e.dtype, device=e.device),
+                "start": torch.full((), start, dtype=torch.long, device=e.device),
             }
-            slots = torch.arange(w.buf.shape[3], device=e.device)
+            slots = torch.arange(bucket, device=e.device)
             offsets = torch.arange(n, device=e.device)
             groups = e.num_heads // e.kv_heads
 
-            def step():
+            def forward():
                 pos = inputs["start"] + offsets
-                w.index = pos
+                w.index, w.visible = pos, bucket
                 mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(e.dtype).min, 0.0).to(e.dtype)
                 mask = mask.repeat(groups, 1)[None, None]  # packed for stc.attention: rows (group, query)
                 masks = {"full_attention": mask, "sliding_attention": mask}
                 e.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None], attention_mask=masks, past_key_values=w)
-                w.index = None
+                w.index, w.visible = None, w.buf.shape[3]
 
             graph = None
             if e.capture:
-                inputs["start"].fill_(start)
                 side = torch.cuda.Stream(e.device)
                 side.wait_stream(torch.cuda.current_stream(e.device))
                 with torch.cuda.stream(side):
                     for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
-                        step()
+                        forward()
                 torch.cuda.current_stream(e.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    step()
-            self._graphs[n] = (graph, inputs, step)
-        graph, inputs, step = self._graphs[n]
-        inputs["embeds"].copy_(tokens[None])
-        inputs["start"].fill_(start)
-        graph.replay() if graph is not None else step()
-        w.length = start + n
+                    forward()
+            self._graphs[(n, bucket)] = (graph, inputs, forward)
+        graph, inputs, forward = self._graphs[(n, bucket)]
+
+        def step(tokens: torch.Tensor) -> None:
+            inputs["embeds"].copy_(tokens[None])
+            inputs["start"].fill_(start)
+            graph.replay() if graph is not None else forward()
+            w.length = start + n
+
+        return step
 
     @torch.no_grad()
     def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:

@@ -299,10 +299,15 @@ def test_close_restores_the_model(tiny):
     EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=3, n_local=40),  # the window is trimmed and re-rotated in place
 ], ids=["plain", "stc", "window"])
-def test_cuda_graph_mode_equals_the_default_path(tiny, cfg):
-    """The static-shape path of cuda_graphs (captured on a GPU, run as is on a CPU) gives the same answers."""
+@pytest.mark.parametrize("bucket", [1024, 16])
+def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch):
+    """The static-shape path of cuda_graphs (captured on a GPU, run as is on a CPU) gives the same answers,
+    with one context bucket or many."""
     from dataclasses import replace
 
+    import stc.engine
+
+    monkeypatch.setattr(stc.engine, "GRAPH_BUCKET", bucket)
     model, proc = tiny
     video = frames(6)
     results = []
@@ -321,7 +326,11 @@ def test_cuda_graph_mode_equals_the_default_path(tiny, cfg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_graphs_equal_eager_on_gpu():
+@pytest.mark.parametrize("bucket", [1024, 16])
+def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
+    import stc.engine
+
+    monkeypatch.setattr(stc.engine, "GRAPH_BUCKET", bucket)
     model, proc = build_model("tiny", seed=0, device="cuda")
     video = frames(6)
     cfg = EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5))
