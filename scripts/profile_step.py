@@ -25,7 +25,10 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--profile-frames", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
     args = p.parse_args(argv)
+    if args.vit_batch:
+        return profile_vit(args)
     model, processor = build_model(args.arch, dtype=torch.bfloat16, device="cuda")
     pixels = synthetic_pixels(args.frames + args.profile_frames, model.config.vision_config.image_size)
     with build_engine(model, processor, args.method, EngineConfig(cuda_graphs=args.graphs)) as engine:
@@ -41,6 +44,33 @@ def main(argv=None):
         print(f"{args.method} graphs={args.graphs}: stages (ms per step)",
               {k: round(v["mean_ms"], 2) for k, v in stream.timer.summary().items()})
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def profile_vit(args):
+    """Kernels of the graphed ViT's selective step (eager, so each kernel is visible) at --vit-batch."""
+    from transformers import SiglipVisionModel
+
+    from stc.cacher import CacherConfig
+    from stc.fast import GraphedVision
+    from stc.models import architecture_config
+
+    with torch.device("cuda"):
+        tower = SiglipVisionModel(architecture_config(args.arch).vision_config).to(torch.bfloat16).eval()
+    b = args.vit_batch
+    pixels = synthetic_pixels(8, tower.config.image_size).cuda().to(torch.bfloat16)
+    for cfg in (None, CacherConfig(cache_interval=4, reuse_ratio=0.75)):
+        runner = GraphedVision(tower, batch=b, cacher=cfg, use_graphs=False)
+        states = [runner.new_state() for _ in range(b)] if cfg else None
+        steps = [pixels[[(i + s) % 8 for s in range(b)]] for i in range(8)]
+        runner(steps[0], states)  # reference frame (and warm-up)
+        runner(steps[1], states)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for x in steps[2:4]:
+                runner(x, states)
+            torch.cuda.synchronize()
+        print(f"ViT B={b} {'cacher selective' if cfg else 'full'}: 2 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
 
 
 if __name__ == "__main__":
