@@ -110,9 +110,10 @@ class CacherConfig:
 def token_similarity(current: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
     """Similarity of each token to the same position of the reference, higher = more similar.
 
-    current, reference: [B, T, C] (reference may broadcast). Returns [B, T] in float32.
+    current: [B, T, C]; reference: [B, T, C] or [1, T, C] (broadcast, not copied). Returns [B, T],
+    computed in the inputs' dtype (a ranking needs no more).
     """
-    a, b = current.float(), reference.float()
+    a, b = current, reference
     if metric == "cosine":
         return nn.functional.cosine_similarity(a, b, dim=-1)
     if metric == "dot":
@@ -124,24 +125,41 @@ def token_similarity(current: torch.Tensor, reference: torch.Tensor, metric: str
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-def select_dynamic_tokens(current: torch.Tensor, reference: torch.Tensor, k: int, metric: str) -> torch.Tensor:
-    """Indices of the k least similar tokens of each frame, ascending.
+def select_dynamic_tokens(current: torch.Tensor, reference: torch.Tensor, k: int, metric: str, ascending: bool = True) -> torch.Tensor:
+    """Indices of the k least similar tokens of each frame (ascending, unless ascending=False: then in
+    no particular order, which saves a sort on the hot path).
 
-    current, reference: [B, T, C]. Returns int64 [B, k].
+    current, reference: [B, T, C] (reference may be [1, T, C]). Returns int64 [B, k].
     """
     sim = token_similarity(current, reference, metric)
     idx = torch.topk(sim, k, dim=1, largest=False, sorted=False).indices
-    return idx.sort(dim=1).values
+    return idx.sort(dim=1).values if ascending else idx
+
+
+def _rows(idx: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-frame token indices [B, k] -> row indices into the flattened [B * T] tokens."""
+    return (idx + tokens * torch.arange(idx.shape[0], device=idx.device)[:, None]).reshape(-1)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, T, C], idx [B, k] -> [B, k, C]."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x [B, T, C], idx [B, k] -> [B, k, C] (a row gather)."""
+    b, t, c = x.shape
+    return x.reshape(b * t, c).index_select(0, _rows(idx, t)).view(b, -1, c)
 
 
-def _scatter(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of base [B, T, C] with rows [B, k, C] written at idx [B, k]."""
-    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), rows.to(base.dtype))
+def _scatter(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """A copy of base [B or 1, T, C] (broadcast to `batch` frames) with rows [B, k, C] written at idx [B, k]."""
+    b = batch or base.shape[0]
+    t, c = base.shape[1], base.shape[2]
+    out = base.expand(b, t, c).clone(memory_format=torch.contiguous_format)
+    return _scatter_(out, idx, rows)
+
+
+def _scatter_(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write rows [B, k, C] into out [B, T, C] (contiguous) at idx [B, k], in place (a row scatter)."""
+    b, t, c = out.shape
+    out.view(b * t, c).index_copy_(0, _rows(idx, t), rows.reshape(-1, c).to(out.dtype))
+    return out
 
 
 @dataclass
@@ -196,7 +214,7 @@ def selective_layer(
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
-    Returns the output [B, T, C] and the dynamic indices [B, k].
+    Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
     attn = layer.self_attn
     b, t, _ = x.shape
@@ -209,8 +227,7 @@ def selective_layer(
             "value": (value_all, ref.value),
             "hidden": (x, ref.hidden),
         }[config.selection_feature]
-        dynamic = select_dynamic_tokens(feature, ref_feature.expand(b, -1, -1), k, config.metric)
-    ref_v, ref_a, ref_m = (r.expand(b, -1, -1) for r in (ref.value, ref.attn, ref.mlp))
+        dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
 
     if config.reuse == "mlp":
         # Full attention for every token; only the MLP is selective.
@@ -219,22 +236,22 @@ def selective_layer(
     else:
         h_dyn = _gather(h, dynamic)
         v_dyn = _gather(value_all, dynamic) if value_all is not None else attn.v_proj(h_dyn)
-        v_full = _scatter(ref_v, dynamic, v_dyn)
+        v_full = _scatter(ref.value, dynamic, v_dyn, batch=b)
         a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, dynamic) + a_dyn
             out_dyn = mid_dyn + layer.mlp(layer.layer_norm2(mid_dyn))
-            out = (x + ref.attn) + ref.mlp
-            return out.scatter_(1, dynamic.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out_dyn.to(out.dtype)), dynamic
-        a_full = _scatter(ref_a, dynamic, a_dyn)
+            out = ((x + ref.attn) + ref.mlp).contiguous()
+            return _scatter_(out, dynamic, out_dyn), dynamic
+        a_full = _scatter(ref.attn, dynamic, a_dyn, batch=b)
     mid = x + a_full
 
     if config.reuse == "attn":
         m_full = layer.mlp(layer.layer_norm2(mid))
     else:
         m_dyn = layer.mlp(layer.layer_norm2(_gather(mid, dynamic)))
-        m_full = _scatter(ref_m, dynamic, m_dyn)
+        m_full = _scatter(ref.mlp, dynamic, m_dyn, batch=b)
     return mid + m_full, dynamic
 
 
@@ -427,7 +444,7 @@ class Cacher:
             for row, p in enumerate(dyn_pos):
                 chunk["recomputed"][p][idx] = k
                 if state.record_indices:
-                    chunk["dynamic"][p][idx] = dynamic[row].cpu()
+                    chunk["dynamic"][p][idx] = dynamic[row].sort().values.cpu()
         if new_ref is not None:
             last = len(ref_pos) - 1
             chunk["refs"][idx] = LayerCache(
