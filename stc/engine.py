@@ -177,9 +177,11 @@ def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
 class StreamingEngine:
     """ReKV on a LLaVA-OneVision model, shared by any number of streams.
 
-    Modifications to the model, undone by `close()`: with a cacher, the vision tower's encoder layers
-    get STC-Cacher's forward (see stc.cacher); each decoder attention gets a forward pre-hook that
-    reports the question's queries during retrieval passes (it does nothing for other caches).
+    Modifications to the model, undone by `close()`: with a cacher (or ToMe), the vision tower's
+    encoder layers get its forward (see stc.cacher); each decoder attention gets a forward pre-hook
+    that reports the question's queries during retrieval passes (it does nothing for other caches);
+    with cuda_graphs, the language model's attention implementation is switched to
+    stc.attention's packed SDPA.
     """
 
     def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None, compressor: FrameCompressor | None = None):
@@ -214,7 +216,8 @@ class StreamingEngine:
         if compressor is not None and config.pruner is not None:
             raise ValueError("give either config.pruner or a compressor, not both")
         self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
-        self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher else None
+        # With cuda_graphs the GraphedVision runner below runs the cacher's tensor functions itself.
+        self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher and not config.cuda_graphs else None
         self.tome = None
         if config.tome_tokens_per_frame is not None:
             from stc.baselines.tome import attach_tome, tome_r_for_budget
@@ -233,9 +236,6 @@ class StreamingEngine:
             from stc import attention
             from stc.fast import GraphedVision
 
-            if self.cacher is not None:  # the runner replaces the patched tower path
-                self.cacher.detach()
-                self.cacher = None
             self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher,
                                                feature_layer=self.vision_layer, use_graphs=self.capture)
             self._attn_before = text_cfg._attn_implementation
