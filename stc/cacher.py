@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from stc.patching import LayerPatch, encoder_layers, patch_owner
 
 REUSE_MODES = ("attn+mlp", "attn", "mlp")
 SELECTION_FEATURES = ("key", "value", "hidden")
@@ -315,39 +315,7 @@ class CacherState:
 # Attaching to Hugging Face vision encoders
 # ---------------------------------------------------------------------------------------------
 
-SUPPORTED_LAYERS = ("SiglipEncoderLayer", "CLIPEncoderLayer")
-
-
-def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
-    """The encoder layers of a supported transformers 5.x vision tower, or a TypeError that says why not."""
-    layers = getattr(getattr(vision_tower, "encoder", None), "layers", None)
-    if layers is None:
-        hint = ""
-        if hasattr(vision_tower, "vision_tower") or hasattr(getattr(vision_tower, "model", None), "vision_tower"):
-            hint = " Pass the vision tower itself, e.g. model.model.vision_tower for LLaVA-OneVision."
-        raise TypeError(
-            f"{type(vision_tower).__name__} is not a supported vision encoder: expected a transformers 5.x "
-            f"SiglipVisionModel or CLIPVisionModel with .encoder.layers.{hint}"
-        )
-    for layer in layers:
-        name = type(layer).__name__
-        if name not in SUPPORTED_LAYERS:
-            raise TypeError(
-                f"unsupported encoder layer {name}: STC-Cacher supports {', '.join(SUPPORTED_LAYERS)} "
-                "(SigLIP for LLaVA-OneVision/StreamForest, CLIP for Dispider)"
-            )
-    return layers
-
-
-def _patched_owner(layer: nn.Module):
-    """Who replaced this layer's forward: a Cacher, another patch's marker, or None if unpatched."""
-    forward = layer.__dict__.get("forward")
-    if forward is None:
-        return None
-    return getattr(forward, "__stc_owner__", "an unknown patch")
-
-
-class Cacher:
+class Cacher(LayerPatch):
     """STC-Cacher attached to one vision tower. Use `attach_cacher` to make one.
 
     Modifications to each encoder layer: its instance `forward` is replaced by one that, when called
@@ -356,43 +324,17 @@ class Cacher:
     the class forward is restored exactly.
     """
 
-    def __init__(self, vision_tower: nn.Module, config: CacherConfig):
-        self.vision_tower = vision_tower
-        self.config = config
-        self.layers = encoder_layers(vision_tower)
-        self.attached = False
+    name = "STC-Cacher"
+    state_kwarg = STATE_KWARG
+    state_type = CacherState
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+    def __init__(self, vision_tower: nn.Module, config: CacherConfig):
+        super().__init__(vision_tower)
+        self.config = config
 
     def new_state(self, record_indices: bool = False) -> CacherState:
         """A fresh state for one stream; record_indices keeps which tokens were recomputed (for plots and tests)."""
         return CacherState(config=self.config, num_layers=self.num_layers, record_indices=record_indices)
-
-    def _attach(self) -> None:
-        for idx, layer in enumerate(self.layers):
-            owner = _patched_owner(layer)
-            if owner is not None:
-                raise ValueError(
-                    f"encoder layer {idx} already has a patched forward ({owner!r}); detach it first"
-                )
-        for idx, layer in enumerate(self.layers):
-            layer.forward = _make_forward(self, layer, idx)
-        self.attached = True
-
-    def detach(self) -> None:
-        """Restore every layer's original forward. Safe to call twice."""
-        for layer in self.layers:
-            if _patched_owner(layer) is self:
-                del layer.forward
-        self.attached = False
-
-    def __enter__(self) -> "Cacher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         return f"Cacher({self.config}, layers={self.num_layers}, attached={self.attached})"
@@ -498,24 +440,6 @@ class Cacher:
         state._chunk = None
 
 
-def _make_forward(cacher: Cacher, layer: nn.Module, idx: int) -> Callable:
-    original = type(layer).forward
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = kwargs.pop(STATE_KWARG, None)
-        if state is None:
-            return original(self, hidden_states, attention_mask, **kwargs)
-        if not isinstance(state, CacherState):
-            raise TypeError(f"{STATE_KWARG} must be a CacherState from cacher.new_state(), got {type(state).__name__}")
-        if attention_mask is not None:
-            raise ValueError("STC-Cacher does not support an attention mask in the vision encoder")
-        return cacher._layer_step(self, idx, hidden_states, state)
-
-    bound = types.MethodType(forward, layer)
-    bound.__func__.__stc_owner__ = cacher
-    return bound
-
-
 def attach_cacher(vision_tower: nn.Module, config: CacherConfig | None = None) -> Cacher:
     """Attach STC-Cacher to a transformers 5.x SigLIP or CLIP vision tower.
 
@@ -524,8 +448,8 @@ def attach_cacher(vision_tower: nn.Module, config: CacherConfig | None = None) -
     detach on exit.
     """
     config = config or CacherConfig()
-    layers = encoder_layers(vision_tower)
-    owner = _patched_owner(layers[0])
+    layers = encoder_layers(vision_tower, "STC-Cacher")
+    owner = patch_owner(layers[0])
     if isinstance(owner, Cacher):
         if owner.config == config:
             return owner

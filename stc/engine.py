@@ -34,7 +34,7 @@ KV object as ``past_key_values`` and a prepared mask.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -45,17 +45,16 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from stc.patching import LayerPatch, encoder_layers, patch_owner
+
 STATE_KWARG = "tome_state"
-SUPPORTED_LAYERS = ("SiglipEncoderLayer", "CLIPEncoderLayer")
 # Layer types whose towers put a class token at index 0.
 CLASS_TOKEN_LAYERS = ("CLIPEncoderLayer",)
 
@@ -311,34 +310,6 @@ def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState) -> t
 # ---------------------------------------------------------------------------------------------
 
 
-def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(vision_tower, "encoder", None), "layers", None)
-    if layers is None:
-        hint = ""
-        if hasattr(vision_tower, "vision_tower") or hasattr(getattr(vision_tower, "model", None), "vision_tower"):
-            hint = " Pass the vision tower itself, e.g. model.model.vision_tower for LLaVA-OneVision."
-        raise TypeError(
-            f"{type(vision_tower).__name__} is not a supported vision encoder: expected a transformers 5.x "
-            f"SiglipVisionModel or CLIPVisionModel with .encoder.layers.{hint}"
-        )
-    names = {type(layer).__name__ for layer in layers}
-    unsupported = names - set(SUPPORTED_LAYERS)
-    if unsupported or not names:
-        raise TypeError(
-            f"unsupported encoder layer {', '.join(sorted(unsupported)) or '(none)'}: ToMe supports "
-            f"{', '.join(SUPPORTED_LAYERS)}"
-        )
-    return layers
-
-
-def _patch_owner(layer: nn.Module):
-    """Whoever replaced this layer instance's forward (a ToMe, a Cacher, ...), None if unpatched."""
-    forward = layer.__dict__.get("forward")
-    if forward is None:
-        return None
-    return getattr(forward, "__stc_owner__", forward)
-
-
 def _normalise_schedule(r: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
     if isinstance(r, bool):
         raise ValueError(f"r must be an integer >= 0 or one per layer, got {r!r}")
@@ -356,7 +327,7 @@ def _normalise_schedule(r: int | Sequence[int], n_layers: int) -> tuple[int, ...
     return tuple(int(value) for value in schedule)
 
 
-class ToMe:
+class ToMe(LayerPatch):
     """ToMe attached to one vision tower. Use `attach_tome` to make one.
 
     Modifications to each encoder layer: its instance `forward` is replaced by one that, when called
@@ -365,19 +336,17 @@ class ToMe:
     removes the instance attribute, so the class forward is restored exactly.
     """
 
+    name = "ToMe"
+    state_kwarg = STATE_KWARG
+    state_type = ToMeState
+
     def __init__(self, vision_tower: nn.Module, r: int | Sequence[int], proportional_attention: bool = True):
-        self.vision_tower = vision_tower
-        self.layers = _encoder_layers(vision_tower)
+        super().__init__(vision_tower)
         self.schedule = _normalise_schedule(r, len(self.layers))
         if not isinstance(proportional_attention, bool):
             raise ValueError(f"proportional_attention must be True or False, got {proportional_attention!r}")
         self.proportional_attention = proportional_attention
         self.class_token = type(self.layers[0]).__name__ in CLASS_TOKEN_LAYERS
-        self.attached = False
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
 
     def new_state(self) -> ToMeState:
         """A fresh per-call state; pass it as ``tome_state=`` (it is reset at layer 0 of every forward)."""
@@ -390,28 +359,6 @@ class ToMe:
         for r in self.schedule:
             num_tokens -= min(r, max_merges(num_tokens, self.class_token))
         return num_tokens
-
-    def _attach(self) -> None:
-        for idx, layer in enumerate(self.layers):
-            owner = _patch_owner(layer)
-            if owner is not None:
-                raise ValueError(f"encoder layer {idx} already has a patched forward ({owner!r}); detach it first")
-        for idx, layer in enumerate(self.layers):
-            layer.forward = _make_forward(self, layer, idx)
-        self.attached = True
-
-    def detach(self) -> None:
-        """Restore every layer's original forward. Safe to call twice."""
-        for layer in self.layers:
-            if _patch_owner(layer) is self:
-                del layer.forward
-        self.attached = False
-
-    def __enter__(self) -> "ToMe":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
     def __repr__(self) -> str:
         return (
@@ -437,23 +384,6 @@ class ToMe:
         return out
 
 
-def _make_forward(tome: ToMe, layer: nn.Module, idx: int) -> Callable:
-    original = type(layer).forward
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        state = kwargs.pop(STATE_KWARG, None)
-        if state is None:
-            return original(self, hidden_states, attention_mask, **kwargs)
-        if not isinstance(state, ToMeState):
-            raise TypeError(f"{STATE_KWARG} must be a ToMeState from tome.new_state(), got {type(state).__name__}")
-        if attention_mask is not None:
-            raise ValueError("ToMe does not support an attention mask in the vision encoder")
-        return tome._layer_step(self, idx, hidden_states, state)
-
-    forward.__stc_owner__ = tome
-    return types.MethodType(forward, layer)
-
-
 def attach_tome(vision_tower: nn.Module, r: int | Sequence[int], proportional_attention: bool = True) -> ToMe:
     """Attach ToMe to a transformers 5.x SigLIP or CLIP vision tower.
 
@@ -462,9 +392,9 @@ def attach_tome(vision_tower: nn.Module, r: int | Sequence[int], proportional_at
     another patch, e.g. STC-Cacher) raise ValueError - detach first. Use as a context manager to detach
     on exit. Raises TypeError for an unsupported model.
     """
-    layers = _encoder_layers(vision_tower)
+    layers = encoder_layers(vision_tower, "ToMe")
     schedule = _normalise_schedule(r, len(layers))
-    owner = _patch_owner(layers[0])
+    owner = patch_owner(layers[0])
     if isinstance(owner, ToMe):
         if owner.schedule == schedule and owner.proportional_attention == proportional_attention:
             return owner
