@@ -23,7 +23,8 @@ import torch
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
 from stc.flops import llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
-from stc.latency import device_rates, environment, measure_graphed_vit, measure_stream, measure_vit, synthetic_pixels
+from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
+                         synthetic_pixels)
 from stc.methods import get_method
 from stc.models import build_model
 
@@ -107,6 +108,28 @@ def stream_part(model, processor, args, rates):
     return rows
 
 
+def batch_part(model, processor, args, rates):
+    """B synchronised streams per step (StreamBatch, CUDA graphs), per stream-frame times and floors."""
+    tcfg = model.config.text_config
+    weight_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
+    rows = []
+    for b in args.stream_batches:
+        for name in args.methods:
+            try:
+                res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats)
+            except ValueError as err:
+                print(f"B={b} {name:>14}: skipped ({err})", flush=True)
+                continue
+            n = res["tokens_per_frame"]
+            # one step prefills b frames after c*n tokens each (c = the last frame): weights read once
+            flops = b * llm_prefill_flops(tcfg, n, past_tokens=args.frames * n)
+            res["prefill_floor_ms"] = max(flops / rates["matmul_flops"] * 1e3, weight_ms) / b
+            rows.append(res)
+            print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  prefill "
+                  f"{res['prefill_ms_per_frame']:.2f} (floor {res['prefill_floor_ms']:.2f}) ms per stream-frame", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llava-ov-7b")
@@ -119,6 +142,8 @@ def main(argv=None):
     p.add_argument("--skip-eager-vit", action="store_true")
     p.add_argument("--skip-graphed-vit", action="store_true")
     p.add_argument("--graphs", action="store_true", help="run the streams with EngineConfig(cuda_graphs=True)")
+    p.add_argument("--stream-batches", type=int, nargs="*", default=[], help="also run B synchronised streams (StreamBatch)")
+    p.add_argument("--skip-single", action="store_true", help="skip the single-stream runs")
     p.add_argument("--methods", nargs="+", default=["baseline", "cacher", "pruner", "cacher+pruner"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vit-only", action="store_true")
@@ -154,8 +179,10 @@ def main(argv=None):
     }
     if torch.device(args.device).type == "cuda" and not args.skip_graphed_vit:
         result["vit_graphs"] = graphed_vit_part(model, args, rates)
-    if not args.vit_only:
+    if not args.vit_only and not args.skip_single:
         result["rows"] = stream_part(model, processor, args, rates)
+    if not args.vit_only and args.stream_batches:
+        result["batched"] = batch_part(model, processor, args, rates)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     print(f"wrote {args.out}")

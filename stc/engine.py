@@ -160,6 +160,10 @@ class _StaticKV(_KV):
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.index is None:
             return super().update(key, value, layer_idx)
+        if self.buf.dim() == 6:  # a StreamBatch: [layers, 2, B, kvh, cap, d]
+            self.buf[layer_idx, 0].index_copy_(2, self.index, key)
+            self.buf[layer_idx, 1].index_copy_(2, self.index, value)
+            return self.buf[layer_idx, 0, :, :, : self.visible], self.buf[layer_idx, 1, :, :, : self.visible]
         self.buf[layer_idx, 0].index_copy_(1, self.index, key[0])
         self.buf[layer_idx, 1].index_copy_(1, self.index, value[0])
         return self.buf[layer_idx, 0, :, : self.visible][None], self.buf[layer_idx, 1, :, : self.visible][None]
@@ -230,6 +234,7 @@ class StreamingEngine:
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
         self.capture = config.cuda_graphs and self.device.type == "cuda"
+        self._graph_pool = None
         self._attn_before = None
         self.vision_runner = None
         if config.cuda_graphs:
@@ -282,6 +287,61 @@ class StreamingEngine:
             self.num_layers, 2, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device
         )
 
+    def _static_step(self, w: "_StaticKV", graphs: dict, n: int, start: int, dim: int, batch: int):
+        """The prefill of n tokens per stream at `start` of a static window w, as a function of the
+        tokens [batch, n, dim] (or [n, dim] for one stream): one captured graph per token count and
+        context bucket (attention covers the first `bucket` slots, a multiple of GRAPH_BUCKET,
+        rather than the whole buffer). `graphs` caches them for this window."""
+        bucket = min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
+        if (n, bucket) not in graphs:
+            inputs = {
+                "embeds": torch.zeros(batch, n, dim, dtype=self.dtype, device=self.device),
+                "start": torch.full((), start, dtype=torch.long, device=self.device),
+            }
+            slots = torch.arange(bucket, device=self.device)
+            offsets = torch.arange(n, device=self.device)
+            groups = self.num_heads // self.kv_heads
+
+            def forward():
+                pos = inputs["start"] + offsets
+                w.index, w.visible = pos, bucket
+                mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(self.dtype).min, 0.0).to(self.dtype)
+                mask = mask.repeat(groups, 1)[None, None]  # packed for stc.attention: rows (group, query)
+                masks = {"full_attention": mask, "sliding_attention": mask}
+                self.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None].expand(batch, -1),
+                        attention_mask=masks, past_key_values=w)
+                w.index, w.visible = None, w.buf.shape[-2]
+
+            graph = None
+            if self.capture:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
+                        forward()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                # one pool for all prefill graphs: they replay one at a time and write only into KV windows
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    forward()
+            graphs[(n, bucket)] = (graph, inputs, forward)
+        graph, inputs, forward = graphs[(n, bucket)]
+
+        def step(tokens: torch.Tensor) -> None:
+            inputs["embeds"].copy_(tokens.reshape(inputs["embeds"].shape))
+            inputs["start"].fill_(start)
+            graph.replay() if graph is not None else forward()
+            w.length = start + n
+
+        return step
+
+    def open_batch(self, streams: int) -> "StreamBatch":
+        """B synchronised streams whose frames are encoded together, one frame each per step
+        (needs cuda_graphs=True; on a CPU it runs the same code without capture)."""
+        return StreamBatch(self, streams)
+
     def open_stream(self) -> "Stream":
         """A new stream with its own KV, cacher and compressor state."""
         return Stream(self)
@@ -325,6 +385,7 @@ class Stream:
         self._n_init = 0
         self._closed = False
         self.last_compressed: Compressed | None = None  # the latest chunk's kept tokens and indices
+        self._member_of: "StreamBatch | None" = None  # a batch member takes frames through its batch
 
     # -- encoding --------------------------------------------------------------------------------
 
@@ -387,55 +448,14 @@ class Stream:
         self.tokens_per_frame.append(n)
 
     def _static_step(self, n: int, start: int, dim: int):
-        """The prefill of n tokens at `start` of the static window, as a function of the tokens: one
-        captured graph per token count n and context bucket (attention covers the first `bucket`
-        slots, a multiple of GRAPH_BUCKET, rather than the whole buffer)."""
-        e, w = self.engine, self._window
-        bucket = min(w.buf.shape[3], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
-        if (n, bucket) not in self._graphs:
-            inputs = {
-                "embeds": torch.zeros(1, n, dim, dtype=e.dtype, device=e.device),
-                "start": torch.full((), start, dtype=torch.long, device=e.device),
-            }
-            slots = torch.arange(bucket, device=e.device)
-            offsets = torch.arange(n, device=e.device)
-            groups = e.num_heads // e.kv_heads
-
-            def forward():
-                pos = inputs["start"] + offsets
-                w.index, w.visible = pos, bucket
-                mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(e.dtype).min, 0.0).to(e.dtype)
-                mask = mask.repeat(groups, 1)[None, None]  # packed for stc.attention: rows (group, query)
-                masks = {"full_attention": mask, "sliding_attention": mask}
-                e.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None], attention_mask=masks, past_key_values=w)
-                w.index, w.visible = None, w.buf.shape[3]
-
-            graph = None
-            if e.capture:
-                side = torch.cuda.Stream(e.device)
-                side.wait_stream(torch.cuda.current_stream(e.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
-                        forward()
-                torch.cuda.current_stream(e.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    forward()
-            self._graphs[(n, bucket)] = (graph, inputs, forward)
-        graph, inputs, forward = self._graphs[(n, bucket)]
-
-        def step(tokens: torch.Tensor) -> None:
-            inputs["embeds"].copy_(tokens[None])
-            inputs["start"].fill_(start)
-            graph.replay() if graph is not None else forward()
-            w.length = start + n
-
-        return step
+        return self.engine._static_step(self._window, self._graphs, n, start, dim, batch=1)
 
     @torch.no_grad()
     def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
         """Push preprocessed frames [F, 3, S, S] (in time order)."""
         self._check_open()
+        if self._member_of is not None:
+            raise ValueError("this stream belongs to a StreamBatch: push frames to the batch")
         e = self.engine
         if pixel_values.dim() != 4:
             raise ValueError(f"expected pixel values [frames, 3, H, W], got shape {tuple(pixel_values.shape)}")
@@ -622,3 +642,102 @@ class Stream:
         self._window = None
         self._graphs = {}
         self._closed = True
+
+
+class StreamBatch:
+    """B synchronised streams encoded together: every step takes one frame per stream, so the frames
+    of all streams share one pass over the LLM's weights (and one batched vision step).
+
+    `streams` are ordinary `Stream`s for questions (`batch.streams[i].ask(...)`); frames are pushed
+    to the batch only. All streams keep the same number of tokens per frame (fixed-budget
+    compressors); the KV window holds at most n_local tokens per stream (no sliding window yet).
+    """
+
+    def __init__(self, engine: StreamingEngine, size: int):
+        if not engine.config.cuda_graphs:
+            raise ValueError("StreamBatch needs EngineConfig(cuda_graphs=True) (its static KV window)")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"a batch needs at least one stream, got {size!r}")
+        from stc.fast import GraphedVision
+
+        self.engine, self.size = engine, size
+        e = engine
+        self.vision = GraphedVision(e.model.model.vision_tower, batch=size, cacher=e.config.cacher,
+                                    feature_layer=e.vision_layer, use_graphs=e.capture)
+        self.streams = [Stream(e) for _ in range(size)]
+        for s in self.streams:
+            s._member_of = self
+            if e.config.cacher is not None:
+                s.cacher_state = self.vision.new_state()
+        n_init = e.init_ids.shape[1]
+        cap = n_init + e.config.n_local + e.max_frame_tokens
+        buf = torch.zeros(e.num_layers, 2, size, e.kv_heads, cap, e.head_dim, dtype=e.dtype, device=e.device)
+        self._window = _StaticKV(buf, 0)
+        self._graphs: dict[tuple, tuple] = {}
+        self.timer = StageTimer(e.device, e.config.timing)
+        self.frames_seen = 0
+        with torch.no_grad(), self.timer.stage("prefill"):
+            step = e._static_step(self._window, self._graphs, n_init, 0, e.lm.config.hidden_size, size)
+            step(e.lm.embed_tokens(e.init_ids).expand(size, -1, -1))
+        for i, s in enumerate(self.streams):
+            s._window = _KV(buf[:, :, i], n_init)
+            s._n_init = n_init
+
+    @torch.no_grad()
+    def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
+        """One preprocessed frame per stream: [B, 3, S, S]; timestamps: one per stream (or None)."""
+        e, w = self.engine, self._window
+        if pixel_values.dim() != 4 or pixel_values.shape[0] != self.size:
+            raise ValueError(f"expected one frame per stream, [{self.size}, 3, H, W], got {tuple(pixel_values.shape)}")
+        times = [None] * self.size if timestamps is None else [float(t) for t in timestamps]
+        if len(times) != self.size:
+            raise ValueError(f"got {self.size} frames but {len(times)} timestamps")
+        inner = e.model.model
+        states = [s.cacher_state for s in self.streams] if e.config.cacher is not None else None
+        with self.timer.stage("vision"):
+            feats = self.vision(pixel_values.to(e.device, e.dtype), states)
+            if e.select_strategy == "default":
+                feats = feats[:, 1:]
+        with self.timer.stage("projector"):
+            tokens = inner.apply_pooling(inner.multi_modal_projector(feats))
+            if e.compressor is not None:
+                side = int(math.isqrt(tokens.shape[1]))
+                kept = [e.compressor.compress(tokens[i : i + 1], s.compressor_state, VisionContext(grid=(side, side))).tokens[0]
+                        for i, s in enumerate(self.streams)]
+                if len({k.shape[0] for k in kept}) != 1:
+                    raise ValueError("streams in a batch must keep the same number of tokens per frame")
+                tokens = torch.stack(kept)
+        n = tokens.shape[1]
+        start = w.length
+        if start - self.streams[0]._n_init + n > e.config.n_local:
+            raise ValueError(f"a StreamBatch holds at most n_local={e.config.n_local} tokens per stream")
+        with self.timer.stage("capture"):
+            step = e._static_step(w, self._graphs, n, start, tokens.shape[2], self.size)
+        with self.timer.stage("prefill"):
+            step(tokens)
+            kv = w.buf[:, :, :, :, start : start + n].clone()  # [layers, 2, B, kvh, n, d]
+            pos = torch.arange(start, start + n)
+            mean_keys = e._rotate(kv[:, 0].float(), -pos).mean(dim=3)  # [layers, B, kvh, d]
+        for i, s in enumerate(self.streams):
+            s.blocks.append(Block(frame=self.frames_seen, time=times[i], start=start, kv=kv[:, :, i], mean_key=mean_keys[:, i]))
+            s.tokens_per_frame.append(n)
+            s.frames_seen += 1
+            s._window.length = w.length
+            if times[i] is not None:
+                s.last_time = times[i]
+        self.frames_seen += 1
+
+    def push_frames(self, frames, timestamps=None) -> None:
+        """One raw frame per stream, [B, H, W, 3] uint8."""
+        from stc.models import preprocess_frames
+
+        arr = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"expected frames [streams, height, width, 3], got shape {arr.shape}")
+        self.push_pixels(preprocess_frames(self.engine.processor, arr), timestamps)
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
+        self._window = None
+        self._graphs = {}

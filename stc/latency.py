@@ -131,6 +131,35 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
     return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
 
 
+def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, warmup: int = 1, repeats: int = 3,
+                  base: EngineConfig | None = None, seed: int = 0) -> dict:
+    """B synchronised streams of n_frames each (one frame per stream per step, `StreamBatch`); per
+    stream-frame medians of vision, projector and prefill over repeats. Needs cuda_graphs."""
+    from dataclasses import replace
+
+    size = model.config.vision_config.image_size
+    pixels = synthetic_pixels(n_frames + batch, size, seed)
+    steps = [pixels[i : i + batch] for i in range(n_frames)]  # stream b sees the video shifted by b frames
+    cfg = replace(base or EngineConfig(), cuda_graphs=True)
+    runs = []
+    with build_engine(model, processor, method, cfg) as engine:
+        for rep in range(warmup + repeats):
+            group = engine.open_batch(batch)
+            for x in steps:
+                group.push_pixels(x)
+            times = group.timer.times()
+            tokens = group.streams[0].tokens_per_frame[0]
+            group.close()
+            if rep >= warmup:
+                runs.append(times)
+    per = n_frames * batch
+    out = {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens}
+    for stage, key in (("vision", "vit_ms_per_frame"), ("projector", "projector_ms_per_frame"), ("prefill", "prefill_ms_per_frame")):
+        skip = 1 if stage == "prefill" else 0  # the init prompt
+        out[key] = statistics.median([sum(t[stage][skip:]) / per for t in runs])
+    return out
+
+
 def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=(16, 32, 64), warmup: int = 1,
                    repeats: int = 3, base: EngineConfig | None = None, seed: int = 0) -> dict:
     """Stream n_frames one per step through `method`, then ask one question; medians over repeats.

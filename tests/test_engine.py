@@ -347,3 +347,53 @@ def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
     for x, y in zip(kva, kvb):  # every frame's block, not just the last: no aliasing across steps
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    EngineConfig(retrieve_top_k=2, cuda_graphs=True),
+    EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
+], ids=["plain", "stc"])
+def test_stream_batch_equals_separate_streams(tiny, cfg):
+    model, proc = tiny
+    videos = [frames(5, seed=s) for s in (1, 2, 3)]
+    with StreamingEngine(model, proc, cfg) as engine:
+        alone = []
+        for v in videos:
+            s = engine.open_stream()
+            for i in range(5):
+                s.push_frames(v[i : i + 1])
+            alone.append(s.answer(QUESTION, max_new_tokens=3))
+        batch = engine.open_batch(3)
+        for i in range(5):
+            batch.push_frames(np.stack([v[i] for v in videos]), [2.0 * i] * 3)
+        together = [s.answer(QUESTION, max_new_tokens=3) for s in batch.streams]
+        with pytest.raises(ValueError, match="push frames to the batch"):
+            batch.streams[0].push_frames(videos[0][:1])
+        with pytest.raises(ValueError, match="one frame per stream"):
+            batch.push_frames(videos[0][:2])
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        assert a.token_ids == b.token_ids and a.retrieved == b.retrieved
+    assert [s.frames_seen for s in batch.streams] == [5, 5, 5]
+    with StreamingEngine(model, proc, EngineConfig()) as engine, pytest.raises(ValueError, match="cuda_graphs"):
+        engine.open_batch(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_stream_batch_equals_uncaptured_on_gpu(monkeypatch):
+    import stc.engine
+
+    monkeypatch.setattr(stc.engine, "GRAPH_BUCKET", 16)
+    model, proc = build_model("tiny", seed=0, device="cuda")
+    videos = [frames(5, seed=s) for s in (1, 2)]
+    cfg = EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5))
+    out = []
+    for capture in (False, True):
+        with StreamingEngine(model, proc, cfg) as engine:
+            engine.capture = capture
+            batch = engine.open_batch(2)
+            for i in range(5):
+                batch.push_frames(np.stack([v[i] for v in videos]))
+            out.append([s.answer(QUESTION, max_new_tokens=2).logits for s in batch.streams])
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
