@@ -234,7 +234,6 @@ class StreamingEngine:
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
         self.capture = config.cuda_graphs and self.device.type == "cuda"
-        self._graph_pool = None
         self._attn_before = None
         self.vision_runner = None
         if config.cuda_graphs:
@@ -321,10 +320,11 @@ class StreamingEngine:
                         forward()
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                if self._graph_pool is None:
-                    self._graph_pool = torch.cuda.graph_pool_handle()
-                # one pool for all prefill graphs: they replay one at a time and write only into KV windows
-                with torch.cuda.graph(graph, pool=self._graph_pool):
+                # one memory pool for a window's graphs: they replay one at a time and write only into
+                # the window; the pool lives and dies with them
+                if "pool" not in graphs:
+                    graphs["pool"] = torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(graph, pool=graphs["pool"]):
                     forward()
             graphs[(n, bucket)] = (graph, inputs, forward)
         graph, inputs, forward = graphs[(n, bucket)]
