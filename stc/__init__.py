@@ -1,19 +1,28 @@
-"""stc: STC-Cacher and STC-Pruner for streaming video LLMs, with a ReKV streaming engine."""
+"""stc: STC-Cacher and STC-Pruner for streaming video LLMs, with a ReKV streaming engine.
 
-from stc.cacher import Cacher, CacherConfig, CacherState, attach_cacher
-from stc.compress import Compressed, FrameCompressor, VisionContext
-from stc.pruner import Pruner, PrunerConfig, PrunerState
+The names below load on first use, so `import stc` (and tools that only need stc.workflow or
+stc.paths) do not pay for importing torch and transformers.
+"""
 
-__all__ = [
-    "Cacher",
-    "CacherConfig",
-    "CacherState",
-    "Compressed",
-    "FrameCompressor",
-    "Pruner",
-    "PrunerConfig",
-    "PrunerState",
-    "VisionContext",
-    "attach_cacher",
-]
+import importlib
+
+_EXPORTS = {
+    "Cacher": "stc.cacher",
+    "CacherConfig": "stc.cacher",
+    "CacherState": "stc.cacher",
+    "attach_cacher": "stc.cacher",
+    "Compressed": "stc.compress",
+    "FrameCompressor": "stc.compress",
+    "VisionContext": "stc.compress",
+    "Pruner": "stc.pruner",
+    "PrunerConfig": "stc.pruner",
+    "PrunerState": "stc.pruner",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stc' has no attribute {name!r}")

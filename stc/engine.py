@@ -342,9 +342,15 @@ class StreamingEngine:
         (needs cuda_graphs=True; on a CPU it runs the same code without capture)."""
         return StreamBatch(self, streams)
 
-    def open_stream(self) -> "Stream":
-        """A new stream with its own KV, cacher and compressor state."""
-        return Stream(self)
+    def open_stream(self, record_indices: bool = False) -> "Stream":
+        """A new stream with its own KV, cacher and compressor state; record_indices keeps which ViT
+        tokens the cacher recomputed per frame and layer (in `stream.cacher_state.reports`)."""
+        stream = Stream(self)
+        if record_indices:
+            if self.cacher is None:
+                raise ValueError("record_indices needs a cacher on the eager path (EngineConfig.cacher, cuda_graphs=False)")
+            stream.cacher_state = self.cacher.new_state(record_indices=True)
+        return stream
 
     def close(self) -> None:
         """Remove the hooks and detach the cacher. Streams of this engine are unusable afterwards."""

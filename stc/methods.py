@@ -61,12 +61,13 @@ _ROWS = [
     Method("reuse-attn", "attn only (R 85%)", cacher=_cacher(reuse="attn", reuse_ratio=0.85), group="T4"),
     Method("reuse-mlp", "MLP only (R 85%)", cacher=_cacher(reuse="mlp", reuse_ratio=0.85), group="T4"),
     Method("reuse-attn+mlp", "attn+MLP (R 75%)", cacher=_cacher(), group="T4"),
-    # Table 5 / 10: pruner anchors and their weights (Eq. 9 alpha = weight of the temporal anchor)
-    Method("anchor-spatial", "only a_s", **_both(alpha=0.0), group="T5"),
-    Method("anchor-temporal", "only a_t", **_both(alpha=1.0), group="T5"),
-    Method("anchor-both", "a_t + a_s", **_both(alpha=0.5), group="T5"),
-    Method("anchor-t+2s", "a_t + 2 a_s", **_both(alpha=1 / 3), group="T10"),
-    Method("anchor-2t+s", "2 a_t + a_s", **_both(alpha=2 / 3), group="T10"),
+    # Table 5 / 10: pruner anchors and their weights (Eq. 9 alpha = weight of the temporal anchor); the
+    # paper's "a_t + a_s" row equals Table 1's "+STC-Pruner", so these are the Pruner alone at R_Pruner 75%
+    Method("anchor-spatial", "only a_s", pruner=PrunerConfig(keep_ratio=0.25, alpha=0.0), group="T5"),
+    Method("anchor-temporal", "only a_t", pruner=PrunerConfig(keep_ratio=0.25, alpha=1.0), group="T5"),
+    Method("anchor-both", "a_t + a_s", pruner=PrunerConfig(keep_ratio=0.25, alpha=0.5), group="T5"),
+    Method("anchor-t+2s", "a_t + 2 a_s", pruner=PrunerConfig(keep_ratio=0.25, alpha=1 / 3), group="T10"),
+    Method("anchor-2t+s", "2 a_t + a_s", pruner=PrunerConfig(keep_ratio=0.25, alpha=2 / 3), group="T10"),
     # Table 7 and Fig. 7: selection feature and metric
     Method("feature-hidden", "hidden feature", cacher=_cacher(selection_feature="hidden"), group="T7"),
     Method("feature-value", "value", cacher=_cacher(selection_feature="value"), group="T7"),
@@ -106,9 +107,18 @@ def make_compressor(method: Method):
 
 
 def build_engine(model, processor, name: str, base: EngineConfig | None = None) -> StreamingEngine:
-    """The streaming engine for a named method (see METHODS)."""
+    """The streaming engine for a named method (see METHODS). MethodUnavailable if this model cannot
+    run it (e.g. ToMe on an encoder too shallow to reach the token budget)."""
     method = get_method(name)
     compressor = make_compressor(method) if method.compressor else None
     vcfg = model.config.vision_config
     pooled = math.ceil(vcfg.image_size // vcfg.patch_size / 2) ** 2
-    return StreamingEngine(model, processor, method.engine_config(base, pooled), compressor=compressor)
+    config = method.engine_config(base, pooled)
+    if method.tome_keep_ratio is not None:
+        from stc.baselines.tome import tome_r_for_budget
+
+        try:
+            tome_r_for_budget((vcfg.image_size // vcfg.patch_size) ** 2, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
+        except ValueError as err:
+            raise MethodUnavailable(f"{name}: {err}") from err
+    return StreamingEngine(model, processor, config, compressor=compressor)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stc.methods import METHODS, build_engine, get_method
+from stc.methods import METHODS, MethodUnavailable, build_engine, get_method
 from stc.models import build_model
 
 
@@ -18,7 +18,7 @@ def test_method_runs(tiny, name):
     method = get_method(name)
     if method.tome_keep_ratio is not None:
         # the tiny ViT has 2 layers: ToMe can at most halve twice (64 -> 16), not reach 4 tokens
-        with pytest.raises(ValueError, match="ToMe cannot reduce 64 tokens to 4"):
+        with pytest.raises(MethodUnavailable, match="ToMe cannot reduce 64 tokens to 4"):
             build_engine(model, proc, name)
         return
     with build_engine(model, proc, name) as engine:
@@ -39,6 +39,7 @@ def test_paper_defaults():
     both = get_method("cacher+pruner")
     assert both.cacher.cache_interval == 2 and both.pruner.keep_ratio == pytest.approx(0.30)
     assert get_method("pruner").pruner.keep_ratio == 0.25
+    assert get_method("anchor-both").pruner == get_method("pruner").pruner and get_method("anchor-both").cacher is None
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
 
