@@ -1,10 +1,10 @@
 # The STC paper as a workflow: models and benchmarks -> one papermill evaluation per (benchmark, method,
 # shard) -> merged scores -> latency and analysis runs -> tables and figures.
 #
-#   snakemake --cores 2 --configfile config/tiny.yaml all    # offline, CPU, minutes ("tiny profile - not paper numbers")
-#   snakemake --cores 8 --resources gpu=1 all                 # the paper profile on one local GPU
-#   snakemake --profile profiles/slurm all                    # the paper profile on a SLURM cluster
-#   snakemake --cores 1 --config compute=false all            # tables and figures from committed results/
+#   snakemake all --cores 2 --configfile config/tiny.yaml    # offline, CPU, minutes ("tiny profile - not paper numbers")
+#   snakemake all --cores 8 --resources gpu=1                 # the paper profile on one local GPU
+#   snakemake all --profile profiles/slurm                    # the paper profile on a SLURM cluster
+#   snakemake all --cores 1 --config compute=false            # tables and figures from committed results/
 #
 # config/<profile>.yaml is the base (profile from --config/--configfile, default "paper"); what is given on
 # the command line is merged over it and validated against config/schema.yaml (stc.workflow.load_config).

@@ -36,8 +36,8 @@ TINY_LABEL = "tiny profile - not paper numbers"
 BENCHMARKS = ("ovobench", "streamingbench", "egoschema", "mlvu", "videomme")
 TINY_HOW_TO = (
     "Run the offline tiny profile instead (CPU, minutes, labelled 'tiny profile - not paper numbers'):\n"
-    "    snakemake --cores 2 --configfile config/tiny.yaml all\n"
-    "or equivalently: snakemake --cores 2 --config profile=tiny all\n"
+    "    snakemake all --cores 2 --configfile config/tiny.yaml\n"
+    "or equivalently: snakemake all --cores 2 --config profile=tiny\n"
     "To rebuild tables and figures from results already under results/ (no GPU, no model): "
     "add --config compute=false."
 )
