@@ -31,28 +31,41 @@ from stc.models import build_model
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def vit_floors(vcfg, rates) -> tuple[float, float]:
+    """ms per frame at the matmul rate: the full SigLIP, and its mean with STC-Cacher N=4, R=0.75."""
+    return (vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3,
+            vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3)
+
+
+def vit_row(full_ms, cacher_ms, floors, **extra) -> dict:
+    floor_full, floor_stc = floors
+    return {**extra, "full_ms_per_frame": full_ms, "cacher_ms_per_frame": cacher_ms, "ratio": cacher_ms / full_ms,
+            "floor_full_ms": floor_full, "floor_cacher_ms": floor_stc, "ideal_ratio": floor_stc / floor_full,
+            "full_vs_floor": full_ms / floor_full, "cacher_vs_floor": cacher_ms / floor_stc}
+
+
+def prefill_floor_ms(tcfg, rates, tokens: int, past: int, batch: int = 1) -> float:
+    """Per stream-frame floor of one step prefilling `tokens` per stream after `past` tokens, for `batch`
+    streams: the weights are read once per step, the FLOPs scale with the batch."""
+    weights_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
+    flops = batch * llm_prefill_flops(tcfg, tokens, past_tokens=past)
+    return max(flops / rates["matmul_flops"] * 1e3, weights_ms) / batch
+
+
 def vit_part(model, args, rates):
     tower = model.model.vision_tower
     vcfg = model.config.vision_config
     pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     rows = []
+    floors = vit_floors(vcfg, rates)
     for chunk in args.chunks:
         full = measure_vit(tower, pixels, None, chunk=chunk, warmup=1, repeats=args.repeats)
         stc = measure_vit(tower, pixels, cacher, chunk=chunk, warmup=1, repeats=args.repeats)
-        floor_full = vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3
-        floor_stc = vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3
-        rows.append({
-            "chunk": chunk,
-            "full_ms_per_frame": full["ms_per_frame"],
-            "cacher_ms_per_frame": stc["ms_per_frame"],
-            "ratio": stc["ms_per_frame"] / full["ms_per_frame"],
-            "floor_full_ms": floor_full,
-            "floor_cacher_ms": floor_stc,
-            "ideal_ratio": floor_stc / floor_full,
-        })
-        print(f"ViT chunk={chunk}: full {full['ms_per_frame']:.2f} ms/frame, cacher {stc['ms_per_frame']:.2f} "
-              f"({rows[-1]['ratio']:.2f}x; FLOP ideal {rows[-1]['ideal_ratio']:.2f}x; floors {floor_full:.2f}/{floor_stc:.2f} ms)",
+        rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, chunk=chunk))
+        r = rows[-1]
+        print(f"ViT chunk={chunk}: full {r['full_ms_per_frame']:.2f} ms/frame, cacher {r['cacher_ms_per_frame']:.2f} "
+              f"({r['ratio']:.2f}x; FLOP ideal {r['ideal_ratio']:.2f}x; floors {floors[0]:.2f}/{floors[1]:.2f} ms)",
               flush=True)
     return rows
 
@@ -63,19 +76,12 @@ def graphed_vit_part(model, args, rates):
     vcfg = model.config.vision_config
     pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
-    floor_full = vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3
-    floor_stc = vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3
+    floors = vit_floors(vcfg, rates)
     rows = []
     for batch in args.batches:
         full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats)
         stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats)
-        rows.append({
-            "batch": batch, "graphs": True,
-            "full_ms_per_frame": full["ms_per_frame"], "cacher_ms_per_frame": stc["ms_per_frame"],
-            "ratio": stc["ms_per_frame"] / full["ms_per_frame"],
-            "floor_full_ms": floor_full, "floor_cacher_ms": floor_stc, "ideal_ratio": floor_stc / floor_full,
-            "full_vs_floor": full["ms_per_frame"] / floor_full, "cacher_vs_floor": stc["ms_per_frame"] / floor_stc,
-        })
+        rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True))
         r = rows[-1]
         print(f"ViT graphs B={batch}: full {r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), "
               f"cacher {r['cacher_ms_per_frame']:.2f} ({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time "
@@ -85,7 +91,6 @@ def graphed_vit_part(model, args, rates):
 
 def stream_part(model, processor, args, rates):
     tcfg = model.config.text_config
-    weights_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
     rows = []
     for name in args.methods:
         base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs)
@@ -96,10 +101,8 @@ def stream_part(model, processor, args, rates):
             continue
         res["cuda_graphs"] = args.graphs
         n = res["tokens_per_frame"]
-        for c, stage in res["checkpoints"].items():
-            # floor of one frame step at the end of the first c frames: weights once, FLOPs of n tokens over the past
-            flops = llm_prefill_flops(tcfg, n, past_tokens=c * n)
-            stage["prefill_floor_ms"] = max(flops / rates["matmul_flops"] * 1e3, weights_ms)
+        for c, stage in res["checkpoints"].items():  # the step of frame c, after c frames
+            stage["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=c * n)
         rows.append(res)
         last = res["checkpoints"][max(res["checkpoints"])]
         print(f"{name:>14}: {n} tok/frame  ViT {last['vit_ms_per_frame']:.1f}  proj {last['projector_ms_per_frame']:.1f}  "
@@ -111,7 +114,6 @@ def stream_part(model, processor, args, rates):
 def batch_part(model, processor, args, rates):
     """B synchronised streams per step (StreamBatch, CUDA graphs), per stream-frame times and floors."""
     tcfg = model.config.text_config
-    weight_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
     rows = []
     for b in args.stream_batches:
         for name in args.methods:
@@ -121,9 +123,7 @@ def batch_part(model, processor, args, rates):
                 print(f"B={b} {name:>14}: skipped ({err})", flush=True)
                 continue
             n = res["tokens_per_frame"]
-            # one step prefills b frames after c*n tokens each (c = the last frame): weights read once
-            flops = b * llm_prefill_flops(tcfg, n, past_tokens=args.frames * n)
-            res["prefill_floor_ms"] = max(flops / rates["matmul_flops"] * 1e3, weight_ms) / b
+            res["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=args.frames * n, batch=b)
             rows.append(res)
             print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  prefill "
                   f"{res['prefill_ms_per_frame']:.2f} (floor {res['prefill_floor_ms']:.2f}) ms per stream-frame", flush=True)
