@@ -137,28 +137,31 @@ def select_dynamic_tokens(current: torch.Tensor, reference: torch.Tensor, k: int
 
 
 def _rows(idx: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Per-frame token indices [B, k] -> row indices into the flattened [B * T] tokens."""
+    """Per-frame token indices [B, k] -> row indices into the flattened [B * T] tokens (computed once
+    per layer: every gather and scatter of the layer uses them)."""
+    if idx.shape[0] == 1:
+        return idx.reshape(-1)
     return (idx + tokens * torch.arange(idx.shape[0], device=idx.device)[:, None]).reshape(-1)
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, T, C], idx [B, k] -> [B, k, C] (a row gather)."""
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C], rows from `_rows` [B * k] -> [B, k, C] (a row gather)."""
     b, t, c = x.shape
-    return x.reshape(b * t, c).index_select(0, _rows(idx, t)).view(b, -1, c)
+    return x.reshape(b * t, c).index_select(0, rows).view(b, -1, c)
 
 
-def _scatter(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """A copy of base [B or 1, T, C] (broadcast to `batch` frames) with rows [B, k, C] written at idx [B, k]."""
+def _scatter(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """A copy of base [B or 1, T, C] (broadcast to `batch` frames) with values [B, k, C] written at rows."""
     b = batch or base.shape[0]
     t, c = base.shape[1], base.shape[2]
     out = base.expand(b, t, c).clone(memory_format=torch.contiguous_format)
-    return _scatter_(out, idx, rows)
+    return _scatter_(out, rows, values)
 
 
-def _scatter_(out: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Write rows [B, k, C] into out [B, T, C] (contiguous) at idx [B, k], in place (a row scatter)."""
+def _scatter_(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write values [B, k, C] into out [B, T, C] (contiguous) at rows from `_rows`, in place."""
     b, t, c = out.shape
-    out.view(b * t, c).index_copy_(0, _rows(idx, t), rows.reshape(-1, c).to(out.dtype))
+    out.view(b * t, c).index_copy_(0, rows, values.reshape(-1, c).to(out.dtype))
     return out
 
 
@@ -228,30 +231,31 @@ def selective_layer(
             "hidden": (x, ref.hidden),
         }[config.selection_feature]
         dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
+    rows = _rows(dynamic, t)
 
     if config.reuse == "mlp":
         # Full attention for every token; only the MLP is selective.
         value = value_all if value_all is not None else attn.v_proj(h)
         a_full = attn.out_proj(_attention(layer, attn.q_proj(h), key, value))
     else:
-        h_dyn = _gather(h, dynamic)
-        v_dyn = _gather(value_all, dynamic) if value_all is not None else attn.v_proj(h_dyn)
-        v_full = _scatter(ref.value, dynamic, v_dyn, batch=b)
+        h_dyn = _gather(h, rows)
+        v_dyn = _gather(value_all, rows) if value_all is not None else attn.v_proj(h_dyn)
+        v_full = _scatter(ref.value, rows, v_dyn, batch=b)
         a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
-            mid_dyn = _gather(x, dynamic) + a_dyn
+            mid_dyn = _gather(x, rows) + a_dyn
             out_dyn = mid_dyn + layer.mlp(layer.layer_norm2(mid_dyn))
             out = ((x + ref.attn) + ref.mlp).contiguous()
-            return _scatter_(out, dynamic, out_dyn), dynamic
-        a_full = _scatter(ref.attn, dynamic, a_dyn, batch=b)
+            return _scatter_(out, rows, out_dyn), dynamic
+        a_full = _scatter(ref.attn, rows, a_dyn, batch=b)
     mid = x + a_full
 
     if config.reuse == "attn":
         m_full = layer.mlp(layer.layer_norm2(mid))
     else:
-        m_dyn = layer.mlp(layer.layer_norm2(_gather(mid, dynamic)))
-        m_full = _scatter(ref.mlp, dynamic, m_dyn, batch=b)
+        m_dyn = layer.mlp(layer.layer_norm2(_gather(mid, rows)))
+        m_full = _scatter(ref.mlp, rows, m_dyn, batch=b)
     return mid + m_full, dynamic
 
 
