@@ -272,6 +272,13 @@ class StreamingEngine:
         cos, sin = self.lm.rotary_emb(x.float(), delta.to(x.device)[None])
         return (x.float() * cos[0] + rotate_half(x.float()) * sin[0]).to(x.dtype)
 
+    def _mean_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """A block's retrieval key: the mean over its tokens of the keys before RoPE, float32.
+
+        keys: [..., n, d], stored after RoPE at positions start..start+n-1. Returns [..., d]."""
+        pos = torch.arange(start, start + keys.shape[-2])
+        return self._rotate(keys.float(), -pos).mean(dim=-2)
+
     def _decoder(self, embeds: torch.Tensor, kv: _KV, mask: torch.Tensor | None) -> torch.Tensor:
         """Run the decoder over embeds [1, n, D] appended to kv's context; returns the final hidden states."""
         n = embeds.shape[1]
@@ -442,8 +449,7 @@ class Stream:
             else:
                 e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
             kv = w.buf[:, :, :, start : start + n].clone()
-            pos = torch.arange(start, start + n)
-            mean_key = e._rotate(kv[:, 0].float(), -pos).mean(dim=2)
+            mean_key = e._mean_keys(kv[:, 0], start)
             if e.config.device_blocks is not None:
                 on_device = [b for b in self.blocks if b.kv.device == e.device]
                 for old in on_device[: max(0, len(on_device) + 1 - e.config.device_blocks)]:
@@ -722,8 +728,7 @@ class StreamBatch:
         with self.timer.stage("prefill"):
             step(tokens)
             kv = w.buf[:, :, :, :, start : start + n].clone()  # [layers, 2, B, kvh, n, d]
-            pos = torch.arange(start, start + n)
-            mean_keys = e._rotate(kv[:, 0].float(), -pos).mean(dim=3)  # [layers, B, kvh, d]
+            mean_keys = e._mean_keys(kv[:, 0], start)  # [layers, B, kvh, d]
         for i, s in enumerate(self.streams):
             s.blocks.append(Block(frame=self.frames_seen, time=times[i], start=start, kv=kv[:, :, i], mean_key=mean_keys[:, i]))
             s.tokens_per_frame.append(n)
