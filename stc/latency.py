@@ -82,29 +82,36 @@ def device_rates(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> d
     return {"matmul_flops": 2 * n**3 / mm, "copy_bytes_per_s": 2 * x.numel() / cp}
 
 
+def _per_frame_ms(run, frames: int, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median wall ms per frame of `run()` (one whole pass over `frames` frames), synchronised, after warm-up."""
+    per_frame = []
+    for rep in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        if rep >= warmup:
+            per_frame.append((time.perf_counter() - t0) * 1e3 / frames)
+    return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
+
+
 def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chunk: int = 1, warmup: int = 1, repeats: int = 3) -> dict:
     """Median ms per frame of the vision tower over a stream of pixels [F, 3, S, S], in chunks of `chunk`."""
-    device = next(tower.parameters()).device
-    dtype = next(tower.parameters()).dtype
+    device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     pixels = pixels.to(device, dtype)
     handle = attach_cacher(tower, cacher) if cacher is not None else None
-    per_frame = []
+
+    @torch.no_grad()
+    def run():  # one stream, from a fresh state
+        kwargs = {"stc_state": handle.new_state()} if handle else {}
+        for s in range(0, len(pixels), chunk):
+            tower(pixels[s : s + chunk], **kwargs)
+
     try:
-        for rep in range(warmup + repeats):
-            state = handle.new_state() if handle else None
-            kwargs = {"stc_state": state} if state is not None else {}
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for s in range(0, len(pixels), chunk):
-                    tower(pixels[s : s + chunk], **kwargs)
-            _sync(device)
-            if rep >= warmup:
-                per_frame.append((time.perf_counter() - t0) * 1e3 / len(pixels))
+        return _per_frame_ms(run, len(pixels), device, warmup, repeats)
     finally:
         if handle is not None:
             handle.detach()
-    return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
 
 
 def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
@@ -112,23 +119,18 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step."""
     from stc.fast import GraphedVision
 
-    device = next(tower.parameters()).device
-    dtype = next(tower.parameters()).dtype
+    device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     pixels = pixels.to(device, dtype)
     f = len(pixels)
     runner = GraphedVision(tower, batch=batch, cacher=cacher)
     steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
-    per_frame = []
-    for rep in range(warmup + repeats):
+
+    def run():  # B streams, from fresh states
         states = [runner.new_state() for _ in range(batch)] if cacher else None
-        _sync(device)
-        t0 = time.perf_counter()
         for x in steps:
             runner(x, states)
-        _sync(device)
-        if rep >= warmup:
-            per_frame.append((time.perf_counter() - t0) * 1e3 / (f * batch))
-    return {"ms_per_frame": statistics.median(per_frame), "all_ms_per_frame": per_frame}
+
+    return _per_frame_ms(run, f * batch, device, warmup, repeats)
 
 
 def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, warmup: int = 1, repeats: int = 3,
