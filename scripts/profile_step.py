@@ -26,6 +26,7 @@ def main(argv=None):
     p.add_argument("--profile-frames", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
+    p.add_argument("--compile", action="store_true", help="with --vit-batch: torch.compile'd layer functions")
     args = p.parse_args(argv)
     if args.vit_batch:
         return profile_vit(args)
@@ -59,7 +60,7 @@ def profile_vit(args):
     b = args.vit_batch
     pixels = synthetic_pixels(8, tower.config.image_size).cuda().to(torch.bfloat16)
     for cfg in (None, CacherConfig(cache_interval=4, reuse_ratio=0.75)):
-        runner = GraphedVision(tower, batch=b, cacher=cfg, use_graphs=False)
+        runner = GraphedVision(tower, batch=b, cacher=cfg, use_graphs=False, compile=args.compile)
         states = [runner.new_state() for _ in range(b)] if cfg else None
         steps = [pixels[[(i + s) % 8 for s in range(b)]] for i in range(8)]
         runner(steps[0], states)  # reference frame (and warm-up)
@@ -69,7 +70,9 @@ def profile_vit(args):
             for x in steps[2:4]:
                 runner(x, states)
             torch.cuda.synchronize()
-        print(f"ViT B={b} {'cacher selective' if cfg else 'full'}: 2 steps")
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"ViT B={b} {'cacher selective' if cfg else 'full'}{' compiled' if args.compile else ''}: 2 steps, "
+              f"{len(events) / 2:.0f} kernels and {sum(e.device_time for e in events) / 2e3:.2f} ms of kernel time per step")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
 
 

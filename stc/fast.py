@@ -13,9 +13,17 @@ frames or none. Each stream's caches belong to its `CacherState`; the static buf
 caches of the streams that used the runner last and are swapped (copied) only when the caller
 passes other states. Outputs are cloned out of the graph's buffers: nothing returned aliases a later
 step. Without CUDA (or with use_graphs=False) the same code runs eagerly.
+
+With ``compile=True`` each layer function (the encoder layer, `reference_layer`, `selective_layer`)
+goes through `torch.compile` before capture, for the baseline and STC alike: the compiler fuses the
+small element-wise, normalisation, similarity and gather/scatter kernels that bound a one-frame step.
+The graphs then replay the compiled kernels. One compiled function serves all layers (their weights
+are inputs), so compiling costs seconds, once per process.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -25,15 +33,32 @@ from stc.cacher import CacherConfig, CacherState, FrameReport, LayerCache, encod
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
 
+def encoder_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unmodified Hugging Face encoder layer (the baseline's step)."""
+    return layer(x, None)
+
+
+@functools.cache
+def layer_functions(backend: str | None) -> tuple:
+    """(encoder_layer, reference_layer, selective_layer), compiled with `backend` unless None."""
+    fns = (encoder_layer, reference_layer, selective_layer)
+    if backend is None:
+        return fns
+    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in fns)
+
+
 class GraphedVision:
     """Vision features [B, T, C] (the output of layer `feature_layer`) for B frames, one per stream.
 
     tower: a SigLIP/CLIP vision tower (transformers 5.x); cacher: STC-Cacher settings or None for
-    the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice).
+    the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
+    compile: run the layer functions through `torch.compile` (True: the inductor backend; a string
+    names another backend).
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
-                 feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2):
+                 feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
+                 compile: bool | str = False):
         self.tower = tower
         self.layers = encoder_layers(tower)
         n = len(self.layers)
@@ -43,6 +68,10 @@ class GraphedVision:
         param = next(tower.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
+        backend = ("inductor" if compile is True else compile) or None
+        self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(backend)
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
@@ -67,13 +96,13 @@ class GraphedVision:
     def _full(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
         for layer in self.layers[: self.depth]:
-            x = layer(x, None)
+            x = self._encoder_layer(layer, x)
         return x
 
     def _reference(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x, cache = reference_layer(layer, x, keep_hidden=self.keep_hidden)
+            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden)
             for f in _FIELDS:
                 if getattr(cache, f) is not None:
                     getattr(self.refs[i], f).copy_(getattr(cache, f))
@@ -84,7 +113,7 @@ class GraphedVision:
         shared = None
         for i, layer in enumerate(self.layers[: self.depth]):
             reuse = None if self.cacher.per_layer_selection else shared
-            x, shared = selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
+            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
         return x
 
     def _run(self, kind: str) -> torch.Tensor:

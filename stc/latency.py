@@ -115,14 +115,15 @@ def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chu
 
 
 def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
-                        warmup: int = 1, repeats: int = 3) -> dict:
-    """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step."""
+                        warmup: int = 1, repeats: int = 3, compile: bool = False) -> dict:
+    """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
+    (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`)."""
     from stc.fast import GraphedVision
 
     device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     pixels = pixels.to(device, dtype)
     f = len(pixels)
-    runner = GraphedVision(tower, batch=batch, cacher=cacher)
+    runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile)
     steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
 
     def run():  # B streams, from fresh states
