@@ -1,0 +1,118 @@
+"""Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
+attention backend, which token selection, which projections. Each variant is timed as CUDA-graph
+replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
+
+    python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench_cudagraph
+
+from stc.latency import environment
+
+T, C, HEADS, INTER = 729, 1152, 16, 4304
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def heads(x):  # [B, T, C] -> [B, H, T, D], a strided view as in the Hugging Face layer
+    b, t, _ = x.shape
+    return x.view(b, t, HEADS, -1).transpose(1, 2)
+
+
+def attention_rows(b, tq):
+    q = torch.randn(b, tq, C, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
+    want = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float())
+    rows = []
+    for name, backend in BACKENDS.items():
+        def fn():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(b, tq, C)
+        try:
+            out = fn()
+        except RuntimeError as err:
+            rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "error": str(err)[:120]})
+            continue
+        err = ((out.float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
+        rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
+                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+    return rows
+
+
+def _cos_topk(key, ref, k):
+    return torch.topk(F.cosine_similarity(key, ref, dim=-1), k, dim=1, largest=False, sorted=False).indices
+
+
+def _cos_sort(key, ref, k):
+    return torch.sort(F.cosine_similarity(key, ref, dim=-1), dim=1).indices[:, :k]
+
+
+def _unit_topk(key, unit_ref, k):  # reference keys stored normalised: one norm fewer per frame
+    return torch.topk((key * unit_ref).sum(-1) / key.norm(dim=-1), k, dim=1, largest=False, sorted=False).indices
+
+
+def selection_rows(b):
+    k = 182
+    key = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
+    ref = key + 0.5 * torch.randn_like(key)
+    unit = ref / ref.norm(dim=-1, keepdim=True)
+    want = set(map(tuple, _cos_topk(key.float(), ref.float(), k).sort(dim=1).values.tolist()))
+    rows = []
+    for name, fn, other in (("cosine+topk", _cos_topk, ref), ("cosine+sort", _cos_sort, ref), ("unit_ref+topk", _unit_topk, unit)):
+        for compiled in (False, True):
+            f = torch.compile(fn, dynamic=False) if compiled else fn
+            got = f(key, other, k)
+            same = len(want & set(map(tuple, got.sort(dim=1).values.tolist()))) / len(want)
+            rows.append({"op": "selection", "variant": name, "compiled": compiled, "batch": b, "same_rows": same,
+                         "us": 1e3 * do_bench_cudagraph(lambda: f(key, other, k), rep=50, return_mode="median")})
+    return rows
+
+
+def projection_rows(b):
+    rows = []
+    for m in (182, 729):
+        x = torch.randn(b * m, C, device="cuda", dtype=torch.bfloat16)
+        wq, wv = (torch.randn(C, C, device="cuda", dtype=torch.bfloat16) / C**0.5 for _ in range(2))
+        bq, bv = (torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        wqv, bqv = torch.cat([wq, wv]), torch.cat([bq, bv])
+        w1 = torch.randn(INTER, C, device="cuda", dtype=torch.bfloat16) / C**0.5
+        for name, fn in (("q,v separate", lambda: (F.linear(x, wq, bq), F.linear(x, wv, bv))),
+                         ("q,v fused", lambda: F.linear(x, wqv, bqv).split(C, dim=-1)),
+                         ("one 1152x1152", lambda: F.linear(x, wq, bq)),
+                         ("fc1 1152x4304", lambda: F.linear(x, w1))):
+            rows.append({"op": "projection", "variant": name, "batch": b, "rows": m,
+                         "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    rows = []
+    for b in args.batches:
+        for tq in (182, 729):
+            rows += attention_rows(b, tq)
+        rows += selection_rows(b)
+        rows += projection_rows(b)
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("op", "variant", "us")}
+        print(f"{r['op']:>10} {r['variant']:>16} {r.get('us', float('nan')):8.1f} us  {extra}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": environment(args.commit), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
