@@ -72,6 +72,9 @@ class EngineConfig:
         in place, every frame's prefill is a captured graph (per token count) attending to the whole
         buffer through a mask, and attention packs grouped query heads instead of repeating K/V.
         On a CPU the same static-shape code runs without capture (that is how it is tested).
+    compile_vision: with cuda_graphs on a GPU, the vision step's layer functions go through
+        torch.compile (inductor) before capture, for the baseline and STC alike (it fuses the small
+        kernels a one-frame step is bound by; compiling costs seconds once per process).
     timing: record per-stage times.
     """
 
@@ -83,6 +86,7 @@ class EngineConfig:
     pruner: PrunerConfig | None = None
     tome_tokens_per_frame: int | None = None
     cuda_graphs: bool = False
+    compile_vision: bool = True
     init_prompt: str = INIT_PROMPT
     timing: bool = True
 
@@ -234,14 +238,15 @@ class StreamingEngine:
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
         self.capture = config.cuda_graphs and self.device.type == "cuda"
+        self.compile_vision = self.capture and config.compile_vision
         self._attn_before = None
         self.vision_runner = None
         if config.cuda_graphs:
             from stc import attention
             from stc.fast import GraphedVision
 
-            self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher,
-                                               feature_layer=self.vision_layer, use_graphs=self.capture)
+            self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher, feature_layer=self.vision_layer,
+                                               use_graphs=self.capture, compile=self.compile_vision)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config
@@ -271,6 +276,17 @@ class StreamingEngine:
         """Rotate keys x [..., n, d] by delta positions [n] (RoPE composes: R(a) R(b) = R(a + b))."""
         cos, sin = self.lm.rotary_emb(x.float(), delta.to(x.device)[None])
         return (x.float() * cos[0] + rotate_half(x.float()) * sin[0]).to(x.dtype)
+
+    def _slide_window(self, w: _KV, n_init: int) -> None:
+        """Keep at most n_local recent tokens in the window w (buffer [layers, 2, ..., slots, d]): drop
+        the oldest, move the rest to follow the init tokens and re-rotate their keys to their new positions."""
+        drop = max(0, w.length - n_init - self.config.n_local)
+        if drop:
+            keep = w.buf[..., n_init + drop : w.length, :].clone()
+            delta = torch.full((keep.shape[-2],), -drop, dtype=torch.long)
+            keep[:, 0] = self._rotate(keep[:, 0], delta)
+            w.buf[..., n_init : n_init + keep.shape[-2], :] = keep
+            w.length -= drop
 
     def _mean_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """A block's retrieval key: the mean over its tokens of the keys before RoPE, float32.
@@ -417,14 +433,7 @@ class Stream:
     def _ensure_window(self, incoming: int) -> None:
         """Keep at most n_local recent tokens (re-rotating them to follow the init tokens) and room for incoming."""
         e, w = self.engine, self._window
-        recent = w.length - self._n_init
-        drop = max(0, recent - e.config.n_local)
-        if drop:
-            keep = w.buf[:, :, :, self._n_init + drop : w.length].clone()
-            delta = torch.full((keep.shape[3],), -drop, dtype=torch.long)
-            keep[:, 0] = e._rotate(keep[:, 0], delta)
-            w.buf[:, :, :, self._n_init : self._n_init + keep.shape[3]] = keep
-            w.length -= drop
+        e._slide_window(w, self._n_init)
         need = w.length + incoming
         if need > w.buf.shape[3] and isinstance(w, _StaticKV):
             raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[3]} slots)")
@@ -662,7 +671,7 @@ class StreamBatch:
 
     `streams` are ordinary `Stream`s for questions (`batch.streams[i].ask(...)`); frames are pushed
     to the batch only. All streams keep the same number of tokens per frame (fixed-budget
-    compressors); the KV window holds at most n_local tokens per stream (no sliding window yet).
+    compressors); each stream's KV window slides as a single stream's does (n_local recent tokens).
     """
 
     def __init__(self, engine: StreamingEngine, size: int):
@@ -675,7 +684,7 @@ class StreamBatch:
         self.engine, self.size = engine, size
         e = engine
         self.vision = GraphedVision(e.model.model.vision_tower, batch=size, cacher=e.config.cacher,
-                                    feature_layer=e.vision_layer, use_graphs=e.capture)
+                                    feature_layer=e.vision_layer, use_graphs=e.capture, compile=e.compile_vision)
         self.streams = [Stream(e) for _ in range(size)]
         for s in self.streams:
             s._member_of = self
@@ -720,9 +729,10 @@ class StreamBatch:
                     raise ValueError("streams in a batch must keep the same number of tokens per frame")
                 tokens = torch.stack(kept)
         n = tokens.shape[1]
+        e._slide_window(w, self.streams[0]._n_init)
+        if w.length + n > w.buf.shape[-2]:
+            raise ValueError(f"a frame of {n} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")
         start = w.length
-        if start - self.streams[0]._n_init + n > e.config.n_local:
-            raise ValueError(f"a StreamBatch holds at most n_local={e.config.n_local} tokens per stream")
         with self.timer.stage("capture"):
             step = e._static_step(w, self._graphs, n, start, tokens.shape[2], self.size)
         with self.timer.stage("prefill"):

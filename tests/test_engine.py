@@ -352,7 +352,8 @@ def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
 @pytest.mark.parametrize("cfg", [
     EngineConfig(retrieve_top_k=2, cuda_graphs=True),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
-], ids=["plain", "stc"])
+    EngineConfig(retrieve_top_k=2, cuda_graphs=True, n_local=20, pruner=PrunerConfig(keep_ratio=0.5)),
+], ids=["plain", "stc", "sliding"])
 def test_stream_batch_equals_separate_streams(tiny, cfg):
     model, proc = tiny
     videos = [frames(5, seed=s) for s in (1, 2, 3)]
@@ -375,6 +376,12 @@ def test_stream_batch_equals_separate_streams(tiny, cfg):
         torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
         assert a.token_ids == b.token_ids and a.retrieved == b.retrieved
     assert [s.frames_seen for s in batch.streams] == [5, 5, 5]
+    recent = batch._window.length - batch.streams[0]._n_init
+    per_frame = batch.streams[0].tokens_per_frame[0]
+    if cfg.n_local < 5 * per_frame:  # the window slid: n_local recent tokens, then the newest frame
+        assert recent == cfg.n_local + per_frame
+    else:
+        assert recent == 5 * per_frame
     with StreamingEngine(model, proc, EngineConfig()) as engine, pytest.raises(ValueError, match="cuda_graphs"):
         engine.open_batch(2)
 
