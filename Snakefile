@@ -35,7 +35,7 @@ COMPUTE = config["compute"]
 layout = wf.Layout.of(config)
 NOTEBOOKS = Path(workflow.basedir) / "notebooks"
 SOURCES = sorted(str(p) for p in (Path(workflow.basedir) / "stc").rglob("*.py"))
-PLOTTING = {"tables.py", "figures.py", "paper_numbers.py"}
+PLOTTING = {"tables.py", "figures.py", "paper_numbers.py", "speed.py"}
 ENGINE_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING | {"analysis.py"}]
 ANALYSIS_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING]
 PLOT_SOURCES = [s for s in SOURCES if Path(s).name in PLOTTING or Path(s).name == "workflow.py"]
@@ -90,6 +90,11 @@ def score_files():
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / layout.results_dir / "scores").glob("*/*.json"))
 
 
+# The committed GPU measurements behind the speed report (issue 7); they are data in the repository.
+SPEED_GLOB = str(Path(workflow.basedir) / "results" / "latency" / "*.json")
+SPEED_FILES = sorted(str(p) for p in Path(workflow.basedir).glob("results/latency/*.json"))
+
+
 def latency_files():
     """The one latency file behind the tables and figures (no mixing of protocols)."""
     if COMPUTE:
@@ -114,6 +119,7 @@ rule all:
     input:
         [layout.table(key, ext) for key in config["tables"] for ext in ("md", "csv")],
         layout.tables_markdown,
+        layout.table("speed", "md"),
         [layout.figure(name) for name in wf.FIGURES],
 
 
@@ -308,10 +314,12 @@ rule tables:
         notebook=NOTEBOOKS / "tables.ipynb",
         scores=score_files(),
         latency=latency_files(),
+        speed=SPEED_FILES,
         sources=PLOT_SOURCES,
     output:
         [layout.table(key, ext) for key in config["tables"] for ext in ("md", "csv")],
         markdown=layout.tables_markdown,
+        speed=layout.table("speed", "md"),
         notebook=layout.notebook_out("tables"),
     log:
         layout.log("tables"),
@@ -326,6 +334,7 @@ rule tables:
             "scores_dir": absolute(f"{layout.results_dir}/scores"),
             "latency_paths": [absolute(p) for p in input.latency],
             "table_keys": config["tables"],
+            "speed_glob": SPEED_GLOB,
             "out_dir": absolute(str(Path(output.markdown).parent)),
         }),
     shell:
@@ -339,6 +348,7 @@ rule figures:
         scores=score_files(),
         latency=latency_files(),
         analysis=[layout.similarity, layout.token_maps] if COMPUTE else [],
+        speed=SPEED_FILES,
         sources=PLOT_SOURCES,
     output:
         [layout.figure(name) for name in wf.FIGURES],
@@ -358,6 +368,7 @@ rule figures:
             "similarity_path": absolute(layout.similarity),
             "token_maps_path": absolute(layout.token_maps),
             "compute_missing": False,
+            "speed_glob": SPEED_GLOB,
             "out_dir": absolute(config["figures_dir"]),
         }),
     shell:

@@ -489,14 +489,18 @@ class Stream:
         tome_state = e.tome.new_state() if e.tome is not None else None
         if tome_state is not None:
             kwargs["tome_state"] = tome_state
+        with self.timer.stage("upload"):
+            pix = pixel_values.to(e.device, e.dtype)
+        states = [self.cacher_state] if self.cacher_state is not None else None
+        if e.vision_runner is not None:
+            with self.timer.stage("capture"):  # once per kind of step; not a per-frame cost
+                e.vision_runner.prepare(states, frames=f)
         with self.timer.stage("vision"):
             if e.vision_runner is not None:
-                pix = pixel_values.to(e.device, e.dtype)
-                states = [self.cacher_state] if self.cacher_state is not None else None
                 feats = torch.cat([e.vision_runner(pix[i : i + 1], states) for i in range(f)])
                 out = None
             else:
-                out = inner.vision_tower(pixel_values.to(e.device, e.dtype), output_hidden_states=True, **kwargs)
+                out = inner.vision_tower(pix, output_hidden_states=True, **kwargs)
                 feats = out.hidden_states[e.vision_layer]
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
@@ -715,8 +719,12 @@ class StreamBatch:
             raise ValueError(f"got {self.size} frames but {len(times)} timestamps")
         inner = e.model.model
         states = [s.cacher_state for s in self.streams] if e.config.cacher is not None else None
+        with self.timer.stage("upload"):
+            pix = pixel_values.to(e.device, e.dtype)
+        with self.timer.stage("capture"):
+            self.vision.prepare(states)
         with self.timer.stage("vision"):
-            feats = self.vision(pixel_values.to(e.device, e.dtype), states)
+            feats = self.vision(pix, states)
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
         with self.timer.stage("projector"):

@@ -116,15 +116,14 @@ class GraphedVision:
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
         return x
 
-    def _run(self, kind: str) -> torch.Tensor:
-        fn = {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
-        if not self.use_graphs:
-            return fn()
+    def _graph(self, kind: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The captured graph of a kind of step and its output buffer (captured on first use)."""
         if kind not in self._graphs:
+            fn = {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(self._warmup):
+                for _ in range(self._warmup):  # warm-ups write only the loaded streams' caches, which the step rewrites
                     fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
@@ -132,9 +131,30 @@ class GraphedVision:
                 out = fn()
             self._pool = graph.pool()
             self._graphs[kind] = (graph, out)
-        graph, out = self._graphs[kind]
+        return self._graphs[kind]
+
+    def _run(self, kind: str) -> torch.Tensor:
+        if not self.use_graphs:
+            return {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]()
+        graph, out = self._graph(kind)
         graph.replay()
         return out
+
+    def _kind(self, index: int) -> str:
+        if not self.cacher:
+            return "full"
+        return "reference" if self.cacher.is_reference(index) else "selective"
+
+    def _check_states(self, states: list[CacherState] | None) -> int:
+        """The streams' common frame index (0 without a cacher)."""
+        if not self.cacher:
+            return 0
+        if states is None or len(states) != self.batch:
+            raise ValueError(f"pass one CacherState per stream ({self.batch})")
+        index = states[0].frames_seen
+        if any(s.frames_seen != index for s in states):
+            raise ValueError("streams batched in one step must be at the same frame index")
+        return index
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -145,24 +165,32 @@ class GraphedVision:
         return CacherState(config=self.cacher, num_layers=self.depth)
 
     @torch.no_grad()
+    def prepare(self, states: list[CacherState] | None = None, frames: int = 1) -> None:
+        """Capture now the graphs that the next `frames` calls will replay, so that those calls (and
+        their timing) only replay. Calls capture on first use anyway; this is optional."""
+        index = self._check_states(states)
+        if not self.use_graphs:
+            return
+        if self.cacher:
+            self._load(states)
+        for i in range(index, index + frames):
+            self._graph(self._kind(i))
+
+    @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, states: list[CacherState] | None = None) -> torch.Tensor:
         """Features of one frame per stream: pixels [B, 3, S, S]; states: one CacherState per stream."""
         if pixels.shape != self.pixels.shape:
             raise ValueError(f"expected pixels of shape {tuple(self.pixels.shape)}, got {tuple(pixels.shape)}")
+        index = self._check_states(states)
         self.pixels.copy_(pixels)
         if not self.cacher:
             return self._run("full").clone()
-        if states is None or len(states) != self.batch:
-            raise ValueError(f"pass one CacherState per stream ({self.batch})")
-        index = states[0].frames_seen
-        if any(s.frames_seen != index for s in states):
-            raise ValueError("streams batched in one step must be at the same frame index")
         self._load(states)
-        reference = self.cacher.is_reference(index)
-        out = self._run("reference" if reference else "selective").clone()
+        kind = self._kind(index)
+        out = self._run(kind).clone()
         for s in states:
-            counts = [self.tokens if reference else self.k] * self.depth
-            s.reports.append(FrameReport(index=index, reference=reference, recomputed=counts))
+            counts = [self.tokens if kind == "reference" else self.k] * self.depth
+            s.reports.append(FrameReport(index=index, reference=kind == "reference", recomputed=counts))
             s.frames_seen += 1
         return out
 

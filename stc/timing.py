@@ -12,7 +12,8 @@ import torch
 class StageTimer:
     """Accumulates wall time per named stage. `summary()` syncs once and returns milliseconds.
 
-    Stages used by the streaming engine: "vision", "projector" (projector + pooling + compressor),
+    Stages used by the streaming engine: "upload" (pixels to the device), "capture" (CUDA-graph
+    capture, once per kind of step), "vision", "projector" (projector + pooling + compressor),
     "prefill", "retrieval", "decode".
     """
 

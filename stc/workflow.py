@@ -458,7 +458,7 @@ class Layout:
         return f"logs/{self.profile}/{name}.log"
 
 
-FIGURES = ("fig1_time_shares", "fig2_frame_similarity", "ablations", "latency_sweep", "token_maps")
+FIGURES = ("fig1_time_shares", "fig2_frame_similarity", "ablations", "latency_sweep", "speed", "token_maps")
 
 
 def shard_files(layout: Layout, evaluation: Evaluation, suffix: str) -> list[str]:

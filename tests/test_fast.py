@@ -98,6 +98,8 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile)
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
+    graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
+    assert set(graphed._graphs) == ({"full"} if cfg is None else {"reference", "selective"})
     outs = []
     tol = 1e-4 if compile else 1e-5  # inductor's fused kernels round differently in fp32
     for f in frames:

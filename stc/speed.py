@@ -1,0 +1,201 @@
+"""The paper-scale speed report (issue 7) from committed latency JSON: tables and a figure.
+
+`scripts/bench_latency.py` writes, per run, a JSON file with its GPU, versions and commit, and
+optionally two sections this module reads:
+
+- ``vit_graphs``: the graph-captured SigLIP step, full vs STC-Cacher (N=4, R=0.75), B synchronised
+  streams, with the FLOP floors;
+- ``batched``: `StreamBatch` runs, per B and method, ms per stream-frame of ViT and prefill and the
+  prefill floor.
+
+`load_speed` collects them from many files; where several files measured the same setting, the newest
+(by the date in its meta) wins, so re-measuring updates the report without deleting history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
+BASELINE = "baseline"
+PRUNED = ("pruner", "cacher+pruner")
+
+
+@dataclass
+class Speed:
+    vit: pd.DataFrame  # batch, compile, full_ms_per_frame, cacher_ms_per_frame, floors, source, device, commit
+    batched: pd.DataFrame  # batch, method, tokens_per_frame, vit/prefill ms per stream-frame, prefill floor, ...
+
+    @property
+    def empty(self) -> bool:
+        return self.vit.empty and self.batched.empty
+
+
+def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return frame.sort_values("date").drop_duplicates(keys, keep="last").sort_values(keys).reset_index(drop=True)
+
+
+def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
+    """The vit_graphs and batched sections of the given latency JSON files (others are skipped)."""
+    vit, batched = [], []
+    for path in sorted(Path(p) for p in paths):
+        data = json.loads(path.read_text())
+        meta = data.get("meta", {})
+        info = {"source": path.name, "device": meta.get("device"), "dtype": meta.get("dtype"),
+                "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
+        compiled = "compiled vision" in meta.get("protocol", "")
+        for row in data.get("vit_graphs") or []:
+            vit.append({"compile": False, **row, **info})
+        for row in data.get("batched") or []:
+            batched.append({**row, "compile": compiled, **info})
+    vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
+    batched_df = _newest(pd.DataFrame(batched), ["batch", "method"])
+    return Speed(vit=vit_df, batched=batched_df)
+
+
+def vit_table(speed: Speed) -> pd.DataFrame:
+    """Graph-captured ViT per B (compiled and not): ms per frame, change, FLOP ideal, multiples of the floor."""
+    v = speed.vit
+    if v.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({
+        "B": v["batch"], "compiled": v["compile"],
+        "full ms/frame": v["full_ms_per_frame"], "Cacher ms/frame": v["cacher_ms_per_frame"],
+        "change": v["cacher_ms_per_frame"] / v["full_ms_per_frame"] - 1,
+        "FLOP ideal": v["floor_cacher_ms"] / v["floor_full_ms"] - 1,
+        "full / floor": v["full_ms_per_frame"] / v["floor_full_ms"],
+        "Cacher / floor": v["cacher_ms_per_frame"] / v["floor_cacher_ms"],
+        "commit": v["commit"],
+    })
+
+
+def prefill_table(speed: Speed) -> pd.DataFrame:
+    """StreamBatch per B and method: ViT and prefill per stream-frame, the prefill floor, the change
+    against the baseline of the same B, what the floor model predicts, and the share achieved."""
+    b = speed.batched
+    if b.empty:
+        return pd.DataFrame()
+    rows = []
+    for batch, group in b.groupby("batch", sort=True):
+        base = group[group["method"] == BASELINE]
+        base = base.iloc[0] if len(base) else None
+        for _, r in group.iterrows():
+            change = predicted = share = None
+            if base is not None and r["method"] != BASELINE:
+                change = r["prefill_ms_per_frame"] / base["prefill_ms_per_frame"] - 1
+                predicted = r["prefill_floor_ms"] / base["prefill_floor_ms"] - 1
+                share = change / predicted if predicted < 0 else None
+            rows.append({"B": batch, "method": r["method"], "tokens": r["tokens_per_frame"],
+                         "ViT": r["vit_ms_per_frame"], "prefill": r["prefill_ms_per_frame"],
+                         "prefill floor": r["prefill_floor_ms"], "prefill / floor": r["prefill_ms_per_frame"] / r["prefill_floor_ms"],
+                         "prefill change": change, "floor predicts": predicted, "share of predicted": share,
+                         "commit": r["commit"]})
+    return pd.DataFrame(rows)
+
+
+def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
+    """Streams one GPU serves in real time (ViT + prefill per stream-frame within 1/fps), per method,
+    from the largest B measured (compute only: KV memory is not counted)."""
+    b = speed.batched
+    if b.empty:
+        return pd.DataFrame()
+    top = b[b["batch"] == b["batch"].max()]
+    budget_ms = 1000.0 / fps
+    rows = []
+    for _, r in top.iterrows():
+        per = r["vit_ms_per_frame"] + r["prefill_ms_per_frame"]
+        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": int(budget_ms // per)})
+    out = pd.DataFrame(rows)
+    base = out.loc[out["method"] == BASELINE, "streams"]
+    out["vs baseline"] = out["streams"] / base.iloc[0] if len(base) else None
+    return out
+
+
+def _cell(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, (bool,)) or column in ("method", "commit", "B", "tokens", "streams"):
+        return str(value)
+    if column in ("change", "FLOP ideal", "prefill change", "floor predicts"):
+        return f"{value:+.0%}"
+    if column == "share of predicted":
+        return f"{value:.0%}"
+    if "/ floor" in column or column == "vs baseline":
+        return f"{value:.2f}x"
+    return f"{value:.2f}"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "(no measurements)\n"
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(_cell(r[c], c) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment_line(speed: Speed) -> str:
+    both = pd.concat([speed.vit, speed.batched], ignore_index=True) if not speed.empty else pd.DataFrame()
+    if both.empty:
+        return ""
+    parts = both.drop_duplicates("source")
+    return "; ".join(f"{r.source}: {r.device}, {r.dtype}, torch {r.torch}, commit {r.commit}" for r in parts.itertuples())
+
+
+def report(speed: Speed) -> str:
+    """The three tables as one Markdown document."""
+    return "\n".join([
+        "# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
+        f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
+        "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(speed)),
+        "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),
+        f"## Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n", markdown(realtime_table(speed)),
+    ])
+
+
+def plot_speed(speed: Speed) -> plt.Figure:
+    """Left: graph-captured ViT ms per stream-frame against B, full vs Cacher, with the FLOP floors.
+    Right: StreamBatch prefill per stream-frame against B per method, with each one's floor."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    v = speed.vit
+    if v.empty:
+        ax1.text(0.5, 0.5, "no ViT measurements", ha="center", va="center", transform=ax1.transAxes)
+    else:
+        v = v[v["compile"] == v["compile"].max()]  # the most optimised path measured, both sides alike
+        ax1.plot(v["batch"], v["full_ms_per_frame"], "o-", label="full")
+        ax1.plot(v["batch"], v["cacher_ms_per_frame"], "s-", label="STC-Cacher N=4, R=0.75")
+        ax1.axhline(v["floor_full_ms"].iloc[0], ls="--", color="C0", lw=1, label="full floor (FLOPs)")
+        ax1.axhline(v["floor_cacher_ms"].iloc[0], ls="--", color="C1", lw=1, label="Cacher floor (FLOPs)")
+        ax1.set_xscale("log", base=2)
+        ax1.set_xticks(sorted(v["batch"].unique()), [str(x) for x in sorted(v["batch"].unique())])
+        ax1.set_ylim(bottom=0)
+        ax1.legend(fontsize=8)
+    ax1.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title="SigLIP step (graph-captured)")
+    b = speed.batched
+    if b.empty:
+        ax2.text(0.5, 0.5, "no StreamBatch measurements", ha="center", va="center", transform=ax2.transAxes)
+    else:
+        for i, (method, group) in enumerate(b.groupby("method", sort=False)):
+            group = group.sort_values("batch")
+            ax2.plot(group["batch"], group["prefill_ms_per_frame"], "o-", color=f"C{i}", label=method)
+            ax2.plot(group["batch"], group["prefill_floor_ms"], ":", color=f"C{i}", lw=1)
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks(sorted(b["batch"].unique()), [str(x) for x in sorted(b["batch"].unique())])
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=8)
+    ax2.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title="LLM prefill (dotted: floor)")
+    line = environment_line(speed)
+    if line:
+        fig.text(0.01, 0.01, line, fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig

@@ -1,0 +1,92 @@
+"""The speed report (issue 7) from latency JSON: newest measurement wins, derived columns, rendering."""
+
+import glob
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+from stc import speed
+
+matplotlib.use("Agg")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path, date, commit, vit=None, batched=None, compiled=False):
+    meta = {"device": "GPU X", "dtype": "bf16", "torch": "2.x", "commit": commit, "date": date,
+            "protocol": "one frame per step" + (" (CUDA graphs, compiled vision layers)" if compiled else "")}
+    data = {"meta": meta}
+    if vit is not None:
+        data["vit_graphs"] = vit
+    if batched is not None:
+        data["batched"] = batched
+    path.write_text(json.dumps(data))
+    return path
+
+
+def vit_row(batch, full, cacher, compile=False):
+    return {"batch": batch, "graphs": True, "compile": compile, "full_ms_per_frame": full, "cacher_ms_per_frame": cacher,
+            "floor_full_ms": 0.8, "floor_cacher_ms": 0.4}
+
+
+def batch_row(batch, method, tokens, vit, prefill, floor):
+    return {"method": method, "frames": 64, "batch": batch, "tokens_per_frame": tokens, "vit_ms_per_frame": vit,
+            "projector_ms_per_frame": 0.1, "prefill_ms_per_frame": prefill, "prefill_floor_ms": floor}
+
+
+@pytest.fixture
+def files(tmp_path):
+    old = write(tmp_path / "a_old.json", "2026-01-01T00:00:00+00:00", "aaaaaaa1",
+                vit=[vit_row(1, 4.0, 5.0), vit_row(16, 2.0, 1.5)],
+                batched=[batch_row(16, "baseline", 196, 2.5, 7.5, 4.5), batch_row(16, "pruner", 49, 2.3, 2.0, 0.9)])
+    new = write(tmp_path / "b_new.json", "2026-02-01T00:00:00+00:00", "bbbbbbb2", compiled=True,
+                vit=[vit_row(1, 3.0, 2.5, compile=True)],
+                batched=[batch_row(16, "pruner", 49, 2.0, 1.6, 0.88), batch_row(4, "baseline", 196, 2.6, 8.0, 4.47),
+                         batch_row(4, "pruner", 49, 2.7, 3.0, 1.15)])
+    other = tmp_path / "c_rows_only.json"  # a per-method latency file: no speed sections, skipped
+    other.write_text(json.dumps({"meta": {"date": "2026-03-01"}, "rows": [{"method": "baseline"}]}))
+    return [old, new, other]
+
+
+def test_newest_measurement_of_each_setting_wins(files):
+    s = speed.load_speed(files)
+    assert sorted(zip(s.vit["batch"], s.vit["compile"])) == [(1, False), (1, True), (16, False)]
+    pruned16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "pruner")]
+    assert len(pruned16) == 1 and pruned16["commit"].item() == "bbbbbbb" and pruned16["compile"].item()
+    base16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "baseline")]
+    assert base16["commit"].item() == "aaaaaaa" and not base16["compile"].item()
+
+
+def test_derived_columns_against_the_rows(files):
+    s = speed.load_speed(files)
+    v = speed.vit_table(s).set_index(["B", "compiled"])
+    assert v.loc[(1, True), "change"] == pytest.approx(2.5 / 3.0 - 1)
+    assert v.loc[(1, True), "FLOP ideal"] == pytest.approx(-0.5)
+    assert v.loc[(16, False), "Cacher / floor"] == pytest.approx(1.5 / 0.4)
+    p = speed.prefill_table(s).set_index(["B", "method"])
+    change, predicted = 3.0 / 8.0 - 1, 1.15 / 4.47 - 1
+    assert p.loc[(4, "pruner"), "prefill change"] == pytest.approx(change)
+    assert p.loc[(4, "pruner"), "floor predicts"] == pytest.approx(predicted)
+    assert p.loc[(4, "pruner"), "share of predicted"] == pytest.approx(change / predicted)
+    assert p.loc[(4, "baseline"), "prefill change"] is None or math.isnan(p.loc[(4, "baseline"), "prefill change"])
+    r = speed.realtime_table(s).set_index("method")
+    assert r.loc["baseline", "streams"] == 2000 // (2.5 + 7.5) and r.loc["pruner", "streams"] == 2000 // (2.0 + 1.6)
+    assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / 200)
+
+
+def test_report_and_figure_render_with_and_without_data(files, tmp_path):
+    text = speed.report(speed.load_speed(files))
+    assert "| 4 | pruner | 49 |" in text and "b_new.json: GPU X" in text
+    empty = speed.load_speed([files[2]])
+    assert empty.empty and "(no measurements)" in speed.report(empty)
+    for s in (speed.load_speed(files), empty):
+        speed.plot_speed(s).savefig(tmp_path / "speed.png")
+
+
+def test_committed_gpu_measurements_render():
+    s = speed.load_speed(glob.glob(str(ROOT / "results" / "latency" / "*.json")))
+    assert not s.vit.empty and not s.batched.empty
+    assert set(s.vit["batch"]) >= {1, 4, 16} and "H100" in s.vit["device"].iloc[0]
+    assert set(speed.prefill_table(s)["method"]) >= {"baseline", "pruner"}
