@@ -4,10 +4,14 @@ weight values), baseline and STC settings in one run, with the floor model. Writ
     python scripts/bench_latency.py --arch llava-ov-7b --out results/latency/h100.json          # GPU
     python scripts/bench_latency.py --arch llava-ov-7b --vit-only --frames 4 --device cpu ...   # CPU ViT only
 
-Part 1 (issue 2): the SigLIP tower alone, full vs STC-Cacher (N=4, R=0.75), per frame and per chunk.
-Part 2 (issue 3): one stream of --frames frames pushed one per step, then one question, per method;
-per-stage ms per frame at 16/32/64 frames, the question's time and peak memory.
-Both sides run the same eager Hugging Face code path: neither is graph-captured or compiled.
+Parts, each optional, all in one run and one JSON file:
+- "vit": the SigLIP tower alone, eager, full vs STC-Cacher (N=4, R=0.75), per frame and per chunk;
+- "vit_graphs": the graph-captured SigLIP step (stc.fast.GraphedVision), B synchronised streams,
+  without and/or with torch.compile'd layer functions (--vit-compile), both sides alike;
+- "rows": one stream of --frames frames pushed one per step, then one question, per method (eager, or
+  --graphs: EngineConfig(cuda_graphs=True)); per-stage ms per frame at 16/32/64 frames;
+- "batched": B synchronised streams per step (StreamBatch, --stream-batches), per stream-frame.
+Baseline and STC always run the same code path in the same run; floors use the rates measured here.
 """
 
 from __future__ import annotations

@@ -66,14 +66,15 @@ def selection_rows(b):
     key = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
     ref = key + 0.5 * torch.randn_like(key)
     unit = ref / ref.norm(dim=-1, keepdim=True)
-    want = set(map(tuple, _cos_topk(key.float(), ref.float(), k).sort(dim=1).values.tolist()))
+    want = [set(r) for r in _cos_topk(key.float(), ref.float(), k).tolist()]  # fp32 reference selection
     rows = []
     for name, fn, other in (("cosine+topk", _cos_topk, ref), ("cosine+sort", _cos_sort, ref), ("unit_ref+topk", _unit_topk, unit)):
         for compiled in (False, True):
             f = torch.compile(fn, dynamic=False) if compiled else fn
-            got = f(key, other, k)
-            same = len(want & set(map(tuple, got.sort(dim=1).values.tolist()))) / len(want)
-            rows.append({"op": "selection", "variant": name, "compiled": compiled, "batch": b, "same_rows": same,
+            got = f(key, other, k).tolist()
+            # bf16 similarities reorder near-ties at the boundary: report the mean overlap with fp32's choice
+            overlap = sum(len(w & set(g)) for w, g in zip(want, got)) / (k * b)
+            rows.append({"op": "selection", "variant": name, "compiled": compiled, "batch": b, "overlap_with_fp32": overlap,
                          "us": 1e3 * do_bench_cudagraph(lambda: f(key, other, k), rep=50, return_mode="median")})
     return rows
 

@@ -116,10 +116,13 @@ class GraphedVision:
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
         return x
 
+    def _step(self, kind: str):
+        return {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
+
     def _graph(self, kind: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured graph of a kind of step and its output buffer (captured on first use)."""
         if kind not in self._graphs:
-            fn = {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
+            fn = self._step(kind)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -135,7 +138,7 @@ class GraphedVision:
 
     def _run(self, kind: str) -> torch.Tensor:
         if not self.use_graphs:
-            return {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]()
+            return self._step(kind)()
         graph, out = self._graph(kind)
         graph.replay()
         return out
