@@ -36,7 +36,7 @@ class FakeStream:
         if engine.kill_after is not None and len(engine.asks) >= engine.kill_after:
             raise Killed()
         engine.asks.append({"retrieval_text": retrieval_text, "timestamps": list(self.timestamps),
-                            "indices": list(self.indices), "stream": id(self)})  # fmt: skip
+                            "indices": list(self.indices), "stream": self.serial})  # fmt: skip
         seen = len(self.timestamps)
         # The answer is a function of what the stream saw, so a resumed run must replay it exactly.
         if answer_prefix == "Best option: (":
@@ -61,7 +61,9 @@ class FakeEngine:
 
     def open_stream(self):
         self.opened += 1
-        return FakeStream(self)
+        stream = FakeStream(self)
+        stream.serial = self.opened  # not id(): a closed stream's id can be reused by the next one
+        return stream
 
 
 def q(qid, video, ask_time, kind="mc", task="OCR", benchmark="ovobench", answer=None):
