@@ -96,14 +96,44 @@ def projection_rows(b):
     return rows
 
 
+def llm_mlp_rows(m_rows, hidden=3584, inter=18944):
+    """One Qwen2-7B MLP (gate, up, SiLU * up, down) at M rows: eager, inductor, inductor max-autotune
+    (each replayed as a CUDA graph), with the weight-read floor at the bandwidth of a device copy."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16, generator=g) / i**0.5
+         for o, i in ((inter, hidden), (inter, hidden), (hidden, inter))]
+
+    def mlp(x, wg, wu, wd):
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    variants = {"eager": mlp, "inductor": torch.compile(mlp, dynamic=False),
+                "max-autotune": torch.compile(mlp, mode="max-autotune-no-cudagraphs", dynamic=False)}
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
+    floor_us = 3 * hidden * inter * 2 / bw * 1e6
+    rows = []
+    for m in m_rows:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+        want = mlp(x.float(), *(t.float() for t in w))
+        for name, fn in variants.items():
+            out = fn(x, *w)
+            err = ((out.float() - want).norm() / want.norm()).item()
+            rows.append({"op": "llm_mlp", "variant": name, "rows": m, "rel_err": err, "floor_us": floor_us,
+                         "us": 1e3 * do_bench_cudagraph(lambda: fn(x, *w), rep=50, return_mode="median")})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--llm-rows", type=int, nargs="*", default=[], help="also time a Qwen2-7B MLP at these row counts")
+    p.add_argument("--skip-vit", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    rows = []
-    for b in args.batches:
+    rows = llm_mlp_rows(args.llm_rows) if args.llm_rows else []
+    for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
             rows += attention_rows(b, tq)
         rows += selection_rows(b)

@@ -115,7 +115,7 @@ def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chu
 
 
 def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
-                        warmup: int = 1, repeats: int = 3, compile: bool = False) -> dict:
+                        warmup: int = 1, repeats: int = 3, compile: bool | str = False) -> dict:
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
     (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`)."""
     from stc.fast import GraphedVision

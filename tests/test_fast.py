@@ -84,8 +84,9 @@ def test_bad_inputs():
         runner(video(1))
     with pytest.raises(ValueError, match="no cacher"):
         GraphedVision(tower, use_graphs=False).new_state()
-    with pytest.raises(ValueError, match="compile must be"):
-        GraphedVision(tower, use_graphs=False, compile=1)
+    for bad in (1, "", None):
+        with pytest.raises(ValueError, match="compile must be"):
+            GraphedVision(tower, use_graphs=False, compile=bad)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

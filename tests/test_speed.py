@@ -52,19 +52,19 @@ def files(tmp_path):
 
 def test_newest_measurement_of_each_setting_wins(files):
     s = speed.load_speed(files)
-    assert sorted(zip(s.vit["batch"], s.vit["compile"])) == [(1, False), (1, True), (16, False)]
+    assert sorted(zip(s.vit["batch"], s.vit["compile"])) == [(1, "inductor"), (1, "none"), (16, "none")]
     pruned16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "pruner")]
-    assert len(pruned16) == 1 and pruned16["commit"].item() == "bbbbbbb" and pruned16["compile"].item()
+    assert len(pruned16) == 1 and pruned16["commit"].item() == "bbbbbbb" and pruned16["compile"].item() == "inductor"
     base16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "baseline")]
-    assert base16["commit"].item() == "aaaaaaa" and not base16["compile"].item()
+    assert base16["commit"].item() == "aaaaaaa" and base16["compile"].item() == "none"
 
 
 def test_derived_columns_against_the_rows(files):
     s = speed.load_speed(files)
-    v = speed.vit_table(s).set_index(["B", "compiled"])
-    assert v.loc[(1, True), "change"] == pytest.approx(2.5 / 3.0 - 1)
-    assert v.loc[(1, True), "FLOP ideal"] == pytest.approx(-0.5)
-    assert v.loc[(16, False), "Cacher / floor"] == pytest.approx(1.5 / 0.4)
+    v = speed.vit_table(s).set_index(["B", "compile"])
+    assert v.loc[(1, "inductor"), "change"] == pytest.approx(2.5 / 3.0 - 1)
+    assert v.loc[(1, "inductor"), "FLOP ideal"] == pytest.approx(-0.5)
+    assert v.loc[(16, "none"), "Cacher / floor"] == pytest.approx(1.5 / 0.4)
     p = speed.prefill_table(s).set_index(["B", "method"])
     change, predicted = 3.0 / 8.0 - 1, 1.15 / 4.47 - 1
     assert p.loc[(4, "pruner"), "prefill change"] == pytest.approx(change)
