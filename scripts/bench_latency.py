@@ -82,7 +82,7 @@ def graphed_vit_part(model, args, rates):
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     floors = vit_floors(vcfg, rates)
     rows = []
-    for compile, batch in [({"0": False, "1": True}.get(c, c), b) for c in args.vit_compile for b in args.batches]:
+    for compile, batch in [(c == "1", b) for c in args.vit_compile for b in args.batches]:
         full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats, compile=compile)
         stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats, compile=compile)
         rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile))
@@ -143,9 +143,8 @@ def main(argv=None):
     p.add_argument("--vit-frames", type=int, default=32)
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="synchronised streams (graphed ViT)")
-    p.add_argument("--vit-compile", nargs="+", default=["0"], choices=["0", "1", "max-autotune"],
-                   help="graphed ViT without (0) and/or with torch.compile'd layer functions (1: inductor, "
-                        "max-autotune: inductor autotuning GEMMs), both sides alike")
+    p.add_argument("--vit-compile", nargs="+", default=["0"], choices=["0", "1"],
+                   help="graphed ViT without (0) and/or with (1) torch.compile'd layer functions, both sides alike")
     p.add_argument("--skip-eager-vit", action="store_true")
     p.add_argument("--skip-graphed-vit", action="store_true")
     p.add_argument("--graphs", action="store_true", help="run the streams with EngineConfig(cuda_graphs=True)")

@@ -27,9 +27,13 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
     p.add_argument("--compile", action="store_true", help="with --vit-batch: torch.compile'd layer functions")
+    p.add_argument("--prefill-batch", type=int, default=0,
+                   help="profile one StreamBatch prefill step of this many streams (after --frames frames) instead")
     args = p.parse_args(argv)
     if args.vit_batch:
         return profile_vit(args)
+    if args.prefill_batch:
+        return profile_prefill(args)
     model, processor = build_model(args.arch, dtype=torch.bfloat16, device="cuda")
     pixels = synthetic_pixels(args.frames + args.profile_frames, model.config.vision_config.image_size)
     with build_engine(model, processor, args.method, EngineConfig(cuda_graphs=args.graphs)) as engine:
@@ -45,6 +49,43 @@ def main(argv=None):
         print(f"{args.method} graphs={args.graphs}: stages (ms per step)",
               {k: round(v["mean_ms"], 2) for k, v in stream.timer.summary().items()})
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def profile_prefill(args):
+    """Kernels of one StreamBatch prefill step (the static-window code, run uncaptured so that each
+    kernel is visible), next to the same step's graph replay time."""
+    model, processor = build_model(args.arch, dtype=torch.bfloat16, device="cuda")
+    b = args.prefill_batch
+    pixels = synthetic_pixels(args.frames + b, model.config.vision_config.image_size)
+    with build_engine(model, processor, args.method, EngineConfig(cuda_graphs=True)) as engine:
+        group = engine.open_batch(b)
+        for i in range(args.frames):
+            group.push_pixels(pixels[i : i + b])
+        w, n = group._window, group.streams[0].tokens_per_frame[0]
+        dim = model.config.text_config.hidden_size
+        tokens = torch.randn(b, n, dim, device="cuda", dtype=torch.bfloat16)
+        start = w.length  # the next frame's slot; the steps below write there and are not committed
+        replay = engine._static_step(w, group._graphs, n, start, dim, b)
+        times = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            replay(tokens)
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        engine.capture = False
+        eager = engine._static_step(w, {}, n, start, dim, b)
+        eager(tokens)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager(tokens)
+            torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"{args.method} B={b}, {n} tokens per stream after {args.frames} frames: graph replay "
+              f"{sorted(times)[len(times) // 2]:.2f} ms; uncaptured: {len(events)} kernels, "
+              f"{sum(e.device_time for e in events) / 1e3:.2f} ms of kernel time")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 def profile_vit(args):

@@ -39,24 +39,23 @@ def encoder_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def layer_functions(backend: str | None, mode: str | None = None) -> tuple:
-    """(encoder_layer, reference_layer, selective_layer), compiled with `backend` (and inductor `mode`)
-    unless backend is None."""
+def layer_functions(backend: str | None) -> tuple:
+    """(encoder_layer, reference_layer, selective_layer), compiled with `backend` unless None."""
     fns = (encoder_layer, reference_layer, selective_layer)
     if backend is None:
         return fns
-    return tuple(torch.compile(f, backend=backend, mode=mode, dynamic=False) for f in fns)
+    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in fns)
 
 
-def compile_options(compile: bool | str) -> tuple[str | None, str | None]:
-    """GraphedVision's `compile` as (backend, mode): False -> no compiling; True -> inductor;
-    "max-autotune" -> inductor autotuning its GEMM and fused-kernel configurations (without its own
-    CUDA graphs: GraphedVision captures); another string -> that torch.compile backend."""
+def compile_backend(compile: bool | str) -> str | None:
+    """GraphedVision's `compile` as a torch.compile backend: False -> None (no compiling), True ->
+    inductor, a string -> that backend. (Inductor's max-autotune mode was tried: autotuning the
+    encoder's GEMMs had not finished after 4 minutes on the H100, so it is not offered.)"""
     if isinstance(compile, bool):
-        return ("inductor" if compile else None), None
+        return "inductor" if compile else None
     if isinstance(compile, str) and compile:
-        return ("inductor", "max-autotune-no-cudagraphs") if compile == "max-autotune" else (compile, None)
-    raise ValueError(f"compile must be a bool, 'max-autotune' or a torch.compile backend name, got {compile!r}")
+        return compile
+    raise ValueError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
 
 
 class GraphedVision:
@@ -64,7 +63,7 @@ class GraphedVision:
 
     tower: a SigLIP/CLIP vision tower (transformers 5.x); cacher: STC-Cacher settings or None for
     the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
-    compile: run the layer functions through `torch.compile` (see `compile_options`).
+    compile: run the layer functions through `torch.compile` (see `compile_backend`).
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
@@ -79,7 +78,7 @@ class GraphedVision:
         param = next(tower.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(*compile_options(compile))
+        self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(compile_backend(compile))
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)

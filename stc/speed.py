@@ -23,7 +23,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-COMPILE_LEVELS = ("none", "inductor", "max-autotune")  # GraphedVision's compile=False / True / "max-autotune"
+COMPILE_LEVELS = ("none", "inductor")  # GraphedVision's compile=False / True
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
