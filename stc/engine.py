@@ -101,8 +101,6 @@ class EngineConfig:
             not isinstance(self.tome_tokens_per_frame, int) or self.tome_tokens_per_frame < 1 or self.cacher is not None
         ):
             raise ValueError(f"tome_tokens_per_frame must be an integer >= 1 and excludes the cacher, got {self.tome_tokens_per_frame!r}")
-        if self.cuda_graphs and self.tome_tokens_per_frame is not None:
-            raise ValueError("cuda_graphs does not support ToMe (its token counts vary inside the encoder)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
@@ -226,14 +224,15 @@ class StreamingEngine:
         self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
         # With cuda_graphs the GraphedVision runner below runs the cacher's tensor functions itself.
         self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher and not config.cuda_graphs else None
-        self.tome = None
+        self.tome = self.tome_schedule = None
         if config.tome_tokens_per_frame is not None:
             from stc.baselines.tome import attach_tome, tome_r_for_budget
 
             vcfg = model.config.vision_config
             patches = (vcfg.image_size // vcfg.patch_size) ** 2
-            schedule = tome_r_for_budget(patches, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
-            self.tome = attach_tome(inner.vision_tower, schedule)
+            self.tome_schedule = tome_r_for_budget(patches, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
+            # With cuda_graphs the GraphedVision runner runs ToMe's layer function itself.
+            self.tome = None if config.cuda_graphs else attach_tome(inner.vision_tower, self.tome_schedule)
         self._hooks = [
             layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
         ]
@@ -246,7 +245,8 @@ class StreamingEngine:
             from stc.fast import GraphedVision
 
             self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher, feature_layer=self.vision_layer,
-                                               use_graphs=self.capture, compile=self.compile_vision)
+                                               use_graphs=self.capture, compile=self.compile_vision,
+                                               tome=self.tome_schedule)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config
@@ -509,7 +509,7 @@ class Stream:
                 feats = torch.gather(feats, 1, order[..., None].expand(-1, -1, feats.shape[-1]))
         with self.timer.stage("projector"):
             tokens = inner.multi_modal_projector(feats)
-            if tome_state is None:
+            if e.tome_schedule is None:  # ToMe's merged tokens have no grid to pool
                 tokens = inner.apply_pooling(tokens)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
@@ -688,7 +688,8 @@ class StreamBatch:
         self.engine, self.size = engine, size
         e = engine
         self.vision = GraphedVision(e.model.model.vision_tower, batch=size, cacher=e.config.cacher,
-                                    feature_layer=e.vision_layer, use_graphs=e.capture, compile=e.compile_vision)
+                                    feature_layer=e.vision_layer, use_graphs=e.capture, compile=e.compile_vision,
+                                    tome=e.tome_schedule)
         self.streams = [Stream(e) for _ in range(size)]
         for s in self.streams:
             s._member_of = self
@@ -728,7 +729,9 @@ class StreamBatch:
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
         with self.timer.stage("projector"):
-            tokens = inner.apply_pooling(inner.multi_modal_projector(feats))
+            tokens = inner.multi_modal_projector(feats)
+            if e.tome_schedule is None:  # ToMe's merged tokens have no grid to pool
+                tokens = inner.apply_pooling(tokens)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 kept = [e.compressor.compress(tokens[i : i + 1], s.compressor_state, VisionContext(grid=(side, side))).tokens[0]

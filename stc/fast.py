@@ -5,7 +5,10 @@ Streaming encodes one frame per step (per stream), so the stock eager encoder is
 
 - baseline: the unmodified encoder layers (their Hugging Face forward) -> features;
 - STC-Cacher, reference step: `reference_layer` per layer, writing K, V, A, M into static buffers;
-- STC-Cacher, other steps: `selective_layer` per layer, reading those buffers.
+- STC-Cacher, other steps: `selective_layer` per layer, reading those buffers;
+- the ToMe baseline: `stc.baselines.tome.tome_layer` per layer with its fixed merge schedule (every
+  layer's token count is known in advance, so the step has static shapes), then the merged tokens in
+  raster order of their first patch.
 
 Semantics are exactly those of `stc.cacher` (the same tensor functions run inside the graphs), for
 B synchronised streams: every stream in a step is at the same frame index, so all are reference
@@ -63,12 +66,16 @@ class GraphedVision:
 
     tower: a SigLIP/CLIP vision tower (transformers 5.x); cacher: STC-Cacher settings or None for
     the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
-    compile: run the layer functions through `torch.compile` (see `compile_backend`).
+    compile: run the layer functions through `torch.compile` (see `compile_backend`); tome: a ToMe
+    merge schedule (tokens merged per layer, `stc.baselines.tome.tome_r_for_budget`) instead of a
+    cacher; ToMe's layers are not compiled (their token counts differ per layer).
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
-                 compile: bool | str = False):
+                 compile: bool | str = False, tome: tuple[int, ...] | None = None):
+        if tome is not None and cacher is not None:
+            raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         self.tower = tower
         self.layers = encoder_layers(tower)
         n = len(self.layers)
@@ -85,6 +92,12 @@ class GraphedVision:
         with torch.no_grad():
             self.tokens = tower.embeddings(self.pixels).shape[1]
         self.k = cacher.recomputed_tokens(self.tokens) if cacher else None
+        self.tome = None
+        if tome is not None:
+            from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule
+
+            self.tome = ToMeState(schedule=_normalise_schedule(tome, n), proportional_attention=True,
+                                  class_token=type(self.layers[0]).__name__ in CLASS_TOKEN_LAYERS)
         self.keep_hidden = bool(cacher) and cacher.selection_feature == "hidden"
         if cacher:
             shape = (batch, self.tokens, cfg.hidden_size)
@@ -106,6 +119,16 @@ class GraphedVision:
             x = self._encoder_layer(layer, x)
         return x
 
+    def _tome(self) -> torch.Tensor:
+        from stc.baselines.tome import tome_layer
+
+        x = self.tower.embeddings(self.pixels)
+        self.tome.begin(x)
+        for i, layer in enumerate(self.layers[: self.depth]):
+            x = tome_layer(layer, x, self.tome.schedule[i], self.tome)
+        order = self.tome.spatial_order()
+        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
     def _reference(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
         for i, layer in enumerate(self.layers[: self.depth]):
@@ -124,7 +147,7 @@ class GraphedVision:
         return x
 
     def _step(self, kind: str):
-        return {"full": self._full, "reference": self._reference, "selective": self._selective}[kind]
+        return {"full": self._full, "tome": self._tome, "reference": self._reference, "selective": self._selective}[kind]
 
     def _graph(self, kind: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured graph of a kind of step and its output buffer (captured on first use)."""
@@ -152,7 +175,7 @@ class GraphedVision:
 
     def _kind(self, index: int) -> str:
         if not self.cacher:
-            return "full"
+            return "tome" if self.tome is not None else "full"
         return "reference" if self.cacher.is_reference(index) else "selective"
 
     def _check_states(self, states: list[CacherState] | None) -> int:
@@ -194,7 +217,7 @@ class GraphedVision:
         index = self._check_states(states)
         self.pixels.copy_(pixels)
         if not self.cacher:
-            return self._run("full").clone()
+            return self._run(self._kind(0)).clone()
         self._load(states)
         kind = self._kind(index)
         out = self._run(kind).clone()

@@ -9,7 +9,9 @@ optionally two sections this module reads:
   prefill floor.
 
 `load_speed` collects them from many files; where several files measured the same setting, the newest
-(by the date in its meta) wins, so re-measuring updates the report without deleting history.
+(by the date in its meta) wins, so re-measuring updates the report without deleting history. For
+StreamBatch every row of one B comes from the newest file that measured that B, so each method is
+compared with the baseline of its own run.
 """
 
 from __future__ import annotations
@@ -63,7 +65,11 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
     vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
-    batched_df = _newest(pd.DataFrame(batched), ["batch", "method"])
+    batched_df = pd.DataFrame(batched)
+    if not batched_df.empty:
+        newest = batched_df.sort_values("date").groupby("batch")["source"].last()
+        batched_df = batched_df[batched_df["source"] == batched_df["batch"].map(newest)]
+        batched_df = _newest(batched_df, ["batch", "method"])
     return Speed(vit=vit_df, batched=batched_df)
 
 

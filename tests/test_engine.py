@@ -298,7 +298,8 @@ def test_close_restores_the_model(tiny):
     EngineConfig(retrieve_top_k=None),
     EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=3, n_local=40),  # the window is trimmed and re-rotated in place
-], ids=["plain", "stc", "window"])
+    EngineConfig(retrieve_top_k=2, tome_tokens_per_frame=20),  # ToMe's merge schedule inside the graphed ViT
+], ids=["plain", "stc", "window", "tome"])
 @pytest.mark.parametrize("bucket", [1024, 16])
 def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch):
     """The static-shape path of cuda_graphs (captured on a GPU, run as is on a CPU) gives the same answers,
@@ -353,7 +354,8 @@ def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
     EngineConfig(retrieve_top_k=2, cuda_graphs=True),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, n_local=20, pruner=PrunerConfig(keep_ratio=0.5)),
-], ids=["plain", "stc", "sliding"])
+    EngineConfig(retrieve_top_k=2, cuda_graphs=True, tome_tokens_per_frame=20),
+], ids=["plain", "stc", "sliding", "tome"])
 def test_stream_batch_equals_separate_streams(tiny, cfg):
     model, proc = tiny
     videos = [frames(5, seed=s) for s in (1, 2, 3)]

@@ -47,6 +47,25 @@ def test_compiled_layer_functions_trace_whole(cfg):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tome_step_equals_the_attached_tome(batch):
+    """GraphedVision(tome=schedule) gives the attached ToMe's last-layer tokens in raster order."""
+    from stc.baselines.tome import attach_tome, tome_r_for_budget
+
+    tower, frames = siglip(), video(batch)
+    schedule = tome_r_for_budget(36, 3, 10)
+    with torch.no_grad(), attach_tome(tower, schedule) as tome:
+        state = tome.new_state()
+        want = tower(frames, tome_state=state, output_hidden_states=True).hidden_states[-1]
+        want = want.gather(1, state.spatial_order()[..., None].expand_as(want))
+    runner = GraphedVision(tower, batch=batch, use_graphs=False, tome=schedule)
+    got = runner(frames)
+    assert got.shape == (batch, 10, 32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="either STC-Cacher or ToMe"):
+        GraphedVision(tower, cacher=CacherConfig(), tome=schedule)
+
+
 def test_streams_swap_in_and_out():
     tower = siglip()
     cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
@@ -91,16 +110,17 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=4, reuse_ratio=0.75)])
+@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=4, reuse_ratio=0.75), "tome"])
 def test_graphs_equal_eager_on_gpu(cfg, compile):
     tower = siglip().cuda()
     frames = video(9).cuda()
-    eager = GraphedVision(tower, cacher=cfg, use_graphs=False)
-    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile)
+    tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome)
+    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome)
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
-    assert set(graphed._graphs) == ({"full"} if cfg is None else {"reference", "selective"})
+    assert set(graphed._graphs) == ({"tome" if tome else "full"} if cfg is None else {"reference", "selective"})
     outs = []
     tol = 1e-4 if compile else 1e-5  # inductor's fused kernels round differently in fp32
     for f in frames:
@@ -109,10 +129,10 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
         outs.append(g)
     # returned features are copies: later replays do not change earlier outputs
     assert not torch.equal(outs[1], outs[2])
-    torch.testing.assert_close(outs[1], eager_again(tower, frames, cfg)[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1], eager_again(tower, frames, cfg, tome)[1], atol=tol, rtol=tol)
 
 
-def eager_again(tower, frames, cfg):
-    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+def eager_again(tower, frames, cfg, tome=None):
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome)
     states = [runner.new_state()] if cfg else None
     return [runner(f[None], states) for f in frames]

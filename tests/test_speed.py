@@ -43,7 +43,8 @@ def files(tmp_path):
                 batched=[batch_row(16, "baseline", 196, 2.5, 7.5, 4.5), batch_row(16, "pruner", 49, 2.3, 2.0, 0.9)])
     new = write(tmp_path / "b_new.json", "2026-02-01T00:00:00+00:00", "bbbbbbb2", compiled=True,
                 vit=[vit_row(1, 3.0, 2.5, compile=True)],
-                batched=[batch_row(16, "pruner", 49, 2.0, 1.6, 0.88), batch_row(4, "baseline", 196, 2.6, 8.0, 4.47),
+                batched=[batch_row(16, "baseline", 196, 2.4, 7.2, 4.5), batch_row(16, "pruner", 49, 2.0, 1.6, 0.88),
+                         batch_row(4, "baseline", 196, 2.6, 8.0, 4.47),
                          batch_row(4, "pruner", 49, 2.7, 3.0, 1.15)])
     other = tmp_path / "c_rows_only.json"  # a per-method latency file: no speed sections, skipped
     other.write_text(json.dumps({"meta": {"date": "2026-03-01"}, "rows": [{"method": "baseline"}]}))
@@ -53,10 +54,14 @@ def files(tmp_path):
 def test_newest_measurement_of_each_setting_wins(files):
     s = speed.load_speed(files)
     assert sorted(zip(s.vit["batch"], s.vit["compile"])) == [(1, "inductor"), (1, "none"), (16, "none")]
-    pruned16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "pruner")]
-    assert len(pruned16) == 1 and pruned16["commit"].item() == "bbbbbbb" and pruned16["compile"].item() == "inductor"
-    base16 = s.batched[(s.batched["batch"] == 16) & (s.batched["method"] == "baseline")]
-    assert base16["commit"].item() == "aaaaaaa" and base16["compile"].item() == "none"
+    # every StreamBatch row of one B comes from the newest run of that B: methods meet their own baseline
+    at16 = s.batched[s.batched["batch"] == 16]
+    assert sorted(at16["method"]) == ["baseline", "pruner"] and set(at16["commit"]) == {"bbbbbbb"}
+    assert set(at16["compile"]) == {"inductor"}
+    write(files[0].parent / "d_newest.json", "2026-04-01T00:00:00+00:00", "ddddddd4",
+          batched=[batch_row(16, "baseline", 196, 2.0, 7.0, 4.5)])
+    at16 = speed.load_speed(files + [files[0].parent / "d_newest.json"]).batched.query("batch == 16")
+    assert list(at16["method"]) == ["baseline"] and set(at16["compile"]) == {"none"}
 
 
 def test_derived_columns_against_the_rows(files):
@@ -72,8 +77,8 @@ def test_derived_columns_against_the_rows(files):
     assert p.loc[(4, "pruner"), "share of predicted"] == pytest.approx(change / predicted)
     assert p.loc[(4, "baseline"), "prefill change"] is None or math.isnan(p.loc[(4, "baseline"), "prefill change"])
     r = speed.realtime_table(s).set_index("method")
-    assert r.loc["baseline", "streams"] == 2000 // (2.5 + 7.5) and r.loc["pruner", "streams"] == 2000 // (2.0 + 1.6)
-    assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / 200)
+    assert r.loc["baseline", "streams"] == 2000 // (2.4 + 7.2) and r.loc["pruner", "streams"] == 2000 // (2.0 + 1.6)
+    assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / (2000 // 9.6))
 
 
 def test_report_and_figure_render_with_and_without_data(files, tmp_path):

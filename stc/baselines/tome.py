@@ -238,6 +238,13 @@ class ToMeState:
     def num_layers(self) -> int:
         return len(self.schedule)
 
+    def begin(self, x: torch.Tensor) -> None:
+        """Start a forward over hidden states x [B, T, C]: every token is one patch."""
+        b, t, _ = x.shape
+        self.sizes = torch.ones(b, t, dtype=torch.float32, device=x.device)
+        self.assignment = torch.arange(t, device=x.device).expand(b, -1).clone()
+        self.token_counts = [t]
+
     def positions(self) -> torch.Tensor:
         """int64 [B, T]: the smallest input patch index in each current token."""
         self._require_forward()
@@ -373,9 +380,7 @@ class ToMe(LayerPatch):
             raise ValueError(f"expected hidden states [frames, tokens, dim], got shape {tuple(x.shape)}")
         b, t, _ = x.shape
         if idx == 0:
-            state.sizes = torch.ones(b, t, dtype=torch.float32, device=x.device)
-            state.assignment = torch.arange(t, device=x.device).expand(b, -1).clone()
-            state.token_counts = [t]
+            state.begin(x)
         elif idx != state._next_layer or state.sizes is None or state.sizes.shape != (b, t):
             raise RuntimeError("ToMe: layers must run in order over one forward (did a forward fail midway?)")
         out = tome_layer(layer, x, self.schedule[idx], state)
