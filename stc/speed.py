@@ -65,6 +65,9 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
     vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
+    if not vit_df.empty:  # per B: uncompiled first, then more optimised
+        rank = vit_df["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else len(COMPILE_LEVELS))
+        vit_df = vit_df.assign(_rank=rank).sort_values(["batch", "_rank"]).drop(columns="_rank").reset_index(drop=True)
     batched_df = pd.DataFrame(batched)
     if not batched_df.empty:
         newest = batched_df.sort_values("date").groupby("batch")["source"].last()
