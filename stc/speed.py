@@ -158,12 +158,16 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment_line(speed: Speed) -> str:
+def environment_line(speed: Speed, files: bool = True) -> str:
+    """Where the numbers come from: per file (files=True), or per device and versions with their commits."""
     both = pd.concat([speed.vit, speed.batched], ignore_index=True) if not speed.empty else pd.DataFrame()
     if both.empty:
         return ""
     parts = both.drop_duplicates("source")
-    return "; ".join(f"{r.source}: {r.device}, {r.dtype}, torch {r.torch}, commit {r.commit}" for r in parts.itertuples())
+    if files:
+        return "; ".join(f"{r.source}: {r.device}, {r.dtype}, torch {r.torch}, commit {r.commit}" for r in parts.itertuples())
+    groups = parts.groupby(["device", "dtype", "torch"], sort=False)["commit"]
+    return "; ".join(f"{d}, {t}, torch {v}, commits {', '.join(dict.fromkeys(c))}" for (d, t, v), c in groups)
 
 
 def report(speed: Speed) -> str:
@@ -209,8 +213,8 @@ def plot_speed(speed: Speed) -> plt.Figure:
         ax2.set_ylim(bottom=0)
         ax2.legend(fontsize=8)
     ax2.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title="LLM prefill (dotted: floor)")
-    line = environment_line(speed)
+    line = environment_line(speed, files=False)
     if line:
         fig.text(0.01, 0.01, line, fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))  # the top 4% for stc.figures.label_figure
     return fig
