@@ -21,11 +21,15 @@ class VisionContext:
         [frames, vit_tokens, vit_dim], or None when they were not kept.
     vision_tower: the encoder module itself (e.g. to recompute one layer's attention).
     grid: (height, width) of the token grid after pooling, e.g. (14, 14) for LLaVA-OV at 384 px.
+    layer_inputs: inputs of single encoder layers by layer index (0 = the first layer), [frames,
+        vit_tokens, vit_dim] each: what the CUDA-graph path keeps instead of every hidden state, for a
+        compressor that names the layer it reads (its ``vision_layer_input`` attribute).
     """
 
     hidden_states: tuple[torch.Tensor, ...] | None = None
     vision_tower: torch.nn.Module | None = None
     grid: tuple[int, int] | None = None
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -242,11 +242,10 @@ class StreamingEngine:
         self.vision_runner = None
         if config.cuda_graphs:
             from stc import attention
-            from stc.fast import GraphedVision
 
-            self.vision_runner = GraphedVision(inner.vision_tower, cacher=config.cacher, feature_layer=self.vision_layer,
-                                               use_graphs=self.capture, compile=self.compile_vision,
-                                               tome=self.tome_schedule)
+            # a compressor that reads one encoder layer's input (VisionZip) names it; the graphed step keeps it
+            self.vision_layer_input = getattr(self.compressor, "vision_layer_input", None)
+            self.vision_runner = self._graphed_vision(1)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config
@@ -276,6 +275,13 @@ class StreamingEngine:
         """Rotate keys x [..., n, d] by delta positions [n] (RoPE composes: R(a) R(b) = R(a + b))."""
         cos, sin = self.lm.rotary_emb(x.float(), delta.to(x.device)[None])
         return (x.float() * cos[0] + rotate_half(x.float()) * sin[0]).to(x.dtype)
+
+    def _graphed_vision(self, batch: int):
+        from stc.fast import GraphedVision
+
+        return GraphedVision(self.model.model.vision_tower, batch=batch, cacher=self.config.cacher,
+                             feature_layer=self.vision_layer, use_graphs=self.capture, compile=self.compile_vision,
+                             tome=self.tome_schedule, keep_input_of=self.vision_layer_input)
 
     def _slide_window(self, w: _KV, n_init: int) -> None:
         """Keep at most n_local recent tokens in the window w (buffer [layers, 2, ..., slots, d]): drop
@@ -495,9 +501,16 @@ class Stream:
         if e.vision_runner is not None:
             with self.timer.stage("capture"):  # once per kind of step; not a per-frame cost
                 e.vision_runner.prepare(states, frames=f)
+        layer_inputs = {}
         with self.timer.stage("vision"):
             if e.vision_runner is not None:
-                feats = torch.cat([e.vision_runner(pix[i : i + 1], states) for i in range(f)])
+                runner, outs, kept = e.vision_runner, [], []
+                for i in range(f):
+                    outs.append(runner(pix[i : i + 1], states))
+                    if runner.keep_input_of is not None:
+                        kept.append(runner.layer_input)
+                feats = torch.cat(outs)
+                layer_inputs = {runner.keep_input_of: torch.cat(kept)} if kept else {}
                 out = None
             else:
                 out = inner.vision_tower(pix, output_hidden_states=True, **kwargs)
@@ -514,7 +527,8 @@ class Stream:
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 hidden = out.hidden_states if out is not None else None
-                ctx = VisionContext(hidden_states=hidden, vision_tower=inner.vision_tower, grid=(side, side))
+                ctx = VisionContext(hidden_states=hidden, vision_tower=inner.vision_tower, grid=(side, side),
+                                    layer_inputs=layer_inputs)
                 compressed = e.compressor.compress(tokens, self.compressor_state, ctx)
             else:
                 compressed = Compressed(tokens=list(tokens), indices=[None] * f)
@@ -683,13 +697,9 @@ class StreamBatch:
             raise ValueError("StreamBatch needs EngineConfig(cuda_graphs=True) (its static KV window)")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"a batch needs at least one stream, got {size!r}")
-        from stc.fast import GraphedVision
-
         self.engine, self.size = engine, size
         e = engine
-        self.vision = GraphedVision(e.model.model.vision_tower, batch=size, cacher=e.config.cacher,
-                                    feature_layer=e.vision_layer, use_graphs=e.capture, compile=e.compile_vision,
-                                    tome=e.tome_schedule)
+        self.vision = e._graphed_vision(size)
         self.streams = [Stream(e) for _ in range(size)]
         for s in self.streams:
             s._member_of = self
@@ -734,7 +744,10 @@ class StreamBatch:
                 tokens = inner.apply_pooling(tokens)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
-                kept = [e.compressor.compress(tokens[i : i + 1], s.compressor_state, VisionContext(grid=(side, side))).tokens[0]
+                index, layer_input = self.vision.keep_input_of, self.vision.layer_input
+                kept = [e.compressor.compress(tokens[i : i + 1], s.compressor_state, VisionContext(
+                            grid=(side, side), vision_tower=inner.vision_tower,
+                            layer_inputs={} if index is None else {index: layer_input[i : i + 1]})).tokens[0]
                         for i, s in enumerate(self.streams)]
                 if len({k.shape[0] for k in kept}) != 1:
                     raise ValueError("streams in a batch must keep the same number of tokens per frame")

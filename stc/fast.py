@@ -68,14 +68,18 @@ class GraphedVision:
     the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
     compile: run the layer functions through `torch.compile` (see `compile_backend`); tome: a ToMe
     merge schedule (tokens merged per layer, `stc.baselines.tome.tome_r_for_budget`) instead of a
-    cacher; ToMe's layers are not compiled (their token counts differ per layer).
+    cacher; ToMe's layers are not compiled (their token counts differ per layer); keep_input_of: an
+    encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
+    (a copy, [B, T, C]), for compressors that read it (VisionZip).
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
-                 compile: bool | str = False, tome: tuple[int, ...] | None = None):
+                 compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
+        if keep_input_of is not None and tome is not None:
+            raise ValueError("keep_input_of is not available with ToMe (its layers see merged tokens)")
         self.tower = tower
         self.layers = encoder_layers(tower)
         n = len(self.layers)
@@ -99,6 +103,13 @@ class GraphedVision:
             self.tome = ToMeState(schedule=_normalise_schedule(tome, n), proportional_attention=True,
                                   class_token=type(self.layers[0]).__name__ in CLASS_TOKEN_LAYERS)
         self.keep_hidden = bool(cacher) and cacher.selection_feature == "hidden"
+        self.keep_input_of = self._layer_input = self.layer_input = None
+        if keep_input_of is not None:
+            valid = isinstance(keep_input_of, int) and not isinstance(keep_input_of, bool) and -n <= keep_input_of < n
+            if not valid or keep_input_of % n >= self.depth:
+                raise ValueError(f"keep_input_of must be the index of one of the {self.depth} layers run, got {keep_input_of!r}")
+            self.keep_input_of = keep_input_of % n
+            self._layer_input = torch.zeros(batch, self.tokens, cfg.hidden_size, device=self.device, dtype=self.dtype)
         if cacher:
             shape = (batch, self.tokens, cfg.hidden_size)
             self.refs = [
@@ -115,9 +126,14 @@ class GraphedVision:
 
     def _full(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
-        for layer in self.layers[: self.depth]:
+        for i, layer in enumerate(self.layers[: self.depth]):
+            self._keep_input(i, x)
             x = self._encoder_layer(layer, x)
         return x
+
+    def _keep_input(self, index: int, x: torch.Tensor) -> None:
+        if index == self.keep_input_of:
+            self._layer_input.copy_(x)
 
     def _tome(self) -> torch.Tensor:
         from stc.baselines.tome import tome_layer
@@ -132,6 +148,7 @@ class GraphedVision:
     def _reference(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
         for i, layer in enumerate(self.layers[: self.depth]):
+            self._keep_input(i, x)
             x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden)
             for f in _FIELDS:
                 if getattr(cache, f) is not None:
@@ -142,6 +159,7 @@ class GraphedVision:
         x = self.tower.embeddings(self.pixels)
         shared = None
         for i, layer in enumerate(self.layers[: self.depth]):
+            self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
         return x
@@ -216,11 +234,14 @@ class GraphedVision:
             raise ValueError(f"expected pixels of shape {tuple(self.pixels.shape)}, got {tuple(pixels.shape)}")
         index = self._check_states(states)
         self.pixels.copy_(pixels)
-        if not self.cacher:
-            return self._run(self._kind(0)).clone()
-        self._load(states)
+        if self.cacher:
+            self._load(states)
         kind = self._kind(index)
         out = self._run(kind).clone()
+        if self._layer_input is not None:
+            self.layer_input = self._layer_input.clone()
+        if not self.cacher:
+            return out
         for s in states:
             counts = [self.tokens if kind == "reference" else self.k] * self.depth
             s.reports.append(FrameReport(index=index, reference=kind == "reference", recomputed=counts))

@@ -299,7 +299,8 @@ def test_close_restores_the_model(tiny):
     EngineConfig(retrieve_top_k=2, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=3, n_local=40),  # the window is trimmed and re-rotated in place
     EngineConfig(retrieve_top_k=2, tome_tokens_per_frame=20),  # ToMe's merge schedule inside the graphed ViT
-], ids=["plain", "stc", "window", "tome"])
+    "visionzip",  # reads its attention layer's input, which the graphed ViT keeps
+], ids=["plain", "stc", "window", "tome", "visionzip"])
 @pytest.mark.parametrize("bucket", [1024, 16])
 def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch):
     """The static-shape path of cuda_graphs (captured on a GPU, run as is on a CPU) gives the same answers,
@@ -312,8 +313,13 @@ def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch)
     model, proc = tiny
     video = frames(6)
     results = []
+    compressor = None
+    if cfg == "visionzip":
+        from stc.baselines.visionzip import VisionZip
+
+        cfg, compressor = EngineConfig(retrieve_top_k=2), VisionZip(keep_ratio=0.25)
     for graphs in (False, True):
-        with StreamingEngine(model, proc, replace(cfg, cuda_graphs=graphs)) as engine:
+        with StreamingEngine(model, proc, replace(cfg, cuda_graphs=graphs), compressor=compressor) as engine:
             s = engine.open_stream()
             s.push_frames(video[:2])
             s.push_frames(video[2:])
@@ -355,11 +361,17 @@ def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, n_local=20, pruner=PrunerConfig(keep_ratio=0.5)),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, tome_tokens_per_frame=20),
-], ids=["plain", "stc", "sliding", "tome"])
+    "visionzip",
+], ids=["plain", "stc", "sliding", "tome", "visionzip"])
 def test_stream_batch_equals_separate_streams(tiny, cfg):
     model, proc = tiny
     videos = [frames(5, seed=s) for s in (1, 2, 3)]
-    with StreamingEngine(model, proc, cfg) as engine:
+    compressor = None
+    if cfg == "visionzip":
+        from stc.baselines.visionzip import VisionZip
+
+        cfg, compressor = EngineConfig(retrieve_top_k=2, cuda_graphs=True), VisionZip(keep_ratio=0.25)
+    with StreamingEngine(model, proc, cfg, compressor=compressor) as engine:
         alone = []
         for v in videos:
             s = engine.open_stream()

@@ -47,6 +47,30 @@ def test_compiled_layer_functions_trace_whole(cfg):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=3, reuse_ratio=0.75)])
+def test_kept_layer_input_is_that_layers_hidden_state(cfg):
+    """keep_input_of=-1 keeps the last layer's input: hidden_states[-2] of the (patched) tower."""
+    tower, frames = siglip(), video(4)
+    want = []
+    with torch.no_grad():
+        if cfg is None:
+            want = [tower(f[None], output_hidden_states=True).hidden_states[-2] for f in frames]
+        else:
+            with attach_cacher(tower, cfg) as cacher:
+                state = cacher.new_state()
+                want = [tower(f[None], stc_state=state, output_hidden_states=True).hidden_states[-2] for f in frames]
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, keep_input_of=-1)
+    states = [runner.new_state()] if cfg else None
+    for f, w in zip(frames, want):
+        runner(f[None], states)
+        torch.testing.assert_close(runner.layer_input, w, atol=1e-5, rtol=1e-5)
+    for bad in (3, -4, True, 1.0):
+        with pytest.raises(ValueError, match="keep_input_of"):
+            GraphedVision(tower, use_graphs=False, keep_input_of=bad)
+    with pytest.raises(ValueError, match="keep_input_of"):  # layer 2 is not run when the features come from layer 2's input
+        GraphedVision(tower, use_graphs=False, feature_layer=2, keep_input_of=2)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_tome_step_equals_the_attached_tome(batch):
     """GraphedVision(tome=schedule) gives the attached ToMe's last-layer tokens in raster order."""
@@ -115,8 +139,9 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     tower = siglip().cuda()
     frames = video(9).cuda()
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
-    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome)
-    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome)
+    keep = None if tome else 1  # and the input of layer 1, as for VisionZip
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep)
+    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
@@ -126,6 +151,8 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     for f in frames:
         e, g = eager(f[None], se), graphed(f[None], sg)
         torch.testing.assert_close(g, e, atol=tol, rtol=tol)
+        if keep is not None:
+            torch.testing.assert_close(graphed.layer_input, eager.layer_input, atol=tol, rtol=tol)
         outs.append(g)
     # returned features are copies: later replays do not change earlier outputs
     assert not torch.equal(outs[1], outs[2])

@@ -139,7 +139,8 @@ class VisionZip:
     (`keep_ratio` / `tokens_per_frame`, default keep_ratio = 0.25) split by `contextual_share`.
     attention_layer: the encoder layer whose attention ranks tokens (negative counts from the end;
         -1 = the last layer, LLaVA-OneVision's feature layer).
-    Needs VisionContext.hidden_states (embeddings first) and VisionContext.vision_tower.
+    Needs VisionContext.vision_tower and the input of that layer: VisionContext.layer_inputs (the
+    CUDA-graph path keeps it, see `vision_layer_input`) or VisionContext.hidden_states (embeddings first).
     """
 
     keep_ratio: float | None = None
@@ -174,6 +175,11 @@ class VisionZip:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise ValueError(f"contextual_share must be in [0, 1), got {share!r}")
 
+    @property
+    def vision_layer_input(self) -> int:
+        """The encoder layer whose input this compressor reads (may be negative: from the end)."""
+        return self.attention_layer
+
     def split(self, num_tokens: int) -> tuple[int, int]:
         """(dominant, contextual) tokens kept of a frame of num_tokens tokens."""
         if self.dominant is not None:
@@ -191,25 +197,30 @@ class VisionZip:
 
     def scores(self, num_frames: int, num_tokens: int, context: VisionContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention scores [F, N] and keys [F, N, head_dim] on the compressor's token grid."""
-        if context is None or context.hidden_states is None or context.vision_tower is None:
+        layers = getattr(getattr(context.vision_tower, "encoder", None), "layers", None) if context else None
+        n_layers = len(layers) if layers is not None else None
+        idx = self.attention_layer % n_layers if n_layers and -n_layers <= self.attention_layer < n_layers else None
+        if context is None or context.vision_tower is None or (
+                context.hidden_states is None and idx not in context.layer_inputs):
             raise ValueError(
-                "VisionZip needs the vision tower's hidden states: pass VisionContext(hidden_states=..., "
-                "vision_tower=..., grid=...) (run the tower with output_hidden_states=True)"
+                "VisionZip needs the vision tower and the input of its attention layer (hidden states): pass VisionContext("
+                "hidden_states=..., vision_tower=..., grid=...) (run the tower with output_hidden_states=True) "
+                "or VisionContext(layer_inputs={layer: input}, ...)"
             )
-        layers = getattr(getattr(context.vision_tower, "encoder", None), "layers", None)
         if layers is None:
             raise TypeError(
                 f"{type(context.vision_tower).__name__} has no .encoder.layers: pass the SigLIP/CLIP vision tower"
             )
-        n_layers = len(layers)
-        if len(context.hidden_states) != n_layers + 1:
-            raise ValueError(
-                f"expected {n_layers + 1} hidden states (embeddings first, one per layer), got {len(context.hidden_states)}"
-            )
-        if not -n_layers <= self.attention_layer < n_layers:
+        if idx is None:
             raise ValueError(f"attention_layer {self.attention_layer} is out of range for {n_layers} layers")
-        idx = self.attention_layer % n_layers
-        hidden = context.hidden_states[idx]  # the input of layer idx
+        if idx in context.layer_inputs:
+            hidden = context.layer_inputs[idx]
+        else:
+            if len(context.hidden_states) != n_layers + 1:
+                raise ValueError(
+                    f"expected {n_layers + 1} hidden states (embeddings first, one per layer), got {len(context.hidden_states)}"
+                )
+            hidden = context.hidden_states[idx]  # the input of layer idx
         if hidden.shape[0] != num_frames:
             raise ValueError(f"hidden states hold {hidden.shape[0]} frames but tokens hold {num_frames}")
         patches = hidden.shape[1]

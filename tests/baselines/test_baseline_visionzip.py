@@ -123,6 +123,22 @@ def test_invalid_configs_and_inputs(encoded):
         comp.compress(tokens[:2], comp.new_state(), ctx)
     with pytest.raises(ValueError, match="hidden states"):
         comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states[:2], vision_tower=model))
+    with pytest.raises(ValueError, match="hidden states"):  # the fast path's layer input, but of another layer
+        comp.compress(tokens, comp.new_state(), VisionContext(layer_inputs={0: out.hidden_states[0]}, vision_tower=model))
+
+
+def test_layer_input_alone_equals_all_hidden_states(encoded):
+    """The CUDA-graph path passes only the attention layer's input; VisionZip gives the same tokens."""
+    model, out = encoded
+    tokens = torch.randn(out.hidden_states[0].shape[0], 16, 8)
+    comp = VisionZip(tokens_per_frame=6)
+    n = len(out.hidden_states) - 1
+    assert comp.vision_layer_input == -1
+    full = comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states, vision_tower=model, grid=(4, 4)))
+    alone = comp.compress(tokens, comp.new_state(),
+                          VisionContext(layer_inputs={n - 1: out.hidden_states[n - 1]}, vision_tower=model, grid=(4, 4)))
+    for a, b in zip(full.tokens, alone.tokens):
+        torch.testing.assert_close(a, b)
     with pytest.raises(TypeError):
         comp.compress(tokens, comp.new_state(), VisionContext(hidden_states=out.hidden_states, vision_tower=nn.Linear(2, 2)))
 
