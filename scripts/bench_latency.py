@@ -100,7 +100,7 @@ def stream_part(model, processor, args, rates):
         base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs)
         try:
             res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats, base=base)
-        except ValueError as err:  # e.g. ToMe or VisionZip under cuda_graphs
+        except ValueError as err:  # a method this model or path cannot run
             print(f"{name:>14}: skipped ({err})", flush=True)
             continue
         res["cuda_graphs"] = args.graphs

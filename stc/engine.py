@@ -222,6 +222,8 @@ class StreamingEngine:
         if compressor is not None and config.pruner is not None:
             raise ValueError("give either config.pruner or a compressor, not both")
         self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
+        # a compressor that reads one encoder layer's input (VisionZip) names it; the graphed step keeps it
+        self.vision_layer_input = getattr(self.compressor, "vision_layer_input", None)
         # With cuda_graphs the GraphedVision runner below runs the cacher's tensor functions itself.
         self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher and not config.cuda_graphs else None
         self.tome = self.tome_schedule = None
@@ -243,8 +245,6 @@ class StreamingEngine:
         if config.cuda_graphs:
             from stc import attention
 
-            # a compressor that reads one encoder layer's input (VisionZip) names it; the graphed step keeps it
-            self.vision_layer_input = getattr(self.compressor, "vision_layer_input", None)
             self.vision_runner = self._graphed_vision(1)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
@@ -275,6 +275,12 @@ class StreamingEngine:
         """Rotate keys x [..., n, d] by delta positions [n] (RoPE composes: R(a) R(b) = R(a + b))."""
         cos, sin = self.lm.rotary_emb(x.float(), delta.to(x.device)[None])
         return (x.float() * cos[0] + rotate_half(x.float()) * sin[0]).to(x.dtype)
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Vision features [F, T, C] -> LLM tokens: the projector, then LLaVA-OneVision's 2x2 pooling
+        (skipped after ToMe: its merged tokens have no grid to pool)."""
+        tokens = self.model.model.multi_modal_projector(feats)
+        return tokens if self.tome_schedule is not None else self.model.model.apply_pooling(tokens)
 
     def _graphed_vision(self, batch: int):
         from stc.fast import GraphedVision
@@ -518,12 +524,9 @@ class Stream:
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
             if tome_state is not None:
-                order = tome_state.spatial_order().to(feats.device)
-                feats = torch.gather(feats, 1, order[..., None].expand(-1, -1, feats.shape[-1]))
+                feats = tome_state.in_raster_order(feats)
         with self.timer.stage("projector"):
-            tokens = inner.multi_modal_projector(feats)
-            if e.tome_schedule is None:  # ToMe's merged tokens have no grid to pool
-                tokens = inner.apply_pooling(tokens)
+            tokens = e._project(feats)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 hidden = out.hidden_states if out is not None else None
@@ -739,9 +742,7 @@ class StreamBatch:
             if e.select_strategy == "default":
                 feats = feats[:, 1:]
         with self.timer.stage("projector"):
-            tokens = inner.multi_modal_projector(feats)
-            if e.tome_schedule is None:  # ToMe's merged tokens have no grid to pool
-                tokens = inner.apply_pooling(tokens)
+            tokens = e._project(feats)
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 index, layer_input = self.vision.keep_input_of, self.vision.layer_input

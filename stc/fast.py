@@ -142,8 +142,7 @@ class GraphedVision:
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
             x = tome_layer(layer, x, self.tome.schedule[i], self.tome)
-        order = self.tome.spatial_order()
-        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)

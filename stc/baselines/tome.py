@@ -21,7 +21,7 @@ keyword ``tome_state``; the modules hold none, so several streams can share one 
         state = tome.new_state()
         out = model.model.vision_tower(frames, tome_state=state, output_hidden_states=True)
         merged = out.hidden_states[-1]           # [F, 49, 1152], tokens in ToMe's order
-        merged = merged.gather(1, state.spatial_order()[..., None].expand_as(merged))
+        merged = state.in_raster_order(merged)   # in raster order of their first patch
 
 A forward without ``tome_state`` runs the original layers untouched.
 
@@ -257,6 +257,11 @@ class ToMeState:
     def spatial_order(self) -> torch.Tensor:
         """int64 [B, T]: the permutation that sorts current tokens by `positions()` (raster order)."""
         return self.positions().argsort(dim=1, stable=True)
+
+    def in_raster_order(self, x: torch.Tensor) -> torch.Tensor:
+        """The current tokens x [B, T, C] sorted by `spatial_order()`."""
+        order = self.spatial_order().to(x.device)
+        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
     def _require_forward(self) -> None:
         if self.assignment is None or self.sizes is None:

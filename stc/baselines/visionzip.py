@@ -197,24 +197,24 @@ class VisionZip:
 
     def scores(self, num_frames: int, num_tokens: int, context: VisionContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention scores [F, N] and keys [F, N, head_dim] on the compressor's token grid."""
-        layers = getattr(getattr(context.vision_tower, "encoder", None), "layers", None) if context else None
-        n_layers = len(layers) if layers is not None else None
-        idx = self.attention_layer % n_layers if n_layers and -n_layers <= self.attention_layer < n_layers else None
-        if context is None or context.vision_tower is None or (
-                context.hidden_states is None and idx not in context.layer_inputs):
-            raise ValueError(
-                "VisionZip needs the vision tower and the input of its attention layer (hidden states): pass VisionContext("
-                "hidden_states=..., vision_tower=..., grid=...) (run the tower with output_hidden_states=True) "
-                "or VisionContext(layer_inputs={layer: input}, ...)"
-            )
+        message = ("VisionZip needs the vision tower and the input of its attention layer (hidden states): pass "
+                   "VisionContext(hidden_states=..., vision_tower=..., grid=...) (run the tower with "
+                   "output_hidden_states=True) or VisionContext(layer_inputs={layer: input}, vision_tower=..., grid=...)")
+        if context is None or context.vision_tower is None:
+            raise ValueError(message)
+        layers = getattr(getattr(context.vision_tower, "encoder", None), "layers", None)
         if layers is None:
             raise TypeError(
                 f"{type(context.vision_tower).__name__} has no .encoder.layers: pass the SigLIP/CLIP vision tower"
             )
-        if idx is None:
+        n_layers = len(layers)
+        if not -n_layers <= self.attention_layer < n_layers:
             raise ValueError(f"attention_layer {self.attention_layer} is out of range for {n_layers} layers")
+        idx = self.attention_layer % n_layers
         if idx in context.layer_inputs:
             hidden = context.layer_inputs[idx]
+        elif context.hidden_states is None:
+            raise ValueError(message)
         else:
             if len(context.hidden_states) != n_layers + 1:
                 raise ValueError(
