@@ -179,7 +179,7 @@ def main(argv=None):
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
-                             + ("(CUDA graphs, compiled vision layers, static KV, packed GQA)" if args.graphs
+                             + ("(CUDA graphs, compiled vision layers, static KV, FlashAttention over used slots, graphed decode)" if args.graphs
                                 else "(eager Hugging Face modules)"),
                  "argv": sys.argv[1:]},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),

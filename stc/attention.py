@@ -1,15 +1,23 @@
-"""Masked grouped-query attention without repeating K/V.
+"""Attention for the engine's static KV windows, without repeating K/V and without a mask when it can.
 
-With a mask, transformers' SDPA path expands the 4 KV heads of Qwen2-7B to its 28 query heads
-(`repeat_kv`), a 7x copy of the whole context at every layer and step. Packing instead puts the
-g = heads / kv_heads query heads that share a KV head into the query length:
-q [b, kv_heads, g * n, d] against k, v [b, kv_heads, L, d], with the mask's rows repeated per group.
-The result is the same attention, reshaped back.
+Two ways, one result (the engine's CUDA-graph mode switches its language model to this function,
+registered with transformers' `AttentionInterface` as "stc_packed_sdpa", and back on close):
 
-The function is registered with transformers' `AttentionInterface` as "stc_packed_sdpa" (a pure
-function: the registry is transformers' extension point). The engine switches its language model to
-it only in the CUDA-graph mode, and back on close. A mask whose row count is already g * n is taken
-as packed (the engine builds it once per step instead of once per layer).
+- **Packed SDPA with a mask.** With a mask, transformers' SDPA path expands the 4 KV heads of
+  Qwen2-7B to its 28 query heads (`repeat_kv`), a 7x copy of the whole context at every layer and
+  step. Packing instead puts the g = heads / kv_heads query heads that share a KV head into the
+  query length: q [b, kv_heads, g * n, d] against k, v [b, kv_heads, L, d], with the mask's rows
+  repeated per group. A mask whose row count is already g * n is taken as packed (the engine builds
+  it once per step instead of once per layer).
+- **Flash attention over the used slots.** A static window is a buffer [b, kv_heads, L, d] of which
+  the first `used` slots hold the context and the n new tokens (the last n of them): the mask only
+  hides the unused slots and the new tokens' future, which is causal attention aligned at the end of
+  the used slots. When the engine passes those lengths (the keyword `stc_kv_used`, integers [b], a
+  device tensor, so a captured graph serves every step) and the tensors suit FlashAttention-2
+  (CUDA, fp16/bf16, head dim a multiple of 8 up to 256, contiguous buffers), each (stream, KV head)
+  becomes one variable-length sequence with g query heads sharing its one KV head, run by
+  PyTorch's FlashAttention-2 kernel with `seqused_k`: no mask, no work on unused slots, no copy of
+  K/V. The engine passes the lengths only where `flash_window_supported`, and a mask otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
 NAME = "stc_packed_sdpa"
+KV_USED = "stc_kv_used"  # keyword the engine passes through the decoder to this function
 
 
 def pack_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -26,11 +35,55 @@ def pack_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask.repeat(1, 1, groups, 1)
 
 
+def flash_window_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether `window_attention` can run: FlashAttention-2 in this PyTorch, on this device and dtype."""
+    device = torch.device(device)
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and torch.backends.cuda.flash_sdp_enabled()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
+                     scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of n new queries over the first `used` slots of static windows.
+
+    query [b, heads, n, d] (the newest n tokens, which sit at slots used - n .. used - 1);
+    key, value [b, kv_heads, L, d], contiguous; used: integers [b], L >= used >= n. Query i sees slots
+    0 .. used - n + i. Returns [b, n, heads, d].
+    """
+    b, heads, n, d = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    g = heads // kv_heads
+    if not (key.is_contiguous() and value.is_contiguous()):
+        raise ValueError("window_attention needs contiguous K/V buffers [b, kv_heads, L, d]")
+    seqs = b * kv_heads
+    q = query.reshape(b, kv_heads, g, n, d).transpose(2, 3).reshape(seqs * n, g, d)
+    k = key.reshape(seqs * slots, 1, d)
+    v = value.reshape(seqs * slots, 1, d)
+    cu_q = torch.arange(0, (seqs + 1) * n, n, dtype=torch.int32, device=query.device)
+    cu_k = torch.arange(0, (seqs + 1) * slots, slots, dtype=torch.int32, device=query.device)
+    seq_used = used.to(torch.int32)[:, None].expand(b, kv_heads).reshape(seqs)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, n, slots, 0.0, True, False, scale=scaling, seqused_k=seq_used)[0]
+    return out.view(b, kv_heads, n, g, d).permute(0, 2, 1, 3, 4).reshape(b, n, heads, d)
+
+
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """query [b, heads, n, d]; key, value [b, kv_heads, L, d]. Returns ([b, n, heads, d], None)."""
+    used = kwargs.pop(KV_USED, None)
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
+    if used is not None:
+        if dropout or not (key.is_contiguous() and value.is_contiguous()
+                           and flash_window_supported(query.dtype, query.device, d)):
+            raise RuntimeError(f"{KV_USED} was passed but FlashAttention cannot run here; pass a mask instead")
+        return window_attention(query, key, value, used, scaling), None
     if attention_mask is None or groups == 1 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

@@ -242,6 +242,8 @@ class StreamingEngine:
         self.compile_vision = self.capture and config.compile_vision
         self._attn_before = None
         self.vision_runner = None
+        self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
+        self._answer_graphs: dict[tuple, tuple] = {}
         if config.cuda_graphs:
             from stc import attention
 
@@ -321,12 +323,19 @@ class StreamingEngine:
             self.num_layers, 2, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device
         )
 
-    def _static_step(self, w: "_StaticKV", graphs: dict, n: int, start: int, dim: int, batch: int):
+    def _static_step(self, w: "_StaticKV", graphs: dict, n: int, start: int, dim: int, batch: int,
+                     capture: bool | None = None):
         """The prefill of n tokens per stream at `start` of a static window w, as a function of the
-        tokens [batch, n, dim] (or [n, dim] for one stream): one captured graph per token count and
-        context bucket (attention covers the first `bucket` slots, a multiple of GRAPH_BUCKET,
-        rather than the whole buffer). `graphs` caches them for this window."""
-        bucket = min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
+        tokens [batch, n, dim] (or [n, dim] for one stream) that returns the last token's final hidden
+        state [batch, dim] (a buffer the next call overwrites): one graph per token count and context
+        bucket (with a mask, attention covers the first `bucket` slots, a multiple of GRAPH_BUCKET,
+        rather than the whole buffer). `graphs` caches them for this window. capture=False runs the
+        same code uncaptured (for token counts seen once); None follows the engine."""
+        from stc import attention
+
+        flash = attention.flash_window_supported(self.dtype, self.device, self.head_dim)
+        # FlashAttention touches only the used slots: one graph per token count serves every step
+        bucket = w.buf.shape[-2] if flash else min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
         if (n, bucket) not in graphs:
             inputs = {
                 "embeds": torch.zeros(batch, n, dim, dtype=self.dtype, device=self.device),
@@ -339,15 +348,19 @@ class StreamingEngine:
             def forward():
                 pos = inputs["start"] + offsets
                 w.index, w.visible = pos, bucket
-                mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(self.dtype).min, 0.0).to(self.dtype)
-                mask = mask.repeat(groups, 1)[None, None]  # packed for stc.attention: rows (group, query)
+                if flash:  # stc.attention's FlashAttention over the used slots, no mask
+                    mask, extra = None, {attention.KV_USED: (pos[-1:] + 1).expand(batch)}
+                else:
+                    mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(self.dtype).min, 0.0).to(self.dtype)
+                    mask, extra = mask.repeat(groups, 1)[None, None], {}  # packed for stc.attention: rows (group, query)
                 masks = {"full_attention": mask, "sliding_attention": mask}
-                self.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None].expand(batch, -1),
-                        attention_mask=masks, past_key_values=w)
+                out = self.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None].expand(batch, -1),
+                              attention_mask=masks, past_key_values=w, **extra)
                 w.index, w.visible = None, w.buf.shape[-2]
+                return out.last_hidden_state[:, -1]
 
             graph = None
-            if self.capture:
+            if self.capture if capture is None else capture and self.capture:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
@@ -360,17 +373,35 @@ class StreamingEngine:
                 if "pool" not in graphs:
                     graphs["pool"] = torch.cuda.graph_pool_handle()
                 with torch.cuda.graph(graph, pool=graphs["pool"]):
-                    forward()
+                    inputs["last"] = forward()
             graphs[(n, bucket)] = (graph, inputs, forward)
         graph, inputs, forward = graphs[(n, bucket)]
 
-        def step(tokens: torch.Tensor) -> None:
+        def step(tokens: torch.Tensor) -> torch.Tensor:
             inputs["embeds"].copy_(tokens.reshape(inputs["embeds"].shape))
             inputs["start"].fill_(start)
-            graph.replay() if graph is not None else forward()
+            if graph is not None:
+                graph.replay()
+                last = inputs["last"]
+            else:
+                last = forward()
             w.length = start + n
+            return last
 
         return step
+
+    def _answer_window(self, slots: int) -> "_StaticKV":
+        """cuda_graphs: the static window that questions are answered in, at least `slots` long. It is
+        scratch (each question fills it anew; questions run one at a time), so one serves all streams
+        and its captured decode step is reused; it grows, dropping its graphs, when a question needs more."""
+        if self._answer is None or self._answer.buf.shape[3] < slots:
+            cap = -(-slots // GRAPH_BUCKET) * GRAPH_BUCKET
+            if self._answer is not None:
+                cap = max(cap, 2 * self._answer.buf.shape[3])
+            self._answer = None
+            self._answer_graphs = {}
+            self._answer = _StaticKV(self._new_buffer(cap).zero_(), 0)  # zeros: masked slots must be finite
+        return self._answer
 
     def open_batch(self, streams: int) -> "StreamBatch":
         """B synchronised streams whose frames are encoded together, one frame each per step
@@ -399,6 +430,7 @@ class StreamingEngine:
         if self._attn_before is not None:
             self.lm.config._attn_implementation = self._attn_before
             self._attn_before = None
+        self._answer, self._answer_graphs = None, {}
 
     def __enter__(self):
         return self
@@ -606,7 +638,8 @@ class Stream:
         if len(set(lengths)) > 1 and e.config.retrieve_top_k is not None:
             mean_len = sum(b.length for b in self.blocks) / len(self.blocks)
             budget = min(budget, int(e.config.retrieve_top_k * mean_len))
-        kv = _KV(e._new_buffer(n_init + budget + extra), n_init + budget)
+        kv = e._answer_window(n_init + budget + extra) if e.config.cuda_graphs else _KV(e._new_buffer(n_init + budget + extra), 0)
+        kv.length = n_init + budget
         kv.buf[:, :, :, :n_init] = self._window.buf[:, :, :, :n_init]
         for layer, pick in enumerate(picks):
             parts = [self.blocks[i].kv[layer].to(e.device, non_blocking=True) for i in pick]
@@ -617,6 +650,16 @@ class Stream:
             kv.buf[layer, 0, :, n_init : n_init + budget] = keys
             kv.buf[layer, 1, :, n_init : n_init + budget] = ctx[1]
         return kv
+
+    def _prefill_answer(self, kv: _KV, embeds: torch.Tensor, capture: bool = True) -> torch.Tensor:
+        """Append embeds [1, n, D] to the answer context kv; returns the last token's final hidden state [1, D]."""
+        e = self.engine
+        n = embeds.shape[1]
+        if isinstance(kv, _StaticKV):
+            step = e._static_step(kv, e._answer_graphs, n, kv.length, embeds.shape[2], 1, capture=capture)
+            return step(embeds[0])
+        mask = _causal_mask(n, kv.length + n, e.dtype, e.device) if n > 1 else None
+        return e._decoder(embeds, kv, mask)[:, -1]
 
     @torch.no_grad()
     def ask(self, query: str, *, answer_prefix: str = "", retrieval_text: str | None = None, max_new_tokens: int | None = None) -> str:
@@ -638,11 +681,11 @@ class Stream:
             kv = self._context(picks, prompt.shape[1] + max_new)
         generated: list[int] = []
         with self.timer.stage("decode"):
-            mask = _causal_mask(prompt.shape[1], kv.length + prompt.shape[1], e.dtype, e.device)
-            hidden = e._decoder(e.lm.embed_tokens(prompt), kv, mask)
+            # the prompt's length differs per question: it runs uncaptured; each new token replays one graph
+            hidden = self._prefill_answer(kv, e.lm.embed_tokens(prompt), capture=False)
             first_logits = None
             for step in range(max_new):
-                logits = e.model.lm_head(hidden[:, -1])
+                logits = e.model.lm_head(hidden)
                 if first_logits is None:
                     first_logits = logits[0].float().cpu()
                 token = int(logits.argmax(-1))
@@ -650,7 +693,7 @@ class Stream:
                     break
                 generated.append(token)
                 if step + 1 < max_new:
-                    hidden = e._decoder(e.lm.embed_tokens(torch.tensor([[token]], device=e.device)), kv, None)
+                    hidden = self._prefill_answer(kv, e.lm.embed_tokens(torch.tensor([[token]], device=e.device)))
         retrieved = None if picks is None else [[self.blocks[i].frame for i in p] for p in picks]
         text = e.tokenizer.decode(generated, skip_special_tokens=True)
         return Answer(text=text, token_ids=generated, retrieved=retrieved, logits=first_logits)

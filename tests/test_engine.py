@@ -323,10 +323,14 @@ def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch)
             s = engine.open_stream()
             s.push_frames(video[:2])
             s.push_frames(video[2:])
-            results.append((s.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=3), s.stats()))
+            # two questions of different lengths: the answering window and its decode step are reused
+            answers = [s.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=3),
+                       s.answer("Which shape moves the most, and where does it go next?", max_new_tokens=5)]
+            results.append((answers, s.stats()))
     (a, sa), (b, sb) = results
-    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
-    assert a.token_ids == b.token_ids and a.retrieved == b.retrieved
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.logits, x.logits, atol=1e-4, rtol=1e-4)
+        assert x.token_ids == y.token_ids and x.retrieved == y.retrieved
     assert sa["tokens_per_frame"] == sb["tokens_per_frame"]
     assert sa.get("reference_frames") == sb.get("reference_frames")
     assert model.model.language_model.config._attn_implementation == "sdpa"  # restored on close
