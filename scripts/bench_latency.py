@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from stc.attention import flash_window_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
 from stc.flops import llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
@@ -181,6 +182,9 @@ def main(argv=None):
                  "protocol": "one frame per step; baseline and STC on the same code path "
                              + ("(CUDA graphs, compiled vision layers, static KV, FlashAttention over used slots, graphed decode)" if args.graphs
                                 else "(eager Hugging Face modules)"),
+                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, model.config.text_config.head_dim
+                                                         if getattr(model.config.text_config, "head_dim", None) else
+                                                         model.config.text_config.hidden_size // model.config.text_config.num_attention_heads),
                  "argv": sys.argv[1:]},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }
