@@ -177,14 +177,14 @@ def main(argv=None):
     rates = device_rates(device, DTYPES[args.dtype])
     print(f"{args.arch} {args.dtype} on {environment(args.commit)['device']}: matmul "
           f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    tcfg = model.config.text_config
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
                              + ("(CUDA graphs, compiled vision layers, static KV, FlashAttention over used slots, graphed decode)" if args.graphs
                                 else "(eager Hugging Face modules)"),
-                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, model.config.text_config.head_dim
-                                                         if getattr(model.config.text_config, "head_dim", None) else
-                                                         model.config.text_config.hidden_size // model.config.text_config.num_attention_heads),
+                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, head_dim),
                  "argv": sys.argv[1:]},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }
