@@ -67,7 +67,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     v = value.reshape(seqs * slots, 1, d)
     cu_q = torch.arange(0, (seqs + 1) * n, n, dtype=torch.int32, device=query.device)
     cu_k = torch.arange(0, (seqs + 1) * slots, slots, dtype=torch.int32, device=query.device)
-    seq_used = used.to(torch.int32)[:, None].expand(b, kv_heads).reshape(seqs)
+    seq_used = used.to(torch.int32)[:, None].expand(b, kv_heads).contiguous().view(seqs)
     out = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, n, slots, 0.0, True, False, scale=scaling, seqused_k=seq_used)[0]
     return out.view(b, kv_heads, n, g, d).permute(0, 2, 1, 3, 4).reshape(b, n, heads, d)
