@@ -1,5 +1,6 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
-attention backend, which token selection, which projections. Each variant is timed as CUDA-graph
+attention backend, which token selection, which projections (and, on request, a Qwen2-7B MLP and the
+LLM's attention over a static KV window). Each variant is timed as CUDA-graph
 replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
@@ -124,15 +125,68 @@ def llm_mlp_rows(m_rows, hidden=3584, inter=18944):
     return rows
 
 
+WINDOW_SHAPES = [(1, 196, 12544), (1, 49, 3136), (1, 1, 12544), (4, 196, 12544), (4, 49, 3136), (16, 196, 12544),
+                 (16, 49, 3136)]  # (streams, new tokens, used slots): 64 frames of 196 or 49 tokens, a decoded token
+
+
+def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128):
+    """Qwen2-7B attention of n new tokens over a static window (the engine's prefill and decode step):
+    stc.attention.window_attention (context split S ways, packed GQA rows) against one
+    FlashAttention-2 call per (stream, KV head) with its g query heads (no split) and against the
+    masked packed SDPA over a 1024-slot bucket (the engine without FlashAttention)."""
+    from stc import attention
+
+    g = heads_q // kv_heads
+    rows = []
+    for b, n, used in WINDOW_SHAPES:
+        q = torch.randn(b, heads_q, n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        lengths = torch.full((b,), used, device="cuda", dtype=torch.int32)
+        bucket = min(slots, -(-used // 1024) * 1024)
+        pos = torch.arange(used - n, used, device="cuda")
+        mask = torch.where(torch.arange(bucket, device="cuda")[None] > pos[:, None], torch.finfo(torch.bfloat16).min, 0.0)
+        mask = mask.to(torch.bfloat16).repeat(g, 1)[None, None]
+        seqs = b * kv_heads
+
+        def masked():
+            out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, g * n, d), k[:, :, :bucket], v[:, :, :bucket],
+                                                 attn_mask=mask)
+            return out.reshape(b, heads_q, n, d).transpose(1, 2)
+
+        def one_call():
+            qq = q.reshape(b, kv_heads, g, n, d).transpose(2, 3).reshape(seqs * n, g, d)
+            cu_q = torch.arange(0, (seqs + 1) * n, n, dtype=torch.int32, device="cuda")
+            cu_k = torch.arange(0, (seqs + 1) * slots, slots, dtype=torch.int32, device="cuda")
+            used_k = lengths[:, None].expand(b, kv_heads).contiguous().view(seqs)
+            out = torch.ops.aten._flash_attention_forward(qq, k.view(-1, 1, d), v.view(-1, 1, d), cu_q, cu_k, n, slots,
+                                                          0.0, True, False, seqused_k=used_k)[0]
+            return out.view(b, kv_heads, n, g, d).permute(0, 2, 1, 3, 4).reshape(b, n, heads_q, d)
+
+        def split():
+            return attention.window_attention(q, k, v, lengths)
+
+        want = masked().float()
+        flop = 4 * b * heads_q * n * used * d
+        for name, fn in (("masked packed sdpa", masked), ("flash, one call", one_call), ("flash, split context", split)):
+            err = ((fn().float() - want).norm() / want.norm()).item()
+            us = 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+            rows.append({"op": "window_attention", "variant": name, "batch": b, "new_tokens": n, "used": used,
+                         "rel_err_vs_masked": err, "us": us, "tflops": flop / us * 1e-6})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--llm-rows", type=int, nargs="*", default=[], help="also time a Qwen2-7B MLP at these row counts")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows = llm_mlp_rows(args.llm_rows) if args.llm_rows else []
+    rows += window_attention_rows() if args.window_attention else []
     for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
             rows += attention_rows(b, tq)
