@@ -94,8 +94,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     s_ = splits or context_splits(seqs, rows, torch.cuda.get_device_properties(dev).multi_processor_count)
     chunk = slots // s_
     first = torch.arange(s_, device=dev, dtype=i32) * chunk
-    length = torch.full((s_,), chunk, device=dev, dtype=i32)
-    length[-1] = slots - (s_ - 1) * chunk
+    length = torch.cat([first[1:], torch.full((1,), slots, device=dev, dtype=i32)]) - first  # the last takes the rest
     base = torch.arange(seqs, device=dev, dtype=i32)[:, None] * slots
     cu_k = torch.cat([(base + first).reshape(-1), torch.full((1,), seqs * slots, device=dev, dtype=i32)])
     seen = torch.minimum((start[:, None] - first).clamp(min=0), length).reshape(-1)
