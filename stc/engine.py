@@ -333,8 +333,8 @@ class StreamingEngine:
         same code uncaptured (for token counts seen once); None follows the engine."""
         from stc import attention
 
-        flash = attention.flash_window_supported(self.dtype, self.device, self.head_dim)
-        # FlashAttention touches only the used slots: one graph per token count serves every step
+        # decoded tokens: FlashAttention over the used slots (one graph serves every step); frames: the mask
+        flash = n == 1 and attention.flash_window_supported(self.dtype, self.device, self.head_dim)
         bucket = w.buf.shape[-2] if flash else min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
         if (n, bucket) not in graphs:
             inputs = {

@@ -39,17 +39,10 @@ def test_flash_path_is_refused_where_it_cannot_run():
         attention.packed_sdpa(None, q, kv, kv, None, **{attention.KV_USED: torch.tensor([5])})
 
 
-def test_context_splits_fill_the_gpu():
-    assert attention.context_splits(4, 7, 132) == 8  # one stream, one decoded token: capped at 8
-    assert attention.context_splits(4, 7 * 196, 132) == 6  # one stream, one frame: 44 tiles -> 264
-    assert attention.context_splits(64, 7 * 196, 132) == 1  # 16 streams fill it already
-
-
 @gpu
-@pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("b,n,used", [(1, 1, [7]), (1, 49, [300]), (1, 49, [49]), (3, 196, [196, 500, 1023]),
                                       (2, 5, [64, 9])])
-def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used, splits):
+def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used):
     torch.manual_seed(n)
     heads, kv_heads, slots, d = 28, 4, 1024, 128
     q = torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16)
@@ -60,7 +53,7 @@ def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used, splits):
     for s, u in enumerate(used):  # slots past `used` must not be read: poison them
         k[s, :, u:] = float("nan")
         v[s, :, u:] = float("nan")
-    out = attention.window_attention(q, k, v, lengths, scaling=d**-0.5, splits=splits)
+    out = attention.window_attention(q, k, v, lengths, scaling=d**-0.5)
     assert out.shape == (b, n, heads, d)
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, err
