@@ -27,7 +27,7 @@ import torch
 from stc.attention import flash_window_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
-from stc.flops import llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
+from stc.flops import llm_answer_bytes, llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
 from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
                          synthetic_pixels)
 from stc.methods import get_method
@@ -108,11 +108,12 @@ def stream_part(model, processor, args, rates):
         n = res["tokens_per_frame"]
         for c, stage in res["checkpoints"].items():  # the step of frame c, after c frames
             stage["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=c * n)
+        res["qa_floor_ms"] = llm_answer_bytes(tcfg, res["qa_new_tokens"], res["qa_context_tokens"]) / rates["copy_bytes_per_s"] * 1e3
         rows.append(res)
         last = res["checkpoints"][max(res["checkpoints"])]
         print(f"{name:>14}: {n} tok/frame  ViT {last['vit_ms_per_frame']:.1f}  proj {last['projector_ms_per_frame']:.1f}  "
               f"prefill {last['prefill_ms_per_frame']:.1f} (floor {last['prefill_floor_ms']:.1f}) ms/frame  "
-              f"QA {res['qa_ms']:.0f} ms  peak {res['peak_memory_gb']:.1f} GB", flush=True)
+              f"QA {res['qa_ms']:.0f} ms (floor {res['qa_floor_ms']:.0f}, {res['qa_new_tokens']} tokens)  peak {res['peak_memory_gb']:.1f} GB", flush=True)
     return rows
 
 

@@ -62,3 +62,17 @@ def llm_prefill_flops(text_config, new_tokens: int, past_tokens: int) -> float:
     ctx = past_tokens + (new_tokens + 1) / 2  # causal within the new tokens
     macs_attn = L * 2 * new_tokens * ctx * d
     return 2 * (macs_weights + macs_attn)
+
+
+def llm_answer_bytes(text_config, new_tokens: int, context_tokens: int, bytes_per_value: int = 2) -> float:
+    """Bytes an answer must read at least: the retrieval pass and the prompt's pass each read the
+    decoder weights once, every further generated token once more; every pass that yields logits
+    (the prompt's and each decode step but the last) reads lm_head, and the prompt's and each decode
+    step read the context's KV (its FLOPs are negligible next to these reads)."""
+    d, L = text_config.hidden_size, text_config.num_hidden_layers
+    hd = getattr(text_config, "head_dim", None) or d // text_config.num_attention_heads
+    decode_steps = max(0, new_tokens - 1)
+    weights = llm_weight_bytes(text_config, bytes_per_value) * (2 + decode_steps)
+    head = text_config.vocab_size * d * bytes_per_value * (1 + decode_steps)
+    kv = L * 2 * text_config.num_key_value_heads * hd * bytes_per_value * context_tokens * (1 + decode_steps)
+    return weights + head + kv

@@ -168,7 +168,7 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
     """Stream n_frames one per step through `method`, then ask one question; medians over repeats.
 
     Returns per-stage ms per frame over the first c frames for each checkpoint c, the question's
-    retrieval + answer time, and peak memory.
+    retrieval + answer time with its generated and context token counts, and peak memory.
     """
     size = model.config.vision_config.image_size
     pixels = synthetic_pixels(n_frames, size, seed)
@@ -181,10 +181,15 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
             stream = engine.open_stream()
             for i in range(n_frames):
                 stream.push_pixels(pixels[i : i + 1], [2.0 * i])
-            stream.ask("Question: What happens in the video?\nOptions:\n(A) a\n(B) b\n(C) c\n(D) d\nOnly give the best option.",
-                       answer_prefix="Best option: (", retrieval_text="What happens in the video?")
+            answer = stream.answer(
+                "Question: What happens in the video?\nOptions:\n(A) a\n(B) b\n(C) c\n(D) d\nOnly give the best option.",
+                answer_prefix="Best option: (", retrieval_text="What happens in the video?")
             times = stream.timer.times()
             stats = stream.stats()
+            per_frame = stats["tokens_per_frame"]
+            stats["qa_new_tokens"] = len(answer.token_ids)
+            stats["qa_context_tokens"] = stream._n_init + (sum(per_frame) if answer.retrieved is None else
+                                                           min(sum(per_frame[f] for f in layer) for layer in answer.retrieved))
             stream.close()
             if rep >= warmup:
                 runs.append((times, stats))
@@ -200,6 +205,8 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
             "prefill_ms_per_frame": statistics.median(pre),
         }
     out["qa_ms"] = statistics.median([sum(t.get("retrieval", [])) + sum(t.get("decode", [])) for t, _ in runs])
+    out["qa_new_tokens"] = runs[-1][1]["qa_new_tokens"]  # tokens generated (random weights: rarely an early stop)
+    out["qa_context_tokens"] = runs[-1][1]["qa_context_tokens"]  # init + retrieved tokens the answer attends to
     out["tokens_per_frame"] = runs[-1][1]["tokens_per_frame"][0]
     out["peak_memory_gb"] = max(s.get("peak_memory_bytes", 0) for _, s in runs) / 2**30
     return out

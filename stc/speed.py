@@ -6,12 +6,14 @@ optionally two sections this module reads:
 - ``vit_graphs``: the graph-captured SigLIP step, full vs STC-Cacher (N=4, R=0.75), B synchronised
   streams, with the FLOP floors;
 - ``batched``: `StreamBatch` runs, per B and method, ms per stream-frame of ViT and prefill and the
-  prefill floor.
+  prefill floor;
+- ``rows`` of a graph-path run (`--graphs`): one stream per method, per-stage ms per frame at the last
+  checkpoint, and the question's time (retrieval + answer) with its floor where recorded.
 
 `load_speed` collects them from many files; where several files measured the same setting, the newest
 (by the date in its meta) wins, so re-measuring updates the report without deleting history. For
-StreamBatch every row of one B comes from the newest file that measured that B, so each method is
-compared with the baseline of its own run.
+StreamBatch every row of one B comes from the newest file that measured that B, and the one-stream
+rows all from the newest graph-path file, so each method is compared with the baseline of its own run.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ PRUNED = ("pruner", "cacher+pruner")
 class Speed:
     vit: pd.DataFrame  # batch, compile (a COMPILE_LEVELS name), full_ms_per_frame, cacher_ms_per_frame, floors, source, device, commit
     batched: pd.DataFrame  # batch, method, tokens_per_frame, vit/prefill ms per stream-frame, prefill floor, ...
+    stream: pd.DataFrame = None  # method, frames, tokens_per_frame, vit/projector/prefill ms per frame, floors, qa_ms, ...
+
+    def __post_init__(self):
+        if self.stream is None:
+            self.stream = pd.DataFrame()
 
     @property
     def empty(self) -> bool:
-        return self.vit.empty and self.batched.empty
+        return self.vit.empty and self.batched.empty and self.stream.empty
 
 
 def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -53,7 +60,7 @@ def _level(compile) -> str:
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
     """The vit_graphs and batched sections of the given latency JSON files (others are skipped)."""
-    vit, batched = [], []
+    vit, batched, stream = [], [], []
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
@@ -64,6 +71,11 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
             vit.append({**row, **info, "compile": _level(row.get("compile", False))})
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
+        for row in data.get("rows") or [] if "CUDA graphs" in meta.get("protocol", "") else []:
+            last = row["checkpoints"][max(row["checkpoints"], key=int)]
+            stream.append({"method": row["method"], "frames": row["frames"], "tokens_per_frame": row["tokens_per_frame"],
+                           **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
+                           "qa_new_tokens": row.get("qa_new_tokens"), **info})
     vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
     if not vit_df.empty:  # per B: uncompiled first, then more optimised
         rank = vit_df["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else len(COMPILE_LEVELS))
@@ -73,7 +85,10 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         newest = batched_df.sort_values("date").groupby("batch")["source"].last()
         batched_df = batched_df[batched_df["source"] == batched_df["batch"].map(newest)]
         batched_df = _newest(batched_df, ["batch", "method"])
-    return Speed(vit=vit_df, batched=batched_df)
+    stream_df = pd.DataFrame(stream)
+    if not stream_df.empty:
+        stream_df = stream_df[stream_df["source"] == stream_df.sort_values("date")["source"].iloc[-1]].reset_index(drop=True)
+    return Speed(vit=vit_df, batched=batched_df, stream=stream_df)
 
 
 def vit_table(speed: Speed) -> pd.DataFrame:
@@ -116,6 +131,22 @@ def prefill_table(speed: Speed) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def stream_table(speed: Speed) -> pd.DataFrame:
+    """One stream on the graph path, per method: per-stage ms per frame over the stream, the prefill
+    floor, and the question's time (retrieval + answer) against its floor (`stc.flops.llm_answer_bytes`)."""
+    st = speed.stream
+    if st.empty:
+        return pd.DataFrame()
+    qa_floor = st["qa_floor_ms"].astype(float)
+    return pd.DataFrame({
+        "method": st["method"], "frames": st["frames"], "tokens": st["tokens_per_frame"],
+        "ViT": st["vit_ms_per_frame"], "projector": st["projector_ms_per_frame"], "prefill": st["prefill_ms_per_frame"],
+        "prefill / floor": st["prefill_ms_per_frame"] / st["prefill_floor_ms"],
+        "answer": st["qa_ms"], "answer floor": qa_floor, "answer / floor": st["qa_ms"] / qa_floor,
+        "commit": st["commit"],
+    })
+
+
 def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     """Streams one GPU serves in real time (ViT + prefill per stream-frame within 1/fps), per method,
     from the largest B measured (compute only: KV memory is not counted)."""
@@ -137,7 +168,7 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
 def _cell(value, column: str) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
-    if isinstance(value, (bool, str)) or column in ("B", "tokens", "streams"):
+    if isinstance(value, (bool, str)) or column in ("B", "tokens", "streams", "frames"):
         return str(value)
     if column in ("change", "FLOP ideal", "prefill change", "floor predicts"):
         return f"{value:+.0%}"
@@ -160,7 +191,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def environment_line(speed: Speed, files: bool = True) -> str:
     """Where the numbers come from: per file (files=True), or per device and versions with their commits."""
-    both = pd.concat([speed.vit, speed.batched], ignore_index=True) if not speed.empty else pd.DataFrame()
+    both = pd.concat([speed.vit, speed.batched, speed.stream], ignore_index=True) if not speed.empty else pd.DataFrame()
     if both.empty:
         return ""
     parts = both.drop_duplicates("source")
@@ -171,13 +202,14 @@ def environment_line(speed: Speed, files: bool = True) -> str:
 
 
 def report(speed: Speed) -> str:
-    """The three tables as one Markdown document."""
+    """The four tables as one Markdown document."""
     return "\n".join([
         "# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
         f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
         "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(speed)),
         "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),
         f"## Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n", markdown(realtime_table(speed)),
+        "## One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n", markdown(stream_table(speed)),
     ])
 
 

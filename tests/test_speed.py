@@ -81,6 +81,32 @@ def test_derived_columns_against_the_rows(files):
     assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / (2000 // 9.6))
 
 
+def stream_row(method, prefill, floor, qa, qa_floor=None):
+    checkpoints = {"16": {"vit_ms_per_frame": 9.0, "projector_ms_per_frame": 9.0, "prefill_ms_per_frame": 99.0,
+                          "prefill_floor_ms": 1.0},
+                   "64": {"vit_ms_per_frame": 3.0, "projector_ms_per_frame": 0.5, "prefill_ms_per_frame": prefill,
+                          "prefill_floor_ms": floor}}
+    row = {"method": method, "frames": 64, "tokens_per_frame": 196, "checkpoints": checkpoints, "qa_ms": qa}
+    return row if qa_floor is None else {**row, "qa_floor_ms": qa_floor, "qa_new_tokens": 16}
+
+
+def test_one_stream_rows_come_from_the_newest_graph_run(files):
+    d = files[0].parent
+    for name, date, protocol, rows in (
+        ("e_graphs_old.json", "2026-05-01", "one frame per step (CUDA graphs)", [stream_row("baseline", 20.0, 5.0, 400.0)]),
+        ("f_graphs_new.json", "2026-06-01", "one frame per step (CUDA graphs)",
+         [stream_row("baseline", 16.0, 4.0, 180.0, 100.0), stream_row("pruner", 11.0, 4.0, 190.0, 95.0)]),
+        ("g_eager_newest.json", "2026-07-01", "one frame per step (eager)", [stream_row("baseline", 90.0, 5.0, 900.0)]),
+    ):
+        (d / name).write_text(json.dumps({"meta": {"date": date, "commit": name[0] * 7, "protocol": protocol}, "rows": rows}))
+    s = speed.load_speed(sorted(d.glob("*.json")))
+    t = speed.stream_table(s).set_index("method")
+    assert list(t.index) == ["baseline", "pruner"] and set(t["commit"]) == {"fffffff"}
+    assert t.loc["pruner", "prefill"] == 11.0 and t.loc["pruner", "prefill / floor"] == pytest.approx(11.0 / 4.0)
+    assert t.loc["baseline", "answer / floor"] == pytest.approx(1.8)
+    assert "| pruner | 64 | 49 |" not in speed.report(s) and "| pruner | 64 | 196 |" in speed.report(s)
+
+
 def test_report_and_figure_render_with_and_without_data(files, tmp_path):
     text = speed.report(speed.load_speed(files))
     assert "| 4 | pruner | 49 |" in text and "b_new.json: GPU X" in text
@@ -95,3 +121,5 @@ def test_committed_gpu_measurements_render():
     assert not s.vit.empty and not s.batched.empty
     assert set(s.vit["batch"]) >= {1, 4, 16} and "H100" in s.vit["device"].iloc[0]
     assert set(speed.prefill_table(s)["method"]) >= {"baseline", "pruner"}
+    t = speed.stream_table(s)
+    assert set(t["method"]) >= {"baseline", "pruner", "cacher+pruner"} and t["answer / floor"].notna().all()
