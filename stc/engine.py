@@ -360,7 +360,8 @@ class StreamingEngine:
                 return out.last_hidden_state[:, -1]
 
             graph = None
-            if self.capture if capture is None else capture and self.capture:
+            capture = self.capture if capture is None else capture and self.capture
+            if capture:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
@@ -374,8 +375,10 @@ class StreamingEngine:
                     graphs["pool"] = torch.cuda.graph_pool_handle()
                 with torch.cuda.graph(graph, pool=graphs["pool"]):
                     inputs["last"] = forward()
-            graphs[(n, bucket)] = (graph, inputs, forward)
-        graph, inputs, forward = graphs[(n, bucket)]
+            if capture or not self.capture:  # an uncaptured step on a GPU (seen once) is not kept
+                graphs[(n, bucket)] = (graph, inputs, forward)
+        else:
+            graph, inputs, forward = graphs[(n, bucket)]
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             inputs["embeds"].copy_(tokens.reshape(inputs["embeds"].shape))
@@ -398,8 +401,7 @@ class StreamingEngine:
             cap = -(-slots // GRAPH_BUCKET) * GRAPH_BUCKET
             if self._answer is not None:
                 cap = max(cap, 2 * self._answer.buf.shape[3])
-            self._answer = None
-            self._answer_graphs = {}
+            self._answer, self._answer_graphs = None, {}  # free the old window before allocating the new
             self._answer = _StaticKV(self._new_buffer(cap).zero_(), 0)  # zeros: masked slots must be finite
         return self._answer
 
