@@ -183,7 +183,7 @@ def main(argv=None):
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
-                             + ("(CUDA graphs, compiled vision layers, static KV, FlashAttention over used slots, graphed decode)" if args.graphs
+                             + ("(CUDA graphs, compiled vision layers, static KV, packed GQA; answers: captured decode, FlashAttention)" if args.graphs
                                 else "(eager Hugging Face modules)"),
                  "flash_windows": flash_window_supported(DTYPES[args.dtype], device, head_dim),
                  "argv": sys.argv[1:]},

@@ -65,10 +65,10 @@ def llm_prefill_flops(text_config, new_tokens: int, past_tokens: int) -> float:
 
 
 def llm_answer_bytes(text_config, new_tokens: int, context_tokens: int, bytes_per_value: int = 2) -> float:
-    """Bytes an answer must read at least: the retrieval pass and the prompt's pass each read the
-    decoder weights once, every further generated token once more; every pass that yields logits
-    (the prompt's and each decode step but the last) reads lm_head, and the prompt's and each decode
-    step read the context's KV (its FLOPs are negligible next to these reads)."""
+    """Bytes an answer of new_tokens greedy tokens must read at least: the retrieval pass, the prompt's
+    pass and each of the new_tokens - 1 decode steps (the last token is not fed back) read the decoder
+    weights; the prompt's pass and each decode step also read lm_head (for logits) and the KV of the
+    context_tokens attended to. Their FLOPs are negligible next to these reads."""
     d, L = text_config.hidden_size, text_config.num_hidden_layers
     hd = getattr(text_config, "head_dim", None) or d // text_config.num_attention_heads
     decode_steps = max(0, new_tokens - 1)
