@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -37,11 +37,7 @@ PRUNED = ("pruner", "cacher+pruner")
 class Speed:
     vit: pd.DataFrame  # batch, compile (a COMPILE_LEVELS name), full_ms_per_frame, cacher_ms_per_frame, floors, source, device, commit
     batched: pd.DataFrame  # batch, method, tokens_per_frame, vit/prefill ms per stream-frame, prefill floor, ...
-    stream: pd.DataFrame = None  # method, frames, tokens_per_frame, vit/projector/prefill ms per frame, floors, qa_ms, ...
-
-    def __post_init__(self):
-        if self.stream is None:
-            self.stream = pd.DataFrame()
+    stream: pd.DataFrame = field(default_factory=pd.DataFrame)  # method, frames, tokens, per-stage ms per frame, qa_ms, floors
 
     @property
     def empty(self) -> bool:
@@ -59,7 +55,7 @@ def _level(compile) -> str:
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
-    """The vit_graphs and batched sections of the given latency JSON files (others are skipped)."""
+    """The vit_graphs, batched and graph-path rows sections of the given latency JSON files (others are skipped)."""
     vit, batched, stream = [], [], []
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
@@ -71,7 +67,8 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
             vit.append({**row, **info, "compile": _level(row.get("compile", False))})
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
-        for row in data.get("rows") or [] if "CUDA graphs" in meta.get("protocol", "") else []:
+        graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []
+        for row in graph_rows:
             last = row["checkpoints"][max(row["checkpoints"], key=int)]
             stream.append({"method": row["method"], "frames": row["frames"], "tokens_per_frame": row["tokens_per_frame"],
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
