@@ -27,7 +27,7 @@ import torch
 from stc.attention import flash_window_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
-from stc.flops import llm_answer_bytes, llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
+from stc.flops import head_dim, llm_answer_bytes, llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
 from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
                          synthetic_pixels)
 from stc.methods import get_method
@@ -178,14 +178,12 @@ def main(argv=None):
     rates = device_rates(device, DTYPES[args.dtype])
     print(f"{args.arch} {args.dtype} on {environment(args.commit)['device']}: matmul "
           f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
-    tcfg = model.config.text_config
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
                              + ("(CUDA graphs, compiled vision layers, static KV, packed GQA; answers: captured decode, FlashAttention)" if args.graphs
                                 else "(eager Hugging Face modules)"),
-                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, head_dim),
+                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, head_dim(model.config.text_config)),
                  "argv": sys.argv[1:]},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }

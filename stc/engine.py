@@ -43,6 +43,7 @@ from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from stc.cacher import CacherConfig, attach_cacher
 from stc.compress import Compressed, FrameCompressor, VisionContext
+from stc.flops import head_dim
 from stc.pruner import Pruner, PrunerConfig
 from stc.timing import StageTimer
 
@@ -213,7 +214,7 @@ class StreamingEngine:
         self.num_layers = text_cfg.num_hidden_layers
         self.num_heads = text_cfg.num_attention_heads
         self.kv_heads = text_cfg.num_key_value_heads
-        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.num_heads
+        self.head_dim = head_dim(text_cfg)
         self.vision_layer = model.config.vision_feature_layer
         self.select_strategy = model.config.vision_feature_select_strategy
         if not isinstance(self.vision_layer, int):

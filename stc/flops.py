@@ -46,11 +46,15 @@ def vit_stream_flops_per_frame(vision_config, cache_interval: float, reuse_ratio
     return (full + (n - 1) * vit_frame_flops(vision_config, k)) / n
 
 
+def head_dim(text_config) -> int:
+    """The decoder's attention head size (its config's head_dim, else hidden size / heads)."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
 def llm_weight_bytes(text_config, bytes_per_param: int = 2) -> float:
     """Bytes of decoder weights read by one forward step (embeddings excluded, lm_head excluded)."""
     d, m, L = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
-    hd = getattr(text_config, "head_dim", None) or d // text_config.num_attention_heads
-    kv = text_config.num_key_value_heads * hd
+    kv = text_config.num_key_value_heads * head_dim(text_config)
     per_layer = d * d * 2 + 2 * d * kv + 3 * d * m  # q, o; k, v; gate, up, down
     return L * per_layer * bytes_per_param
 
@@ -70,9 +74,8 @@ def llm_answer_bytes(text_config, new_tokens: int, context_tokens: int, bytes_pe
     weights; the prompt's pass and each decode step also read lm_head (for logits) and the KV of the
     context_tokens attended to. Their FLOPs are negligible next to these reads."""
     d, L = text_config.hidden_size, text_config.num_hidden_layers
-    hd = getattr(text_config, "head_dim", None) or d // text_config.num_attention_heads
     decode_steps = max(0, new_tokens - 1)
     weights = llm_weight_bytes(text_config, bytes_per_value) * (2 + decode_steps)
     head = text_config.vocab_size * d * bytes_per_value * (1 + decode_steps)
-    kv = L * 2 * text_config.num_key_value_heads * hd * bytes_per_value * context_tokens * (1 + decode_steps)
+    kv = L * 2 * text_config.num_key_value_heads * head_dim(text_config) * bytes_per_value * context_tokens * (1 + decode_steps)
     return weights + head + kv
