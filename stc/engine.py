@@ -127,6 +127,7 @@ class Answer:
     token_ids: list[int]
     retrieved: list[list[int]] | None  # per layer, frame indices retrieved (None without retrieval)
     logits: torch.Tensor  # [vocab] float32 on the CPU: the scores of the first answer token
+    context_tokens: int = 0  # tokens the answer attended to before its prompt: init + retrieved (per layer)
 
 
 class _KV:
@@ -682,6 +683,7 @@ class Stream:
         with self.timer.stage("retrieval"):
             picks = self._retrieve(retrieval_text or query) if top_k is not None and len(self.blocks) > top_k else None
             kv = self._context(picks, prompt.shape[1] + max_new)
+            context = kv.length
         generated: list[int] = []
         with self.timer.stage("decode"):
             # the prompt's length differs per question: it runs uncaptured; each new token replays one graph
@@ -699,7 +701,7 @@ class Stream:
                     hidden = self._prefill_answer(kv, e.lm.embed_tokens(torch.tensor([[token]], device=e.device)))
         retrieved = None if picks is None else [[self.blocks[i].frame for i in p] for p in picks]
         text = e.tokenizer.decode(generated, skip_special_tokens=True)
-        return Answer(text=text, token_ids=generated, retrieved=retrieved, logits=first_logits)
+        return Answer(text=text, token_ids=generated, retrieved=retrieved, logits=first_logits, context_tokens=context)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

@@ -186,10 +186,8 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
                 answer_prefix="Best option: (", retrieval_text="What happens in the video?")
             times = stream.timer.times()
             stats = stream.stats()
-            per_frame = stats["tokens_per_frame"]
             stats["qa_new_tokens"] = len(answer.token_ids)
-            stats["qa_context_tokens"] = stream._n_init + (sum(per_frame) if answer.retrieved is None else
-                                                           min(sum(per_frame[f] for f in layer) for layer in answer.retrieved))
+            stats["qa_context_tokens"] = answer.context_tokens
             stream.close()
             if rep >= warmup:
                 runs.append((times, stats))

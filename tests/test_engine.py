@@ -132,6 +132,8 @@ def test_retrieval_matches_brute_force(tiny):
         answer = stream.answer("Question: " + QUESTION + "\nOptions:\n(A) red\n(B) blue", retrieval_text=QUESTION)
     assert answer.retrieved == want
     assert len({tuple(p) for p in want}) >= 1 and all(len(p) == 3 for p in want)
+    n_init = proc.tokenizer(INIT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
+    assert answer.context_tokens == n_init + 3 * 16  # init + three retrieved frames of 16 tokens
 
 
 def test_retrieval_returns_a_planted_frame(tiny):
