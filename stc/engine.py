@@ -293,9 +293,10 @@ class StreamingEngine:
                              feature_layer=self.vision_layer, use_graphs=self.capture, compile=self.compile_vision,
                              tome=self.tome_schedule, keep_input_of=self.vision_layer_input)
 
-    def _slide_window(self, w: _KV, n_init: int) -> None:
+    def _slide_window(self, w: _KV, n_init: int, incoming: int) -> None:
         """Keep at most n_local recent tokens in the window w (buffer [layers, 2, ..., slots, d]): drop
-        the oldest, move the rest to follow the init tokens and re-rotate their keys to their new positions."""
+        the oldest, move the rest to follow the init tokens and re-rotate their keys to their new positions.
+        A static window must then have room for `incoming` tokens."""
         drop = max(0, w.length - n_init - self.config.n_local)
         if drop:
             keep = w.buf[..., n_init + drop : w.length, :].clone()
@@ -303,6 +304,8 @@ class StreamingEngine:
             keep[:, 0] = self._rotate(keep[:, 0], delta)
             w.buf[..., n_init : n_init + keep.shape[-2], :] = keep
             w.length -= drop
+        if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
+            raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")
 
     def _mean_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """A block's retrieval key: the mean over its tokens of the keys before RoPE, float32.
@@ -481,11 +484,9 @@ class Stream:
     def _ensure_window(self, incoming: int) -> None:
         """Keep at most n_local recent tokens (re-rotating them to follow the init tokens) and room for incoming."""
         e, w = self.engine, self._window
-        e._slide_window(w, self._n_init)
+        e._slide_window(w, self._n_init, incoming)
         need = w.length + incoming
-        if need > w.buf.shape[3] and isinstance(w, _StaticKV):
-            raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[3]} slots)")
-        if need > w.buf.shape[3]:
+        if need > w.buf.shape[3]:  # a growing (eager) window
             bigger = e._new_buffer(max(need, 2 * w.buf.shape[3]))
             bigger[:, :, :, : w.length] = w.buf[:, :, :, : w.length]
             w.buf = bigger
@@ -802,9 +803,7 @@ class StreamBatch:
                     raise ValueError("streams in a batch must keep the same number of tokens per frame")
                 tokens = torch.stack(kept)
         n = tokens.shape[1]
-        e._slide_window(w, self.streams[0]._n_init)
-        if w.length + n > w.buf.shape[-2]:
-            raise ValueError(f"a frame of {n} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")
+        e._slide_window(w, self.streams[0]._n_init, n)
         start = w.length
         with self.timer.stage("capture"):
             step = e._static_step(w, self._graphs, n, start, tokens.shape[2], self.size)
