@@ -129,18 +129,22 @@ WINDOW_SHAPES = [(1, 196, 12544), (1, 49, 3136), (1, 1, 12544), (4, 196, 12544),
                  (16, 49, 3136)]  # (streams, new tokens, used slots): 64 frames of 196 or 49 tokens, a decoded token
 
 
-def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128):
+def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=False):
     """Qwen2-7B attention of n new tokens over a static window (the engine's prefill and decode step):
-    stc.attention.window_attention (FlashAttention-2 over the used slots) against the masked packed
-    SDPA over a 1024-slot bucket. (A variant that cut the context into chunks run as separate
-    sequences, merged by log-sum-exp, was measured at commit 9874201: slower in most of these shapes
-    and in the engine, so it is not kept.)"""
-    from stc import attention
+    the masked packed SDPA over a 1024-slot bucket, FlashAttention-2 over the used slots (one varlen
+    call, `seqused_k`) and stc.window_kernel (split context, Triton) with its planned tiles; with
+    sweep, every tile configuration and split count around the plan as well (variant "triton
+    sweep", with its config). (A variant that cut the context into chunks run as separate
+    FlashAttention sequences, merged by log-sum-exp, was measured at commit 9874201: slower in most
+    of these shapes and in the engine, so it is not kept.)"""
+    from stc import window_kernel
+    from stc.attention import flash_window
 
     g = heads_q // kv_heads
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for b, n, used in WINDOW_SHAPES:
-        q = torch.randn(b, heads_q, n, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(b, n, heads_q, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # HF's layout
         k = torch.randn(b, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         lengths = torch.full((b,), used, device="cuda", dtype=torch.int32)
@@ -155,16 +159,36 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128):
             return out.reshape(b, heads_q, n, d).transpose(1, 2)
 
         def flash():
-            return attention.window_attention(q, k, v, lengths)
+            return flash_window(q.contiguous(), k, v, lengths)
 
+        def triton_planned(config=None):
+            return lambda: window_kernel.window_attention(q, k, v, lengths, config=config)
+
+        plan = window_kernel.plan(b, kv_heads, g * n, slots, sms)
+        variants = [("masked packed sdpa", masked, None), ("flash", flash, None), ("triton", triton_planned(), plan)]
+        if sweep:
+            for cfg in _window_configs(plan, n):
+                variants.append(("triton sweep", triton_planned(cfg), cfg))
         want = masked().float()
         flop = 4 * b * heads_q * n * used * d
-        for name, fn in (("masked packed sdpa", masked), ("flash", flash)):
+        for name, fn, cfg in variants:
             err = ((fn().float() - want).norm() / want.norm()).item()
-            us = 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+            us = 1e3 * do_bench_cudagraph(fn, rep=20 if name == "triton sweep" else 50, return_mode="median")
             rows.append({"op": "window_attention", "variant": name, "batch": b, "new_tokens": n, "used": used,
-                         "rel_err_vs_masked": err, "us": us, "tflops": flop / us * 1e-6})
+                         "rel_err_vs_masked": err, "us": us, "tflops": flop / us * 1e-6, **({"config": cfg} if cfg else {})})
     return rows
+
+
+def _window_configs(plan, n):
+    """Tile configurations around the planned one: block sizes, warps, stages, split counts x0.5..x2."""
+    splits = sorted({max(1, plan["splits"] // 2), plan["splits"], 2 * plan["splits"]})
+    block_ms = [16] if n == 1 else [64, 128]
+    for bm in block_ms:
+        for bn in (64, 128):
+            for warps in ((4,) if bm == 16 else (4, 8)):
+                for stages in (2, 3):
+                    for sp in splits:
+                        yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "splits": sp}
 
 
 def main(argv=None):
@@ -173,11 +197,12 @@ def main(argv=None):
     p.add_argument("--llm-rows", type=int, nargs="*", default=[], help="also time a Qwen2-7B MLP at these row counts")
     p.add_argument("--skip-vit", action="store_true")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
+    p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows = llm_mlp_rows(args.llm_rows) if args.llm_rows else []
-    rows += window_attention_rows() if args.window_attention else []
+    rows += window_attention_rows(sweep=args.window_sweep) if args.window_attention else []
     for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
             rows += attention_rows(b, tq)

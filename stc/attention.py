@@ -50,8 +50,31 @@ def flash_window_supported(dtype: torch.dtype, device: torch.device, head_dim: i
     )
 
 
+def kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether stc.window_kernel (Triton) can run: Triton installed, a CUDA device, fp16/bf16, and a
+    power-of-two head size of at least 16."""
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from stc import window_kernel
+    except ImportError:
+        return False
+    return window_kernel.supported_head_dim(head_dim)
+
+
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
                      scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of n new queries over the first `used` slots of static windows: the Triton
+    kernel where it runs, else FlashAttention-2. Shapes as in `flash_window`."""
+    if kernel_supported(query.dtype, query.device, query.shape[-1]):
+        from stc import window_kernel
+
+        return window_kernel.window_attention(query, key, value, used, scaling)
+    return flash_window(query, key, value, used, scaling)
+
+
+def flash_window(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
+                 scaling: float | None = None) -> torch.Tensor:
     """Causal attention of n new queries over the first `used` slots of static windows.
 
     query [b, heads, n, d] (the newest n tokens, which sit at slots used - n .. used - 1);

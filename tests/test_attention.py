@@ -1,5 +1,11 @@
-"""stc.attention: FlashAttention over the used slots of static windows against a masked float64
-reference, and the engine's flash path against its masked path."""
+"""stc.attention and stc.window_kernel: attention over the used slots of static windows (the Triton
+split-context kernel, FlashAttention-2) against a masked float64 reference, and the engine's
+mask-free path against its masked path."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,7 +20,7 @@ from stc.pruner import PrunerConfig
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
 
 
-def masked_reference(query, key, value, used):
+def masked_reference(query, key, value, used, scaling=None):
     """float64, head by head: query i of stream b sees slots 0 .. used[b] - n + i."""
     b, heads, n, d = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
@@ -24,7 +30,7 @@ def masked_reference(query, key, value, used):
             q = query[s, h].double().cpu()
             k = key[s, h // (heads // kv_heads)].double().cpu()
             v = value[s, h // (heads // kv_heads)].double().cpu()
-            scores = q @ k.T / d**0.5
+            scores = q @ k.T * (d**-0.5 if scaling is None else scaling)
             visible = torch.arange(slots)[None, :] <= (int(used[s]) - n + torch.arange(n))[:, None]
             scores = scores.masked_fill(~visible, float("-inf"))
             out[s, :, h] = scores.softmax(-1) @ v
@@ -55,6 +61,71 @@ def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used):
         v[s, :, u:] = float("nan")
     out = attention.window_attention(q, k, v, lengths, scaling=d**-0.5)
     assert out.shape == (b, n, heads, d)
+    err = (out.double().cpu() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+KERNEL_CASES = [  # (streams, heads, kv_heads, new tokens, slots, head dim, used per stream, tiles or None)
+    (1, 4, 2, 5, 100, 16, [37], None),
+    (2, 6, 2, 9, 300, 32, [250, 9], None),  # a stream whose window holds only its new tokens
+    (2, 6, 2, 9, 300, 32, [250, 31], {"splits": 1}),  # no merge: the kernel writes the output itself
+    (1, 2, 1, 1, 200, 16, [150], None),  # a decoded token
+    (3, 4, 4, 20, 128, 16, [128, 64, 20], {"splits": 3, "BLOCK_M": 16, "BLOCK_N": 16}),  # chunks without keys
+    (1, 7, 1, 3, 256, 16, [200], {"splits": 7, "BLOCK_M": 16, "BLOCK_N": 16}),  # chunks inside the new tokens
+]
+
+
+def _kernel_inputs(case, dtype, device):
+    b, heads, kv_heads, n, slots, d, used, _ = case
+    g = torch.Generator().manual_seed(n * 100 + slots)
+    q = torch.randn(b, n, heads, d, generator=g).to(dtype).to(device).transpose(1, 2)  # the decoder's layout
+    k = torch.randn(b, kv_heads, slots, d, generator=g).to(dtype).to(device)
+    v = torch.randn(b, kv_heads, slots, d, generator=g).to(dtype).to(device)
+    return q, k, v, torch.tensor(used, dtype=torch.int32, device=device)
+
+
+def _poison(k, v, used):  # slots past `used` must not be read
+    for s, u in enumerate(used.tolist()):
+        k[s, :, u:] = float("nan")
+        v[s, :, u:] = float("nan")
+
+
+def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_path):
+    """The Triton kernel itself, run by Triton's interpreter on the CPU (float32; the interpreter
+    mishandles bfloat16), in a subprocess because the interpreter is chosen when kernels are defined."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests.test_attention import KERNEL_CASES, _kernel_inputs, _poison
+        from stc.window_kernel import window_attention
+        for i, case in enumerate(KERNEL_CASES):
+            q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
+            _poison(k, v, used)
+            torch.save(window_attention(q, k, v, used, scaling=0.3, config=case[-1]), {str(tmp_path)!r} + f"/{{i}}.pt")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, case in enumerate(KERNEL_CASES):
+        q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
+        ref = masked_reference(q, k, v, used, scaling=0.3)
+        out = torch.load(tmp_path / f"{i}.pt")
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(KERNEL_CASES)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_kernel_equals_a_masked_reference_on_gpu(case, dtype):
+    from stc.window_kernel import window_attention
+
+    q, k, v, used = _kernel_inputs(KERNEL_CASES[case], dtype, "cuda")
+    ref = masked_reference(q, k, v, used, scaling=0.3)
+    _poison(k, v, used)
+    out = window_attention(q, k, v, used, scaling=0.3, config=KERNEL_CASES[case][-1])
+    assert out.dtype == dtype
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, err
 
