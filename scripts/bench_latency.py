@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from stc.attention import flash_window_supported
+from stc.attention import kernel_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
 from stc.flops import head_dim, llm_answer_bytes, llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
@@ -178,12 +178,15 @@ def main(argv=None):
     rates = device_rates(device, DTYPES[args.dtype])
     print(f"{args.arch} {args.dtype} on {environment(args.commit)['device']}: matmul "
           f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    kernel = kernel_supported(DTYPES[args.dtype], device, head_dim(model.config.text_config))
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
-                             + ("(CUDA graphs, compiled vision layers, static KV, packed GQA; answers: captured decode, FlashAttention)" if args.graphs
+                             + ("(CUDA graphs, compiled vision layers, static KV, packed GQA; answers: captured decode; "
+                                + ("window attention: stc.window_kernel)" if kernel else "window attention: masked frames, FlashAttention decode)")
+                                if args.graphs
                                 else "(eager Hugging Face modules)"),
-                 "flash_windows": flash_window_supported(DTYPES[args.dtype], device, head_dim(model.config.text_config)),
+                 "window_kernel": kernel,
                  "argv": sys.argv[1:]},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }

@@ -9,17 +9,18 @@ registered with transformers' `AttentionInterface` as "stc_packed_sdpa", and bac
   query length: q [b, kv_heads, g * n, d] against k, v [b, kv_heads, L, d], with the mask's rows
   repeated per group. A mask whose row count is already g * n is taken as packed (the engine builds
   it once per step instead of once per layer).
-- **FlashAttention for decoded tokens.** A static window is a buffer [b, kv_heads, L, d] whose
-  first `used` slots hold the context and then the n new tokens: the mask only hides the unused
-  slots and the new tokens' future. When the engine passes those lengths (the keyword
-  `stc_kv_used`, integers [b], a device tensor, so one captured graph serves every step) and the
-  tensors suit FlashAttention-2 (CUDA, fp16/bf16, head dim a multiple of 8 up to 256, contiguous
-  buffers), `window_attention` runs PyTorch's variable-length FlashAttention-2 with `seqused_k`:
-  each (stream, KV head) is one sequence with its g query heads, causal attention aligned at the
-  end of its used slots; no mask, no work on unused slots, no copy of K/V. The engine does this for
-  one-token steps (decoding), where it is about 9x faster than the masked SDPA on the H100; for
-  frames (49-196 tokens) the masked packed SDPA is as fast or faster there
-  (`scripts/bench_vit_kernels.py --window-attention`, results/latency/h100_window_attention.json).
+- **No mask, over the used slots.** A static window is a buffer [b, kv_heads, L, d] whose first
+  `used` slots hold the context and then the n new tokens: the mask only hides the unused slots and
+  the new tokens' future. When the engine passes those lengths (the keyword `stc_kv_used`, int32
+  [b], a device tensor, so one captured graph serves every step of a window), `window_attention`
+  runs causal attention over the used slots alone, with no mask, no work on unused slots and no
+  copy of K/V: `stc.window_kernel` (Triton; it packs the query heads of a KV head into one block
+  and splits the context across the GPU), or, where Triton is missing, PyTorch's variable-length
+  FlashAttention-2 with `seqused_k` (decoded tokens only: for frames it is no faster than the mask).
+  On the H100 at Qwen2-7B shapes the kernel takes 77 us for a 196-token frame over 12,544 slots
+  against 327 us masked (FlashAttention-2 376 us), and 21 us for a decoded token (FlashAttention-2
+  29 us, masked 262 us): `scripts/bench_vit_kernels.py --window-attention`,
+  results/latency/h100_window_kernel.json.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def pack_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def flash_window_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether `window_attention` can run: FlashAttention-2 in this PyTorch, on this device and dtype."""
+    """Whether `flash_window` can run: FlashAttention-2 in this PyTorch, on this device and dtype."""
     device = torch.device(device)
     return (
         device.type == "cuda"
@@ -62,10 +63,20 @@ def kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: int) ->
     return window_kernel.supported_head_dim(head_dim)
 
 
+def window_supported(dtype: torch.dtype, device: torch.device, head_dim: int, new_tokens: int) -> bool:
+    """Whether `window_attention` can run for steps of `new_tokens` tokens (the engine then passes
+    `stc_kv_used` instead of a mask)."""
+    if kernel_supported(dtype, device, head_dim):
+        return True
+    return new_tokens == 1 and flash_window_supported(dtype, device, head_dim)
+
+
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
                      scaling: float | None = None) -> torch.Tensor:
-    """Causal attention of n new queries over the first `used` slots of static windows: the Triton
-    kernel where it runs, else FlashAttention-2. Shapes as in `flash_window`."""
+    """Causal attention of n new queries over the first `used` slots of static windows: query
+    [b, heads, n, d] (the newest n tokens, at slots used - n .. used - 1); key, value
+    [b, kv_heads, L, d]; used: integers [b] on the device, n <= used <= L. Query i sees slots
+    0 .. used - n + i. Returns [b, n, heads, d]. The Triton kernel where it runs, else FlashAttention-2."""
     if kernel_supported(query.dtype, query.device, query.shape[-1]):
         from stc import window_kernel
 
@@ -75,12 +86,8 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def flash_window(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
                  scaling: float | None = None) -> torch.Tensor:
-    """Causal attention of n new queries over the first `used` slots of static windows.
-
-    query [b, heads, n, d] (the newest n tokens, which sit at slots used - n .. used - 1);
-    key, value [b, kv_heads, L, d], contiguous; used: integers [b], n <= used <= L. Query i sees slots
-    0 .. used - n + i. Returns [b, n, heads, d].
-    """
+    """`window_attention` by PyTorch's variable-length FlashAttention-2 (needs contiguous K/V): each
+    (stream, KV head) is one sequence with its g query heads, aligned at the end of its used slots."""
     b, heads, n, d = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     g = heads // kv_heads
@@ -105,9 +112,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     if used is not None:
-        if dropout or not (key.is_contiguous() and value.is_contiguous()
-                           and flash_window_supported(query.dtype, query.device, d)):
-            raise RuntimeError(f"{KV_USED} was passed but FlashAttention cannot run here; pass a mask instead")
+        if dropout or not window_supported(query.dtype, query.device, d, n):
+            raise RuntimeError(f"{KV_USED} was passed but window_attention cannot run here; pass a mask instead")
         return window_attention(query, key, value, used, scaling), None
     if attention_mask is None or groups == 1 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

@@ -338,9 +338,9 @@ class StreamingEngine:
         same code uncaptured (for token counts seen once); None follows the engine."""
         from stc import attention
 
-        # decoded tokens: FlashAttention over the used slots (one graph serves every step); frames: the mask
-        flash = n == 1 and attention.flash_window_supported(self.dtype, self.device, self.head_dim)
-        bucket = w.buf.shape[-2] if flash else min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
+        # stc.attention.window_attention over the used slots where it runs (one graph serves every step), else a mask
+        mask_free = attention.window_supported(self.dtype, self.device, self.head_dim, n)
+        bucket = w.buf.shape[-2] if mask_free else min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
         if (n, bucket) not in graphs:
             inputs = {
                 "embeds": torch.zeros(batch, n, dim, dtype=self.dtype, device=self.device),
@@ -353,8 +353,8 @@ class StreamingEngine:
             def forward():
                 pos = inputs["start"] + offsets
                 w.index, w.visible = pos, bucket
-                if flash:  # stc.attention's FlashAttention over the used slots, no mask
-                    mask, extra = None, {attention.KV_USED: (pos[-1:] + 1).expand(batch)}
+                if mask_free:
+                    mask, extra = None, {attention.KV_USED: (pos[-1:] + 1).to(torch.int32).expand(batch).contiguous()}
                 else:
                     mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(self.dtype).min, 0.0).to(self.dtype)
                     mask, extra = mask.repeat(groups, 1)[None, None], {}  # packed for stc.attention: rows (group, query)

@@ -37,18 +37,20 @@ def masked_reference(query, key, value, used, scaling=None):
     return out
 
 
-def test_flash_path_is_refused_where_it_cannot_run():
+def test_mask_free_path_is_refused_where_it_cannot_run():
+    assert not attention.window_supported(torch.bfloat16, "cpu", 128, 1)
     assert not attention.flash_window_supported(torch.bfloat16, "cpu", 128)
     q = torch.randn(1, 4, 3, 16)
     kv = torch.randn(1, 2, 8, 16)
-    with pytest.raises(RuntimeError, match="FlashAttention cannot run here"):
+    with pytest.raises(RuntimeError, match="window_attention cannot run here"):
         attention.packed_sdpa(None, q, kv, kv, None, **{attention.KV_USED: torch.tensor([5])})
 
 
 @gpu
 @pytest.mark.parametrize("b,n,used", [(1, 1, [7]), (1, 49, [300]), (1, 49, [49]), (3, 196, [196, 500, 1023]),
                                       (2, 5, [64, 9])])
-def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used):
+@pytest.mark.parametrize("path", ["window_attention", "flash_window"])
+def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used, path):
     torch.manual_seed(n)
     heads, kv_heads, slots, d = 28, 4, 1024, 128
     q = torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +61,7 @@ def test_window_attention_equals_a_masked_reference_on_gpu(b, n, used):
     for s, u in enumerate(used):  # slots past `used` must not be read: poison them
         k[s, :, u:] = float("nan")
         v[s, :, u:] = float("nan")
-    out = attention.window_attention(q, k, v, lengths, scaling=d**-0.5)
+    out = getattr(attention, path)(q, k, v, lengths, scaling=d**-0.5)
     assert out.shape == (b, n, heads, d)
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, err
@@ -132,18 +134,20 @@ def test_window_kernel_equals_a_masked_reference_on_gpu(case, dtype):
 
 @gpu
 @pytest.mark.parametrize("batch", [False, True], ids=["stream", "batch"])
-def test_engine_flash_path_equals_its_masked_path_on_gpu(batch, monkeypatch):
-    """bf16 tiny model on the GPU: the same frames and questions with FlashAttention over the used
-    slots and with the masked packed SDPA give the same KV and answers (up to bf16 rounding)."""
+def test_engine_mask_free_path_equals_its_masked_path_on_gpu(batch, monkeypatch):
+    """bf16 tiny model on the GPU: the same frames and questions with window_attention over the used
+    slots (the Triton kernel) and with the masked packed SDPA give the same KV and answers (up to
+    bf16 rounding)."""
     model, proc = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
     rng = np.random.default_rng(0)
     videos = rng.integers(0, 255, (2, 6, 64, 64, 3)).astype(np.uint8)
     cfg = EngineConfig(retrieve_top_k=2, cuda_graphs=True, n_local=40, cacher=CacherConfig(cache_interval=2),
                        pruner=PrunerConfig(keep_ratio=0.5))
     out = []
-    for flash in (True, False):
-        if not flash:
-            monkeypatch.setattr(attention, "flash_window_supported", lambda *a: False)
+    assert attention.window_supported(torch.bfloat16, "cuda", model.config.text_config.hidden_size // 4, 16)
+    for mask_free in (True, False):
+        if not mask_free:
+            monkeypatch.setattr(attention, "window_supported", lambda *a: False)
         with StreamingEngine(model, proc, cfg) as engine:
             if batch:
                 group = engine.open_batch(2)
