@@ -94,9 +94,8 @@ def graphed_vit_part(model, args, rates):
     return rows
 
 
-def stream_part(model, processor, args, rates):
+def stream_part(model, processor, args, rates, rows, save):
     tcfg = model.config.text_config
-    rows = []
     for name in args.methods:
         base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs)
         try:
@@ -110,17 +109,17 @@ def stream_part(model, processor, args, rates):
             stage["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=c * n)
         res["qa_floor_ms"] = llm_answer_bytes(tcfg, res["qa_new_tokens"], res["qa_context_tokens"]) / rates["copy_bytes_per_s"] * 1e3
         rows.append(res)
+        save()
         last = res["checkpoints"][max(res["checkpoints"])]
         print(f"{name:>14}: {n} tok/frame  ViT {last['vit_ms_per_frame']:.1f}  proj {last['projector_ms_per_frame']:.1f}  "
               f"prefill {last['prefill_ms_per_frame']:.1f} (floor {last['prefill_floor_ms']:.1f}) ms/frame  "
-              f"QA {res['qa_ms']:.0f} ms (floor {res['qa_floor_ms']:.0f}, {res['qa_new_tokens']} tokens)  peak {res['peak_memory_gb']:.1f} GB", flush=True)
-    return rows
+              f"QA {res['qa_ms']:.0f} ms (retrieval {res['qa_retrieval_ms']:.0f}; floor {res['qa_floor_ms']:.0f}, "
+              f"{res['qa_new_tokens']} tokens)  peak {res['peak_memory_gb']:.1f} GB", flush=True)
 
 
-def batch_part(model, processor, args, rates):
+def batch_part(model, processor, args, rates, rows, save):
     """B synchronised streams per step (StreamBatch, CUDA graphs), per stream-frame times and floors."""
     tcfg = model.config.text_config
-    rows = []
     for b in args.stream_batches:
         for name in args.methods:
             try:
@@ -131,9 +130,9 @@ def batch_part(model, processor, args, rates):
             n = res["tokens_per_frame"]
             res["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=args.frames * n, batch=b)
             rows.append(res)
+            save()
             print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  prefill "
                   f"{res['prefill_ms_per_frame']:.2f} (floor {res['prefill_floor_ms']:.2f}) ms per stream-frame", flush=True)
-    return rows
 
 
 def main(argv=None):
@@ -187,17 +186,27 @@ def main(argv=None):
                                 if args.graphs
                                 else "(eager Hugging Face modules)"),
                  "window_kernel": kernel,
-                 "argv": sys.argv[1:]},
+                 "argv": sys.argv[1:], "partial": True},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }
+
+    def save():  # after every part and row, so a run that dies keeps what it measured ("partial": true)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+
+    save()
     if torch.device(args.device).type == "cuda" and not args.skip_graphed_vit:
         result["vit_graphs"] = graphed_vit_part(model, args, rates)
+        save()
     if not args.vit_only and not args.skip_single:
-        result["rows"] = stream_part(model, processor, args, rates)
+        stream_part(model, processor, args, rates, result.setdefault("rows", []), save)
     if not args.vit_only and args.stream_batches:
-        result["batched"] = batch_part(model, processor, args, rates)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+        batch_part(model, processor, args, rates, result.setdefault("batched", []), save)
+    result["meta"]["partial"] = False
+    save()
     print(f"wrote {args.out}")
 
 

@@ -168,7 +168,7 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
     """Stream n_frames one per step through `method`, then ask one question; medians over repeats.
 
     Returns per-stage ms per frame over the first c frames for each checkpoint c, the question's
-    retrieval + answer time with its generated and context token counts, and peak memory.
+    retrieval + answer time (and each part) with its generated and context token counts, and peak memory.
     """
     size = model.config.vision_config.image_size
     pixels = synthetic_pixels(n_frames, size, seed)
@@ -203,6 +203,8 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
             "prefill_ms_per_frame": statistics.median(pre),
         }
     out["qa_ms"] = statistics.median([sum(t.get("retrieval", [])) + sum(t.get("decode", [])) for t, _ in runs])
+    out["qa_retrieval_ms"] = statistics.median([sum(t.get("retrieval", [])) for t, _ in runs])
+    out["qa_decode_ms"] = statistics.median([sum(t.get("decode", [])) for t, _ in runs])
     out["qa_new_tokens"] = runs[-1][1]["qa_new_tokens"]  # tokens generated (random weights: rarely an early stop)
     out["qa_context_tokens"] = runs[-1][1]["qa_context_tokens"]  # init + retrieved tokens the answer attends to
     out["tokens_per_frame"] = runs[-1][1]["tokens_per_frame"][0]

@@ -65,8 +65,8 @@ def _attend_chunk(q, qk_scale, acc, m_i, l_i, K, V, stride_kl, stride_vl, lo, hi
 def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kl,
                 stride_vb, stride_vh, stride_vl, stride_ob, stride_on, stride_oh,
-                kv_heads, splits, scale,
-                N: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                kv_heads, splits, scale, N,
+                G: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_bh // kv_heads
@@ -109,8 +109,8 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
 
 
 @triton.jit
-def _window_merge(OUT, OPART, LPART, kv_heads, splits, stride_ob, stride_on, stride_oh,
-                  N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _window_merge(OUT, OPART, LPART, kv_heads, splits, stride_ob, stride_on, stride_oh, N,
+                  G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = pid_bh // kv_heads
     h = pid_bh % kv_heads
@@ -182,12 +182,12 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         lse = torch.empty(splits * b * kv_heads * g * n, dtype=torch.float32, device=query.device)
     _window_fwd[grid](query, key, value, used, out, part, lse,
                       *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-                      kv_heads, splits, scale, N=n, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                      kv_heads, splits, scale, n, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
                       DIRECT=splits == 1, **cfg)
     if splits > 1:
         merge_m = 64
         _window_merge[(triton.cdiv(g * n, merge_m), b * kv_heads)](
-            out, part, lse, kv_heads, splits, *out.stride()[:3], N=n, G=g, D=d, BLOCK_M=merge_m, num_warps=4)
+            out, part, lse, kv_heads, splits, *out.stride()[:3], n, G=g, D=d, BLOCK_M=merge_m, num_warps=4)
     return out
 
 

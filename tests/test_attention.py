@@ -96,6 +96,8 @@ def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_p
     """The Triton kernel itself, run by Triton's interpreter on the CPU (float32; the interpreter
     mishandles bfloat16), in a subprocess because the interpreter is chosen when kernels are defined."""
     pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the compiled kernel is tested instead (the interpreter differs across Triton versions)")
     script = textwrap.dedent(f"""
         import json, sys, torch
         sys.path.insert(0, {os.getcwd()!r})
