@@ -72,6 +72,7 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
             last = row["checkpoints"][max(row["checkpoints"], key=int)]
             stream.append({"method": row["method"], "frames": row["frames"], "tokens_per_frame": row["tokens_per_frame"],
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
+                           "qa_retrieval_ms": row.get("qa_retrieval_ms"),
                            "qa_new_tokens": row.get("qa_new_tokens"), **info})
     vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
     if not vit_df.empty:  # per B: uncompiled first, then more optimised
@@ -130,7 +131,8 @@ def prefill_table(speed: Speed) -> pd.DataFrame:
 
 def stream_table(speed: Speed) -> pd.DataFrame:
     """One stream on the graph path, per method: per-stage ms per frame over the stream, the prefill
-    floor, and the question's time (retrieval + answer) against its floor (`stc.flops.llm_answer_bytes`)."""
+    floor, and the question's time (retrieval + answer) against its floor (`stc.flops.llm_answer_bytes`),
+    with its retrieval part where the run recorded it."""
     st = speed.stream
     if st.empty:
         return pd.DataFrame()
@@ -139,7 +141,8 @@ def stream_table(speed: Speed) -> pd.DataFrame:
         "method": st["method"], "frames": st["frames"], "tokens": st["tokens_per_frame"],
         "ViT": st["vit_ms_per_frame"], "projector": st["projector_ms_per_frame"], "prefill": st["prefill_ms_per_frame"],
         "prefill / floor": st["prefill_ms_per_frame"] / st["prefill_floor_ms"],
-        "answer": st["qa_ms"], "answer floor": qa_floor, "answer / floor": st["qa_ms"] / qa_floor,
+        "answer": st["qa_ms"], "of which retrieval": st["qa_retrieval_ms"].astype(float),
+        "answer floor": qa_floor, "answer / floor": st["qa_ms"] / qa_floor,
         "commit": st["commit"],
     })
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 import pytest
 
 from stc import speed
@@ -81,12 +82,13 @@ def test_derived_columns_against_the_rows(files):
     assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / (2000 // 9.6))
 
 
-def stream_row(method, prefill, floor, qa, qa_floor=None):
+def stream_row(method, prefill, floor, qa, qa_floor=None, retrieval=None):
     checkpoints = {"16": {"vit_ms_per_frame": 9.0, "projector_ms_per_frame": 9.0, "prefill_ms_per_frame": 99.0,
                           "prefill_floor_ms": 1.0},
                    "64": {"vit_ms_per_frame": 3.0, "projector_ms_per_frame": 0.5, "prefill_ms_per_frame": prefill,
                           "prefill_floor_ms": floor}}
     row = {"method": method, "frames": 64, "tokens_per_frame": 196, "checkpoints": checkpoints, "qa_ms": qa}
+    row = row if retrieval is None else {**row, "qa_retrieval_ms": retrieval}
     return row if qa_floor is None else {**row, "qa_floor_ms": qa_floor, "qa_new_tokens": 16}
 
 
@@ -95,7 +97,7 @@ def test_one_stream_rows_come_from_the_newest_graph_run(files):
     for name, date, protocol, rows in (
         ("e_graphs_old.json", "2026-05-01", "one frame per step (CUDA graphs)", [stream_row("baseline", 20.0, 5.0, 400.0)]),
         ("f_graphs_new.json", "2026-06-01", "one frame per step (CUDA graphs)",
-         [stream_row("baseline", 16.0, 4.0, 180.0, 100.0), stream_row("pruner", 11.0, 4.0, 190.0, 95.0)]),
+         [stream_row("baseline", 16.0, 4.0, 180.0, 100.0), stream_row("pruner", 11.0, 4.0, 190.0, 95.0, retrieval=12.0)]),
         ("g_eager_newest.json", "2026-07-01", "one frame per step (eager)", [stream_row("baseline", 90.0, 5.0, 900.0)]),
     ):
         (d / name).write_text(json.dumps({"meta": {"date": date, "commit": name[0] * 7, "protocol": protocol}, "rows": rows}))
@@ -104,6 +106,7 @@ def test_one_stream_rows_come_from_the_newest_graph_run(files):
     assert list(t.index) == ["baseline", "pruner"] and set(t["commit"]) == {"fffffff"}
     assert t.loc["pruner", "prefill"] == 11.0 and t.loc["pruner", "prefill / floor"] == pytest.approx(11.0 / 4.0)
     assert t.loc["baseline", "answer / floor"] == pytest.approx(1.8)
+    assert t.loc["pruner", "of which retrieval"] == 12.0 and pd.isna(t.loc["baseline", "of which retrieval"])
     assert "| pruner | 64 | 49 |" not in speed.report(s) and "| pruner | 64 | 196 |" in speed.report(s)
 
 
@@ -123,3 +126,4 @@ def test_committed_gpu_measurements_render():
     assert set(speed.prefill_table(s)["method"]) >= {"baseline", "pruner"}
     t = speed.stream_table(s)
     assert set(t["method"]) >= {"baseline", "pruner", "cacher+pruner"} and t["answer / floor"].notna().all()
+    assert t["of which retrieval"].notna().all()
