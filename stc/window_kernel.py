@@ -69,7 +69,7 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
                 G: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = pid_bh // kv_heads
+    b = (pid_bh // kv_heads).to(tl.int64)  # 64-bit offsets: windows of many streams exceed 2**31 elements
     h = pid_bh % kv_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows (head in group, query)
     valid = rows < G * N
@@ -103,7 +103,7 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
         ptr = OUT + b * stride_ob + i[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptr, out.to(OUT.dtype.element_ty), mask=valid[:, None])
     else:
-        slot = (pid_s * tl.num_programs(1) + pid_bh) * (G * N) + rows
+        slot = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * (G * N) + rows
         tl.store(OPART + slot[:, None] * D + offs_d[None, :], out, mask=valid[:, None])
         tl.store(LPART + slot, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")), mask=valid)
 
@@ -112,13 +112,13 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
 def _window_merge(OUT, OPART, LPART, kv_heads, splits, stride_ob, stride_on, stride_oh, N,
                   G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b = pid_bh // kv_heads
+    b = (pid_bh // kv_heads).to(tl.int64)
     h = pid_bh % kv_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = rows < G * N
     offs_d = tl.arange(0, D)
-    per_split = tl.num_programs(1) * (G * N)
-    base = pid_bh * (G * N) + rows
+    per_split = tl.num_programs(1).to(tl.int64) * (G * N)
+    base = pid_bh.to(tl.int64) * (G * N) + rows
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for s in range(0, splits):
         m = tl.maximum(m, tl.load(LPART + s * per_split + base, mask=valid, other=float("-inf")))
@@ -146,8 +146,9 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int, sms: int) -> dict:
     """Tile sizes and the number of context chunks for `rows` packed query rows per (stream, KV
     head) over a window of `slots`: about one program per SM, and never fewer than two chunks
     (chunks of at least two key blocks). Chosen from a sweep on the H100 at Qwen2-7B shapes
-    (`scripts/bench_vit_kernels.py --window-attention --window-sweep`), where this plan is within
-    5% of the best configuration at every shape but one (49 new tokens at B = 1: 16.3 us best)."""
+    (`scripts/bench_vit_kernels.py --window-attention --window-sweep`): timed in
+    results/latency/h100_window_kernel.json, the plan is within 6% of the sweep's best configuration
+    at every shape but one (49 new tokens at B = 1: 18.3 us against 16.3)."""
     block_m = 16 if rows <= 16 else 64 if rows <= 512 else 128
     block_n = 64
     blocks = triton.cdiv(rows, block_m) * batch * kv_heads
@@ -159,10 +160,20 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int, sms: int) -> dict:
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
                      scaling: float | None = None, config: dict | None = None) -> torch.Tensor:
     """query [b, heads, n, d]; key, value [b, kv_heads, L, d] (any strides, last one 1); used:
-    integers [b] on the device, n <= used <= L. Returns [b, n, heads, d] in the query's dtype.
-    config overrides `plan` (BLOCK_M, BLOCK_N, splits, num_warps, num_stages)."""
+    integers [b] on the device, n <= used <= L (not checked: reading it would synchronise; the engine
+    guarantees it). Returns [b, n, heads, d] in the query's dtype. config overrides `plan` (BLOCK_M,
+    BLOCK_N, splits, num_warps, num_stages)."""
+    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(f"expected query [b, heads, n, d] and key, value [b, kv_heads, L, d], got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     b, heads, n, d = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
+    if key.shape[0] != b or key.shape[3] != d or heads % kv_heads or used.shape != (b,):
+        raise ValueError(f"query {tuple(query.shape)}, key/value {tuple(key.shape)} and used {tuple(used.shape)} do not "
+                         "match (same streams and head size, heads a multiple of kv_heads, one length per stream)")
+    if not (query.dtype == key.dtype == value.dtype) or not supported_head_dim(d):
+        raise ValueError(f"needs one dtype for query, key and value and a power-of-two head size >= 16, got "
+                         f"{query.dtype}/{key.dtype}/{value.dtype} and {d}")
     g = heads // kv_heads
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("window_attention needs unit stride along the head dimension")

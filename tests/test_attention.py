@@ -166,3 +166,20 @@ def test_engine_mask_free_path_equals_its_masked_path_on_gpu(batch, monkeypatch)
         torch.testing.assert_close(a.logits, b.logits, atol=5e-2, rtol=5e-2)
         for x, y in zip(kva, kvb):
             torch.testing.assert_close(x, y, atol=5e-2, rtol=5e-2)
+
+
+def test_window_kernel_refuses_bad_inputs():
+    pytest.importorskip("triton")
+    from stc.window_kernel import window_attention
+
+    q, k, v, used = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), torch.tensor([5])
+    with pytest.raises(ValueError, match="do not match"):
+        window_attention(torch.zeros(1, 3, 3, 16), k, v, used)  # 3 heads over 2 KV heads
+    with pytest.raises(ValueError, match="do not match"):
+        window_attention(q, k, v, torch.tensor([5, 5]))  # a length per stream
+    with pytest.raises(ValueError, match="power-of-two head size"):
+        window_attention(torch.zeros(1, 4, 3, 24), torch.zeros(1, 2, 8, 24), torch.zeros(1, 2, 8, 24), used)
+    with pytest.raises(ValueError, match="one dtype"):
+        window_attention(q.half(), k, v, used)
+    with pytest.raises(ValueError, match="expected query"):
+        window_attention(q[0], k, v, used)
