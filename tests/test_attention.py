@@ -17,7 +17,7 @@ from stc.engine import EngineConfig, StreamingEngine
 from stc.models import build_model
 from stc.pruner import PrunerConfig
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels and FlashAttention need a GPU")
 
 
 def masked_reference(query, key, value, used, scaling=None):
