@@ -17,9 +17,9 @@ registered with transformers' `AttentionInterface` as "stc_packed_sdpa", and bac
   copy of K/V: `stc.window_kernel` (Triton; it packs the query heads of a KV head into one block
   and splits the context across the GPU), or, where Triton is missing, PyTorch's variable-length
   FlashAttention-2 with `seqused_k` (decoded tokens only: for frames it is no faster than the mask).
-  On the H100 at Qwen2-7B shapes the kernel takes 82 us for a 196-token frame over 12,544 slots
-  against 326 us masked (FlashAttention-2 373 us), and 20 us for a decoded token (FlashAttention-2
-  29 us, masked 259 us): `scripts/bench_vit_kernels.py --window-attention`,
+  On the H100 at Qwen2-7B shapes the kernel takes 79 us for a 196-token frame over 12,544 slots
+  against 327 us masked (FlashAttention-2 374 us), and 20 us for a decoded token (FlashAttention-2
+  29 us, masked 261 us): `scripts/bench_vit_kernels.py --window-attention`,
   results/latency/h100_window_kernel.json.
 """
 

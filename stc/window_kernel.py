@@ -147,8 +147,8 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int, sms: int) -> dict:
     head) over a window of `slots`: about one program per SM, and never fewer than two chunks
     (chunks of at least two key blocks). Chosen from a sweep on the H100 at Qwen2-7B shapes
     (`scripts/bench_vit_kernels.py --window-attention --window-sweep`): timed in
-    results/latency/h100_window_kernel.json, the plan is within 6% of the sweep's best configuration
-    at every shape but one (49 new tokens at B = 1: 18.3 us against 16.3)."""
+    results/latency/h100_window_kernel.json, the plan is within 4% of the sweep's best configuration
+    at every shape but one (49 new tokens at B = 1: 18.0 us against 16.3)."""
     block_m = 16 if rows <= 16 else 64 if rows <= 512 else 128
     block_n = 64
     blocks = triton.cdiv(rows, block_m) * batch * kv_heads
