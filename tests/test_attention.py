@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,8 +100,8 @@ def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_p
     if torch.cuda.is_available():
         pytest.skip("with a GPU the compiled kernel is tested instead (the interpreter differs across Triton versions)")
     script = textwrap.dedent(f"""
-        import json, sys, torch
-        sys.path.insert(0, {os.getcwd()!r})
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from tests.test_attention import KERNEL_CASES, _kernel_inputs, _poison
         from stc.window_kernel import window_attention
         for i, case in enumerate(KERNEL_CASES):
