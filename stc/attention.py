@@ -92,7 +92,7 @@ def flash_window(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, us
     kv_heads, slots = key.shape[1], key.shape[2]
     g = heads // kv_heads
     if not (key.is_contiguous() and value.is_contiguous()):
-        raise ValueError("window_attention needs contiguous K/V buffers [b, kv_heads, L, d]")
+        raise ValueError("flash_window needs contiguous K/V buffers [b, kv_heads, L, d]")
     seqs, dev = b * kv_heads, query.device
     q = query.reshape(b, kv_heads, g, n, d).transpose(2, 3).reshape(seqs * n, g, d)
     k = key.reshape(seqs * slots, 1, d)
