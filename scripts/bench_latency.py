@@ -9,7 +9,8 @@ Parts, each optional, all in one run and one JSON file:
 - "vit_graphs": the graph-captured SigLIP step (stc.fast.GraphedVision), B synchronised streams,
   without and/or with torch.compile'd layer functions (--vit-compile), both sides alike;
 - "rows": one stream of --frames frames pushed one per step, then one question, per method (eager, or
-  --graphs: EngineConfig(cuda_graphs=True)); per-stage ms per frame at 16/32/64 frames;
+  --graphs: EngineConfig(cuda_graphs=True), with compiled decoder layers unless --compile-llm 0);
+  per-stage ms per frame at 16/32/64 frames;
 - "batched": B synchronised streams per step (StreamBatch, --stream-batches), per stream-frame.
 Baseline and STC always run the same code path in the same run; floors use the rates measured here.
 """
@@ -97,7 +98,7 @@ def graphed_vit_part(model, args, rates):
 def stream_part(model, processor, args, rates, rows, save):
     tcfg = model.config.text_config
     for name in args.methods:
-        base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs)
+        base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs, compile_llm=args.compile_llm == "1")
         try:
             res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats, base=base)
         except ValueError as err:  # a method this model or path cannot run
@@ -123,7 +124,8 @@ def batch_part(model, processor, args, rates, rows, save):
     for b in args.stream_batches:
         for name in args.methods:
             try:
-                res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats)
+                res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats,
+                                    base=EngineConfig(compile_llm=args.compile_llm == "1"))
             except ValueError as err:
                 print(f"B={b} {name:>14}: skipped ({err})", flush=True)
                 continue
@@ -146,6 +148,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="synchronised streams (graphed ViT)")
     p.add_argument("--vit-compile", nargs="+", default=["0"], choices=["0", "1"],
                    help="graphed ViT without (0) and/or with (1) torch.compile'd layer functions, both sides alike")
+    p.add_argument("--compile-llm", default="1", choices=["0", "1"],
+                   help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")
     p.add_argument("--skip-graphed-vit", action="store_true")
     p.add_argument("--graphs", action="store_true", help="run the streams with EngineConfig(cuda_graphs=True)")
@@ -181,11 +185,12 @@ def main(argv=None):
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
-                             + ("(CUDA graphs, compiled vision layers, static KV, packed GQA; answers: captured decode; "
+                             + (f"(CUDA graphs, compiled vision{' and decoder' if args.compile_llm == '1' else ''} layers, "
+                                "static KV, packed GQA; answers: captured decode; "
                                 + ("window attention: stc.window_kernel)" if kernel else "window attention: masked frames, FlashAttention decode)")
                                 if args.graphs
                                 else "(eager Hugging Face modules)"),
-                 "window_kernel": kernel,
+                 "window_kernel": kernel, "compile_llm": args.graphs and args.compile_llm == "1",
                  "argv": sys.argv[1:], "partial": True},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }

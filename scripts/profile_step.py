@@ -27,6 +27,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
     p.add_argument("--compile", action="store_true", help="with --vit-batch: torch.compile'd layer functions")
+    p.add_argument("--sequence", type=int, default=0, help="with --vit-batch: also list a step's first kernels in order")
     p.add_argument("--prefill-batch", type=int, default=0,
                    help="profile one StreamBatch prefill step of this many streams (after --frames frames) instead")
     args = p.parse_args(argv)
@@ -113,8 +114,33 @@ def profile_vit(args):
             torch.cuda.synchronize()
         events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         print(f"ViT B={b} {'cacher selective' if cfg else 'full'}{' compiled' if args.compile else ''}: 2 steps, "
-              f"{len(events) / 2:.0f} kernels and {sum(e.device_time for e in events) / 2e3:.2f} ms of kernel time per step")
+              f"{len(events) / 2:.0f} kernels and {sum(e.device_time for e in events) / 2e3:.2f} ms of kernel time per step; "
+              f"graph replay {graph_replay_ms(tower, b, cfg, args.compile, pixels[:b], 'selective' if cfg else 'full'):.2f} ms")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
+        if args.sequence:
+            print(f"the first {args.sequence} kernels of a step, in order (us):")
+            for e in events[: args.sequence]:
+                print(f"  {e.device_time:7.1f}  {e.name[:90]}")
+
+
+def graph_replay_ms(tower, batch, cacher, compile, pixels, kind, repeats=50):
+    """Median replay time of one captured ViT step of `kind`, for comparison with its kernel time."""
+    from stc.fast import GraphedVision
+
+    runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile)
+    states = [runner.new_state() for _ in range(batch)] if cacher else None
+    for _ in range(2):
+        runner(pixels, states)
+    graph, _ = runner._graph(kind)
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":

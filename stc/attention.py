@@ -124,4 +124,6 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.reshape(b, heads, n, d).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, packed_sdpa)
+# a graph break in compiled decoder layers (stc.fast.compiled_decoder): the Triton kernel's launch
+# reads shapes and plans on the host
+AttentionInterface.register(NAME, torch.compiler.disable(packed_sdpa))

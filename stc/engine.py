@@ -33,6 +33,7 @@ KV object as ``past_key_values`` and a prepared mask.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -76,6 +77,10 @@ class EngineConfig:
     compile_vision: with cuda_graphs on a GPU, the vision step's layer functions go through
         torch.compile (inductor) before capture, for the baseline and STC alike (it fuses the small
         kernels a one-frame step is bound by; compiling costs seconds once per process).
+    compile_llm: with cuda_graphs on a GPU, captured prefill and decode steps run the decoder's own
+        layer forwards through torch.compile (`stc.fast.compiled_decoder`), for every method alike: it
+        fuses RMSNorm, RoPE, SiLU * up and the residual adds around the GEMMs (the KV write and the
+        attention kernel stay as they are). Uncaptured steps run eager.
     timing: record per-stage times.
     """
 
@@ -88,6 +93,7 @@ class EngineConfig:
     tome_tokens_per_frame: int | None = None
     cuda_graphs: bool = False
     compile_vision: bool = True
+    compile_llm: bool = True
     init_prompt: str = INIT_PROMPT
     timing: bool = True
 
@@ -161,6 +167,7 @@ class _StaticKV(_KV):
         self.index: torch.Tensor | None = None
         self.visible = buf.shape[3]  # slots attended to: a bucket covering the context, not the whole buffer
 
+    @torch.compiler.disable  # a graph break in compiled decoder layers (stc.fast.compiled_decoder)
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.index is None:
             return super().update(key, value, layer_idx)
@@ -242,6 +249,7 @@ class StreamingEngine:
         ]
         self.capture = config.cuda_graphs and self.device.type == "cuda"
         self.compile_vision = self.capture and config.compile_vision
+        self.compile_llm = self.capture and config.compile_llm
         self._attn_before = None
         self.vision_runner = None
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
@@ -367,19 +375,22 @@ class StreamingEngine:
             graph = None
             capture = self.capture if capture is None else capture and self.capture
             if capture:
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
-                        forward()
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # one memory pool for a window's graphs: they replay one at a time and write only into
-                # the window; the pool lives and dies with them
-                if "pool" not in graphs:
-                    graphs["pool"] = torch.cuda.graph_pool_handle()
-                with torch.cuda.graph(graph, pool=graphs["pool"]):
-                    inputs["last"] = forward()
+                from stc.fast import compiled_decoder
+
+                with compiled_decoder(self.lm) if self.compile_llm else contextlib.nullcontext():
+                    side = torch.cuda.Stream(self.device)
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        for _ in range(2):  # warm-up writes land in slots this step overwrites anyway
+                            forward()
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    # one memory pool for a window's graphs: they replay one at a time and write only
+                    # into the window; the pool lives and dies with them
+                    if "pool" not in graphs:
+                        graphs["pool"] = torch.cuda.graph_pool_handle()
+                    with torch.cuda.graph(graph, pool=graphs["pool"]):
+                        inputs["last"] = forward()
             if capture or not self.capture:  # an uncaptured step on a GPU (seen once) is not kept
                 graphs[(n, bucket)] = (graph, inputs, forward)
         else:

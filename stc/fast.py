@@ -26,6 +26,7 @@ are inputs), so compiling costs seconds, once per process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -59,6 +60,41 @@ def compile_backend(compile: bool | str) -> str | None:
     if isinstance(compile, str) and compile:
         return compile
     raise ValueError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
+
+
+@functools.cache
+def _compiled_forward(cls: type, backend: str):
+    # dynamic shapes: one compiled function serves every token count and batch (frames, prompts of
+    # init tokens, decoded tokens), so every method gets the same kernels whatever ran before it
+    return torch.compile(cls.forward, backend=backend, dynamic=True)
+
+
+@contextlib.contextmanager
+def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
+    """While open, the language model's decoder layers, final norm and rotary embedding run their
+    own (Hugging Face) forwards through `torch.compile`, which fuses the element-wise work around the
+    GEMMs: RMSNorm, RoPE, SiLU * up and the residual adds. Meant around the warm-up and capture of a
+    CUDA-graph step: its replays run the compiled kernels, and nothing outside the block compiles (an
+    uncaptured prompt of a new length runs eager).
+
+    One compiled function per module class serves all layers (their weights are inputs). The KV
+    write (`past_key_values.update`) and the attention function are graph breaks where the engine
+    disables compiling (its static window and `stc.attention`); because the layer index is passed
+    to the KV write, each layer is its own cache entry, and the block raises dynamo's recompile
+    limits to allow them. The per-instance forwards are removed on exit, also on error.
+    """
+    modules = [*lm.layers, lm.norm, lm.rotary_emb]
+    if any("forward" in vars(m) for m in modules):
+        raise RuntimeError("compiled_decoder: a decoder module already has a per-instance forward (nested compiled_decoder?)")
+    entries = 8 * (len(lm.layers) + 2)
+    try:
+        for m in modules:
+            m.forward = functools.partial(_compiled_forward(type(m), backend), m)
+        with torch._dynamo.config.patch(recompile_limit=entries, accumulated_recompile_limit=max(256, 4 * entries)):
+            yield
+    finally:
+        for m in modules:
+            vars(m).pop("forward", None)
 
 
 class GraphedVision:

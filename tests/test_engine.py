@@ -1,5 +1,7 @@
 """The ReKV streaming engine on the tiny LLaVA-OneVision: exactness, retrieval, STC plumbing, errors."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -424,3 +426,72 @@ def test_captured_stream_batch_equals_uncaptured_on_gpu(monkeypatch):
             out.append([s.answer(QUESTION, max_new_tokens=2).logits for s in batch.streams])
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoder_gives_the_same_static_steps(tiny):
+    """stc.fast.compiled_decoder (the decoder's own forwards through torch.compile, here with the
+    aot_eager backend: traced, not code-generated) around static prefill steps, as the engine uses it
+    around capture: the same KV blocks and answers, the KV write and attention as graph breaks, and
+    the model's forwards restored afterwards (also when the block raises)."""
+    from stc.fast import compiled_decoder
+
+    model, proc = tiny
+    lm = model.model.language_model
+    video = frames(4)
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    out = []
+    for compile in (False, True):
+        with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2, cuda_graphs=True)) as engine:
+            s = engine.open_stream()
+            for i in range(4):
+                with compiled_decoder(lm, backend) if compile else contextlib.nullcontext():
+                    s.push_frames(video[i : i + 1])
+            out.append((s.answer(QUESTION, max_new_tokens=3), [b.kv.clone() for b in s.blocks]))
+    (a, kva), (b, kvb) = out
+    assert compiled, "nothing went through the compiler"
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    assert a.token_ids == b.token_ids
+    for x, y in zip(kva, kvb):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    modules = [*lm.layers, lm.norm, lm.rotary_emb]
+    assert not any("forward" in vars(m) for m in modules)
+    with pytest.raises(RuntimeError, match="nested"), compiled_decoder(lm, backend):
+        assert all("forward" in vars(m) for m in modules)
+        with compiled_decoder(lm, backend):
+            pass
+    assert not any("forward" in vars(m) for m in modules)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("batch", [False, True], ids=["stream", "batch"])
+def test_compiled_decoder_steps_equal_uncompiled_on_gpu(batch):
+    """fp32 tiny model, captured steps: EngineConfig.compile_llm (inductor) gives the same KV and
+    answers as the uncompiled captured steps (up to the rounding of fused fp32 kernels)."""
+    model, proc = build_model("tiny", seed=0, device="cuda")
+    videos = [frames(5, seed=s) for s in (1, 2)]
+    out = []
+    for compile in (False, True):
+        cfg = EngineConfig(retrieve_top_k=2, cuda_graphs=True, compile_llm=compile, cacher=CacherConfig(cache_interval=2),
+                           pruner=PrunerConfig(keep_ratio=0.5))
+        with StreamingEngine(model, proc, cfg) as engine:
+            assert engine.compile_llm == compile
+            if batch:
+                group = engine.open_batch(2)
+                for i in range(5):
+                    group.push_frames(np.stack([v[i] for v in videos]))
+                streams = group.streams
+            else:
+                streams = [engine.open_stream()]
+                for i in range(5):
+                    streams[0].push_frames(videos[0][i : i + 1])
+            out.append([(s.answer(QUESTION, max_new_tokens=3), [b.kv.clone() for b in s.blocks]) for s in streams])
+    for (a, kva), (b, kvb) in zip(*out):
+        torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+        assert a.token_ids == b.token_ids
+        for x, y in zip(kva, kvb):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
