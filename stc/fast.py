@@ -81,7 +81,8 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
     write (`past_key_values.update`) and the attention function are graph breaks where the engine
     disables compiling (its static window and `stc.attention`); because the layer index is passed
     to the KV write, each layer is its own cache entry, and the block raises dynamo's recompile
-    limits to allow them. The per-instance forwards are removed on exit, also on error.
+    limits to allow them. The per-instance forwards are removed on exit, also on error; a failure
+    of the compiler is raised as a RuntimeError that says how to run uncompiled.
     """
     modules = [*lm.layers, lm.norm, lm.rotary_emb]
     if any("forward" in vars(m) for m in modules):
@@ -92,6 +93,9 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
             m.forward = functools.partial(_compiled_forward(type(m), backend), m)
         with torch._dynamo.config.patch(recompile_limit=entries, accumulated_recompile_limit=max(256, 4 * entries)):
             yield
+    except torch._dynamo.exc.TorchDynamoException as err:
+        raise RuntimeError(f"compiling the decoder layers ({backend}) failed: {type(err).__name__}; "
+                           "the engine runs them uncompiled with EngineConfig(compile_llm=False)") from err
     finally:
         for m in modules:
             vars(m).pop("forward", None)

@@ -466,6 +466,13 @@ def test_compiled_decoder_gives_the_same_static_steps(tiny):
             pass
     assert not any("forward" in vars(m) for m in modules)
 
+    def broken(gm, example_inputs):
+        raise NotImplementedError("no code generation here")
+
+    with pytest.raises(RuntimeError, match=r"compile_llm=False"), compiled_decoder(lm, broken):
+        lm(inputs_embeds=torch.zeros(1, 3, lm.config.hidden_size), position_ids=torch.arange(3)[None])
+    assert not any("forward" in vars(m) for m in modules)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("batch", [False, True], ids=["stream", "batch"])
