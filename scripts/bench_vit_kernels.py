@@ -97,18 +97,29 @@ def projection_rows(b):
     return rows
 
 
-def llm_mlp_rows(m_rows, hidden=3584, inter=18944):
-    """One Qwen2-7B MLP (gate, up, SiLU * up, down) at M rows: eager, inductor, inductor max-autotune
-    (each replayed as a CUDA graph), with the weight-read floor at the bandwidth of a device copy."""
+LLM_MLP_VARIANTS = ("eager", "inductor", "max-autotune", "gate|up eager", "gate|up inductor")
+
+
+def llm_mlp_rows(m_rows, hidden=3584, inter=18944, names=LLM_MLP_VARIANTS):
+    """One Qwen2-7B MLP (gate, up, SiLU * up, down) at M rows: eager, inductor, inductor max-autotune,
+    and with the gate and up projections as one GEMM over their concatenated weights ("gate|up"),
+    each replayed as a CUDA graph, with the weight-read floor at the bandwidth of a device copy."""
     g = torch.Generator(device="cuda").manual_seed(0)
     w = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16, generator=g) / i**0.5
          for o, i in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    w_gate_up = torch.cat(w[:2])
 
     def mlp(x, wg, wu, wd):
         return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
-    variants = {"eager": mlp, "inductor": torch.compile(mlp, dynamic=False),
-                "max-autotune": torch.compile(mlp, mode="max-autotune-no-cudagraphs", dynamic=False)}
+    def fused(x, wg, wu, wd):  # wg, wu unused: the same weights, concatenated
+        gate, up = F.linear(x, w_gate_up).split(inter, dim=-1)
+        return F.linear(F.silu(gate) * up, wd)
+
+    make = {"eager": lambda: mlp, "inductor": lambda: torch.compile(mlp, dynamic=False),
+            "max-autotune": lambda: torch.compile(mlp, mode="max-autotune-no-cudagraphs", dynamic=False),
+            "gate|up eager": lambda: fused, "gate|up inductor": lambda: torch.compile(fused, dynamic=False)}
+    variants = {name: make[name]() for name in names}
     src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
@@ -195,13 +206,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--llm-rows", type=int, nargs="*", default=[], help="also time a Qwen2-7B MLP at these row counts")
+    p.add_argument("--llm-variants", nargs="+", default=list(LLM_MLP_VARIANTS), choices=LLM_MLP_VARIANTS,
+                   help="with --llm-rows: the MLP variants to time")
     p.add_argument("--skip-vit", action="store_true")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    rows = llm_mlp_rows(args.llm_rows) if args.llm_rows else []
+    rows = llm_mlp_rows(args.llm_rows, names=args.llm_variants) if args.llm_rows else []
     rows += window_attention_rows(sweep=args.window_sweep) if args.window_attention else []
     for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
