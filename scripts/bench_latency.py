@@ -98,7 +98,7 @@ def graphed_vit_part(model, args, rates):
 def stream_part(model, processor, args, rates, rows, save):
     tcfg = model.config.text_config
     for name in args.methods:
-        base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs, compile_llm=args.compile_llm == "1")
+        base = EngineConfig(max_new_tokens=16, cuda_graphs=args.graphs, compile_llm=args.compile_llm)
         try:
             res = measure_stream(model, processor, name, args.frames, warmup=1, repeats=args.repeats, base=base)
         except ValueError as err:  # a method this model or path cannot run
@@ -125,7 +125,7 @@ def batch_part(model, processor, args, rates, rows, save):
         for name in args.methods:
             try:
                 res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats,
-                                    base=EngineConfig(compile_llm=args.compile_llm == "1"))
+                                    base=EngineConfig(compile_llm=args.compile_llm))
             except ValueError as err:
                 print(f"B={b} {name:>14}: skipped ({err})", flush=True)
                 continue
@@ -161,6 +161,7 @@ def main(argv=None):
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    args.compile_llm = args.compile_llm == "1"
     for name in args.methods:
         get_method(name)
 
@@ -185,12 +186,12 @@ def main(argv=None):
     result = {
         "meta": {**environment(args.commit), "arch": args.arch, "dtype": args.dtype, **rates,
                  "protocol": "one frame per step; baseline and STC on the same code path "
-                             + (f"(CUDA graphs, compiled vision{' and decoder' if args.compile_llm == '1' else ''} layers, "
+                             + (f"(CUDA graphs, compiled vision{' and decoder' if args.compile_llm else ''} layers, "
                                 "static KV, packed GQA; answers: captured decode; "
                                 + ("window attention: stc.window_kernel)" if kernel else "window attention: masked frames, FlashAttention decode)")
                                 if args.graphs
                                 else "(eager Hugging Face modules)"),
-                 "window_kernel": kernel, "compile_llm": args.graphs and args.compile_llm == "1",
+                 "window_kernel": kernel, "compile_llm": args.graphs and args.compile_llm,
                  "argv": sys.argv[1:], "partial": True},
         "vit": [] if args.skip_eager_vit else vit_part(model, args, rates),
     }

@@ -142,7 +142,7 @@ WINDOW_SHAPES = [(1, 196, 12544), (1, 49, 3136), (1, 1, 12544), (4, 196, 12544),
 
 def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=False):
     """Qwen2-7B attention of n new tokens over a static window (the engine's prefill and decode step):
-    the masked packed SDPA over a 1024-slot bucket, FlashAttention-2 over the used slots (one varlen
+    the masked packed SDPA over the engine's context bucket, FlashAttention-2 over the used slots (one varlen
     call, `seqused_k`) and stc.window_kernel (split context, Triton) with its planned tiles; with
     sweep, every tile configuration and split count around the plan as well (variant "triton
     sweep", with its config). (A variant that cut the context into chunks run as separate
@@ -150,6 +150,7 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=Fals
     of these shapes and in the engine, so it is not kept.)"""
     from stc import window_kernel
     from stc.attention import flash_window
+    from stc.engine import _bucketed
 
     g = heads_q // kv_heads
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -159,7 +160,7 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=Fals
         k = torch.randn(b, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         lengths = torch.full((b,), used, device="cuda", dtype=torch.int32)
-        bucket = min(slots, -(-used // 1024) * 1024)
+        bucket = min(slots, _bucketed(used))  # the engine's context bucket for a masked step
         pos = torch.arange(used - n, used, device="cuda")
         mask = torch.where(torch.arange(bucket, device="cuda")[None] > pos[:, None], torch.finfo(torch.bfloat16).min, 0.0)
         mask = mask.to(torch.bfloat16).repeat(g, 1)[None, None]

@@ -53,7 +53,7 @@ def flash_window_supported(dtype: torch.dtype, device: torch.device, head_dim: i
 
 def kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
     """Whether stc.window_kernel (Triton) can run: Triton installed, a CUDA device, fp16/bf16, and a
-    power-of-two head size of at least 16."""
+    power-of-two head size from 16 to 256."""
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     try:

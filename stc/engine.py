@@ -54,6 +54,11 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 GRAPH_BUCKET = 1024  # cuda_graphs: context lengths are rounded up to a multiple of this many slots
 
 
+def _bucketed(slots: int) -> int:
+    """slots rounded up to a multiple of GRAPH_BUCKET."""
+    return -(-slots // GRAPH_BUCKET) * GRAPH_BUCKET
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of the streaming engine (ReKV defaults from the paper).
@@ -349,7 +354,7 @@ class StreamingEngine:
 
         # stc.attention.window_attention over the used slots where it runs (one graph serves every step), else a mask
         mask_free = attention.window_supported(self.dtype, self.device, self.head_dim, n)
-        bucket = w.buf.shape[-2] if mask_free else min(w.buf.shape[-2], -(-(start + n) // GRAPH_BUCKET) * GRAPH_BUCKET)
+        bucket = w.buf.shape[-2] if mask_free else min(w.buf.shape[-2], _bucketed(start + n))
         if (n, bucket) not in graphs:
             inputs = {
                 "embeds": torch.zeros(batch, n, dim, dtype=self.dtype, device=self.device),
@@ -415,7 +420,7 @@ class StreamingEngine:
         scratch (each question fills it anew; questions run one at a time), so one serves all streams
         and its captured decode step is reused; it grows, dropping its graphs, when a question needs more."""
         if self._answer is None or self._answer.buf.shape[3] < slots:
-            cap = -(-slots // GRAPH_BUCKET) * GRAPH_BUCKET
+            cap = _bucketed(slots)
             if self._answer is not None:
                 cap = max(cap, 2 * self._answer.buf.shape[3])
             self._answer, self._answer_graphs = None, {}  # free the old window before allocating the new

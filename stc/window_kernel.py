@@ -138,7 +138,7 @@ def _window_merge(OUT, OPART, LPART, kv_heads, splits, stride_ob, stride_on, str
 
 
 def supported_head_dim(head_dim: int) -> bool:
-    """The kernel's tiles need a power-of-two head size of at least 16."""
+    """The kernel's tiles need a power-of-two head size from 16 to 256."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and head_dim <= 256
 
 
@@ -172,7 +172,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"query {tuple(query.shape)}, key/value {tuple(key.shape)} and used {tuple(used.shape)} do not "
                          "match (same streams and head size, heads a multiple of kv_heads, one length per stream)")
     if not (query.dtype == key.dtype == value.dtype) or not supported_head_dim(d):
-        raise ValueError(f"needs one dtype for query, key and value and a power-of-two head size >= 16, got "
+        raise ValueError(f"needs one dtype for query, key and value and a power-of-two head size from 16 to 256, got "
                          f"{query.dtype}/{key.dtype}/{value.dtype} and {d}")
     g = heads // kv_heads
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
