@@ -86,12 +86,15 @@ def graphed_vit_part(model, args, rates):
     rows = []
     for compile, batch in [(c == "1", b) for c in args.vit_compile for b in args.batches]:
         full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats, compile=compile)
-        stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats, compile=compile)
-        rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile))
-        r = rows[-1]
-        print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch}: full {r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), "
-              f"cacher {r['cacher_ms_per_frame']:.2f} ({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time "
-              f"(FLOP ideal {1 - r['ideal_ratio']:.0%})", flush=True)
+        for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
+            kernels = {"auto": None, "0": False, "1": True}[kernels]
+            stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats, compile=compile, kernels=kernels)
+            rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
+                                kernels=stc["kernels"]))
+            r = rows[-1]
+            print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']}: full "
+                  f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
+                  f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (FLOP ideal {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows
 
 
@@ -148,6 +151,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="synchronised streams (graphed ViT)")
     p.add_argument("--vit-compile", nargs="+", default=["0"], choices=["0", "1"],
                    help="graphed ViT without (0) and/or with (1) torch.compile'd layer functions, both sides alike")
+    p.add_argument("--vit-kernels", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: the Cacher's selective layers with (1) and/or without (0) stc.vit_kernel; auto: where it runs")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")

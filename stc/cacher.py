@@ -126,13 +126,15 @@ def token_similarity(current: torch.Tensor, reference: torch.Tensor, metric: str
 
 
 def select_dynamic_tokens(current: torch.Tensor, reference: torch.Tensor, k: int, metric: str, ascending: bool = True) -> torch.Tensor:
-    """Indices of the k least similar tokens of each frame (ascending, unless ascending=False: then in
-    no particular order, which saves a sort on the hot path).
+    """Indices of the k least similar tokens of each frame, ties going to the lower index (the stable
+    sort's ranking, which `stc.vit_kernel.rank_select` computes in one kernel: both give the same
+    tokens, also in bf16, where equal similarities are common). In ascending index order, unless
+    ascending=False: then in ascending order of similarity.
 
     current, reference: [B, T, C] (reference may be [1, T, C]). Returns int64 [B, k].
     """
     sim = token_similarity(current, reference, metric)
-    idx = torch.topk(sim, k, dim=1, largest=False, sorted=False).indices
+    idx = torch.sort(sim, dim=1, stable=True).indices[:, :k]
     return idx.sort(dim=1).values if ascending else idx
 
 
@@ -212,25 +214,37 @@ def selective_layer(
     k: int,
     config: CacherConfig,
     dynamic: torch.Tensor | None = None,
+    kernels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
+    kernels: select with `stc.vit_kernel.rank_select` and attend with
+    `stc.vit_kernel.selective_attention` (Triton, a GPU; the same result as without).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
+    if kernels:
+        from stc import vit_kernel  # needs Triton; imported only here
     attn = layer.self_attn
     b, t, _ = x.shape
     h = layer.layer_norm1(x)
     key = attn.k_proj(h)
     value_all = attn.v_proj(h) if config.selection_feature == "value" else None
+    pos = None
     if dynamic is None:
         feature, ref_feature = {
             "key": (key, ref.key),
             "value": (value_all, ref.value),
             "hidden": (x, ref.hidden),
         }[config.selection_feature]
-        dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
+        if kernels:
+            dynamic, pos = vit_kernel.rank_select(token_similarity(feature, ref_feature, config.metric), k)
+        else:
+            dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
+    elif kernels:
+        pos = torch.full((b, t), -1, dtype=torch.int32, device=x.device)
+        pos.scatter_(1, dynamic, torch.arange(k, dtype=torch.int32, device=x.device).expand(b, k))
     rows = _rows(dynamic, t)
 
     if config.reuse == "mlp":
@@ -240,8 +254,12 @@ def selective_layer(
     else:
         h_dyn = _gather(h, rows)
         v_dyn = _gather(value_all, rows) if value_all is not None else attn.v_proj(h_dyn)
-        v_full = _scatter(ref.value, rows, v_dyn, batch=b)
-        a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
+        if kernels:  # the reference's values with the dynamic rows replaced, read through pos (no copy)
+            a_dyn = vit_kernel.selective_attention(attn.q_proj(h_dyn), key, ref.value, v_dyn, pos,
+                                                   key.shape[-1] // attn.head_dim, attn.scale)
+        else:
+            a_dyn = _attention(layer, attn.q_proj(h_dyn), key, _scatter(ref.value, rows, v_dyn, batch=b))
+        a_dyn = attn.out_proj(a_dyn)
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, rows) + a_dyn

@@ -101,6 +101,17 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
             vars(m).pop("forward", None)
 
 
+def vit_kernels_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether `stc.vit_kernel` can run for a tower of this dtype, device and head size."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from stc import vit_kernel
+    except ImportError:
+        return False
+    return vit_kernel.supported(dtype, device, head_dim)
+
+
 class GraphedVision:
     """Vision features [B, T, C] (the output of layer `feature_layer`) for B frames, one per stream.
 
@@ -110,12 +121,16 @@ class GraphedVision:
     merge schedule (tokens merged per layer, `stc.baselines.tome.tome_r_for_budget`) instead of a
     cacher; ToMe's layers are not compiled (their token counts differ per layer); keep_input_of: an
     encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
-    (a copy, [B, T, C]), for compressors that read it (VisionZip).
+    (a copy, [B, T, C]), for compressors that read it (VisionZip); kernels: run the Cacher's
+    selective layers with the Triton kernels of `stc.vit_kernel` (token ranking and attention through
+    the reference's values; the same result as without). None (default): where they can run (a CUDA
+    device and Triton); True where they cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
-                 compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None):
+                 compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
+                 kernels: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -130,6 +145,10 @@ class GraphedVision:
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(compile_backend(compile))
+        can = vit_kernels_supported(self.dtype, self.device, self.layers[0].self_attn.head_dim)
+        if kernels and not can:
+            raise ValueError(f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
+        self.kernels = bool(cacher) and (can if kernels is None else bool(kernels))
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
@@ -200,7 +219,7 @@ class GraphedVision:
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
-            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse)
+            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels)
         return x
 
     def _step(self, kind: str):

@@ -27,7 +27,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-COMPILE_LEVELS = ("none", "inductor")  # GraphedVision's compile=False / True
+# GraphedVision's compile=False / True, each without and with the Cacher's Triton kernels (kernels=)
+COMPILE_LEVELS = ("none", "none + kernels", "inductor", "inductor + kernels")
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
@@ -50,8 +51,9 @@ def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.sort_values("date").drop_duplicates(keys, keep="last").sort_values(keys).reset_index(drop=True)
 
 
-def _level(compile) -> str:
-    return {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else str(compile)
+def _level(compile, kernels: bool = False) -> str:
+    level = {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else str(compile)
+    return f"{level} + kernels" if kernels else level
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
@@ -64,7 +66,7 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
-            vit.append({**row, **info, "compile": _level(row.get("compile", False))})
+            vit.append({**row, **info, "compile": _level(row.get("compile", False), row.get("kernels", False))})
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
         graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []

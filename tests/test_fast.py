@@ -130,6 +130,9 @@ def test_bad_inputs():
     for bad in (1, "", None):
         with pytest.raises(ValueError, match="compile must be"):
             GraphedVision(tower, use_graphs=False, compile=bad)
+    assert not runner.kernels  # on a CPU the selective layers run PyTorch
+    with pytest.raises(ValueError, match="kernels=True needs Triton and a CUDA device"):
+        GraphedVision(tower, cacher=CacherConfig(), use_graphs=False, kernels=True)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -140,8 +143,9 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     frames = video(9).cuda()
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
-    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep)
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
+    assert graphed.kernels == bool(cfg)  # the selective layers run stc.vit_kernel
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay

@@ -27,9 +27,9 @@ def write(path, date, commit, vit=None, batched=None, compiled=False):
     return path
 
 
-def vit_row(batch, full, cacher, compile=False):
+def vit_row(batch, full, cacher, compile=False, **extra):
     return {"batch": batch, "graphs": True, "compile": compile, "full_ms_per_frame": full, "cacher_ms_per_frame": cacher,
-            "floor_full_ms": 0.8, "floor_cacher_ms": 0.4}
+            "floor_full_ms": 0.8, "floor_cacher_ms": 0.4, **extra}
 
 
 def batch_row(batch, method, tokens, vit, prefill, floor):
@@ -43,7 +43,7 @@ def files(tmp_path):
                 vit=[vit_row(1, 4.0, 5.0), vit_row(16, 2.0, 1.5)],
                 batched=[batch_row(16, "baseline", 196, 2.5, 7.5, 4.5), batch_row(16, "pruner", 49, 2.3, 2.0, 0.9)])
     new = write(tmp_path / "b_new.json", "2026-02-01T00:00:00+00:00", "bbbbbbb2", compiled=True,
-                vit=[vit_row(1, 3.0, 2.5, compile=True)],
+                vit=[vit_row(1, 3.0, 2.5, compile=True, kernels=False), vit_row(1, 3.0, 2.0, compile=True, kernels=True)],
                 batched=[batch_row(16, "baseline", 196, 2.4, 7.2, 4.5), batch_row(16, "pruner", 49, 2.0, 1.6, 0.88),
                          batch_row(4, "baseline", 196, 2.6, 8.0, 4.47),
                          batch_row(4, "pruner", 49, 2.7, 3.0, 1.15)])
@@ -54,7 +54,7 @@ def files(tmp_path):
 
 def test_newest_measurement_of_each_setting_wins(files):
     s = speed.load_speed(files)
-    assert sorted(zip(s.vit["batch"], s.vit["compile"])) == [(1, "inductor"), (1, "none"), (16, "none")]
+    assert list(zip(s.vit["batch"], s.vit["compile"])) == [(1, "none"), (1, "inductor"), (1, "inductor + kernels"), (16, "none")]
     # every StreamBatch row of one B comes from the newest run of that B: methods meet their own baseline
     at16 = s.batched[s.batched["batch"] == 16]
     assert sorted(at16["method"]) == ["baseline", "pruner"] and set(at16["commit"]) == {"bbbbbbb"}
@@ -70,6 +70,7 @@ def test_derived_columns_against_the_rows(files):
     v = speed.vit_table(s).set_index(["B", "compile"])
     assert v.loc[(1, "inductor"), "change"] == pytest.approx(2.5 / 3.0 - 1)
     assert v.loc[(1, "inductor"), "FLOP ideal"] == pytest.approx(-0.5)
+    assert v.loc[(1, "inductor + kernels"), "change"] == pytest.approx(2.0 / 3.0 - 1)
     assert v.loc[(16, "none"), "Cacher / floor"] == pytest.approx(1.5 / 0.4)
     p = speed.prefill_table(s).set_index(["B", "method"])
     change, predicted = 3.0 / 8.0 - 1, 1.15 / 4.47 - 1
