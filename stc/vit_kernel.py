@@ -73,65 +73,81 @@ def rank_select(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: full-precision products, not TF32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
 def _selective_fwd(Q, K, VREF, VDYN, POS, OUT, OPART, LPART,
                    stride_qb, stride_qn, stride_kb, stride_kn, stride_rb, stride_rn,
                    stride_db, stride_dn, stride_pb, stride_ob, stride_on,
                    T, N, H, splits, scale,
-                   D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DIRECT: tl.constexpr, IEEE: tl.constexpr):
+    # A head of size D is two tiles: DA (a power of two) and, if D > DA, the rest padded to DB, so
+    # that SigLIP's 72 computes on 64 + 16 columns, not 128.
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = rows < N
-    d = tl.arange(0, DP)
-    dm = d < D
-    q = tl.load(Q + b * stride_qb + rows[:, None] * stride_qn + h * D + d[None, :],
-                mask=valid[:, None] & dm[None, :], other=0.0)
+    da = tl.arange(0, DA)
+    dam = da < D  # all true unless D < 16
+    db = DA + tl.arange(0, DB)
+    dbm = db < D
+    q_ptr = Q + b * stride_qb + rows[:, None] * stride_qn + h * D
+    qa = tl.load(q_ptr + da[None, :], mask=valid[:, None] & dam[None, :], other=0.0)
+    qb = tl.load(q_ptr + db[None, :], mask=valid[:, None] & dbm[None, :], other=0.0)
     chunk = tl.cdiv(tl.cdiv(T, splits), BLOCK_N) * BLOCK_N
     lo = pid_s * chunk
     hi = tl.minimum(lo + chunk, T)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, DP), tl.float32)
+    acc_a = tl.zeros((BLOCK_M, DA), tl.float32)
+    acc_b = tl.zeros((BLOCK_M, DB), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cm = cols < hi
-        k = tl.load(K + b * stride_kb + cols[None, :] * stride_kn + h * D + d[:, None],
-                    mask=cm[None, :] & dm[:, None], other=0.0)
-        if IEEE:  # float32 inputs: full-precision products, not TF32
-            s = tl.dot(q, k, input_precision="ieee") * scale  # base 2
-        else:
-            s = tl.dot(q, k) * scale
-        s = tl.where(cm[None, :], s, float("-inf"))
+        k_ptr = K + b * stride_kb + cols[None, :] * stride_kn + h * D
+        s = _dot(qa, tl.load(k_ptr + da[:, None], mask=cm[None, :] & dam[:, None], other=0.0), IEEE)
+        if DA < D:
+            s += _dot(qb, tl.load(k_ptr + db[:, None], mask=cm[None, :] & dbm[:, None], other=0.0), IEEE)
+        s = tl.where(cm[None, :], (s * scale).to(tl.float32), float("-inf"))  # base 2; inductor passes scale as float64
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         row = tl.load(POS + b * stride_pb + cols, mask=cm, other=-1)
+        ref = cm & (row < 0)
         dyn = row >= 0
-        v = tl.load(VREF + b * stride_rb + cols[:, None] * stride_rn + h * D + d[None, :],
-                    mask=(cm & ~dyn)[:, None] & dm[None, :], other=0.0)
-        v += tl.load(VDYN + b * stride_db + row[:, None].to(tl.int64) * stride_dn + h * D + d[None, :],
-                     mask=dyn[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        r_ptr = VREF + b * stride_rb + cols[:, None] * stride_rn + h * D
+        d_ptr = VDYN + b * stride_db + row[:, None].to(tl.int64) * stride_dn + h * D
+        va = (tl.load(r_ptr + da[None, :], mask=ref[:, None] & dam[None, :], other=0.0)
+              + tl.load(d_ptr + da[None, :], mask=dyn[:, None] & dam[None, :], other=0.0))
+        acc_a = acc_a * alpha[:, None] + _dot(p, va, IEEE)
+        if DA < D:
+            vb = (tl.load(r_ptr + db[None, :], mask=ref[:, None] & dbm[None, :], other=0.0)
+                  + tl.load(d_ptr + db[None, :], mask=dyn[:, None] & dbm[None, :], other=0.0))
+            acc_b = acc_b * alpha[:, None] + _dot(p, vb, IEEE)
         m_i = m_new
-    out = acc / l_i[:, None]  # every chunk holds at least one key (`plan`)
+    # every chunk holds at least one key (`plan`), so l_i > 0
     if DIRECT:
-        tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + h * D + d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=valid[:, None] & dm[None, :])
+        o_ptr = OUT + b * stride_ob + rows[:, None] * stride_on + h * D
+        tl.store(o_ptr + da[None, :], (acc_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None] & dam[None, :])
+        if DA < D:
+            tl.store(o_ptr + db[None, :], (acc_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None] & dbm[None, :])
     else:
         slot = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * N + rows
-        tl.store(OPART + slot[:, None] * DP + d[None, :], out, mask=valid[:, None])
+        tl.store(OPART + slot[:, None] * (DA + DB) + da[None, :], acc_a / l_i[:, None], mask=valid[:, None])
+        tl.store(OPART + slot[:, None] * (DA + DB) + db[None, :], acc_b / l_i[:, None], mask=valid[:, None])
         tl.store(LPART + slot, m_i + tl.math.log2(l_i), mask=valid)
 
 
 @triton.jit
 def _selective_merge(OUT, OPART, LPART, stride_ob, stride_on, N, H, splits,
-                     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr):
+                     D: tl.constexpr, W: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -147,7 +163,8 @@ def _selective_merge(OUT, OPART, LPART, stride_ob, stride_on, N, H, splits,
     den = tl.zeros((BLOCK_M,), tl.float32)
     for s in range(0, splits):
         w = tl.math.exp2(tl.load(LPART + s * per_split + base, mask=valid, other=0.0) - m)
-        acc += w[:, None] * tl.load(OPART + (s * per_split + base)[:, None] * DP + d[None, :], mask=valid[:, None], other=0.0)
+        acc += w[:, None] * tl.load(OPART + (s * per_split + base)[:, None] * W + d[None, :],
+                                    mask=valid[:, None] & (d < W)[None, :], other=0.0)
         den += w
     tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + h * D + d[None, :],
              (acc / den[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :])
@@ -215,21 +232,23 @@ def launch(query, key, value_ref, value_dyn, pos, heads: int, scale: float, conf
     cfg = dict(config)
     splits, block_m = cfg.pop("splits"), cfg["BLOCK_M"]
     grid = (triton.cdiv(n, block_m), b * heads, splits)
-    dp = max(16, triton.next_power_of_2(d))
+    da = max(16, 1 << (d.bit_length() - 1))  # the largest power of two <= d (16 at least)
+    db = max(16, triton.next_power_of_2(d - da)) if d > da else 16
     if splits == 1:
         part = lse = out  # unused
-    else:
-        part = torch.empty(splits * b * heads * n, dp, dtype=torch.float32, device=query.device)
+    else:  # partial rows of da + db columns, column c of a row being column c of the head
+        part = torch.empty(splits * b * heads * n, da + db, dtype=torch.float32, device=query.device)
         lse = torch.empty(splits * b * heads * n, dtype=torch.float32, device=query.device)
     wrap_triton(_selective_fwd)[grid](
         query, key, value_ref, value_dyn, pos, out, part, lse,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value_ref.stride(0), value_ref.stride(1),
         value_dyn.stride(0), value_dyn.stride(1), pos.stride(0), out.stride(0), out.stride(1),
-        t, n, heads, splits, scale * LOG2E, D=d, DP=dp, DIRECT=splits == 1, IEEE=query.dtype == torch.float32, **cfg)
+        t, n, heads, splits, scale * LOG2E, D=d, DA=da, DB=db, DIRECT=splits == 1, IEEE=query.dtype == torch.float32, **cfg)
     if splits > 1:
         merge_m = 64
         wrap_triton(_selective_merge)[(triton.cdiv(n, merge_m), b * heads)](
-            out, part, lse, out.stride(0), out.stride(1), n, heads, splits, D=d, DP=dp, BLOCK_M=merge_m, num_warps=4)
+            out, part, lse, out.stride(0), out.stride(1), n, heads, splits, D=d, W=da + db,
+            DP=triton.next_power_of_2(da + db), BLOCK_M=merge_m, num_warps=4)
     return out
 
 
