@@ -83,7 +83,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _selective_fwd(Q, K, VREF, VDYN, POS, OUT, OPART, LPART,
                    stride_qb, stride_qn, stride_kb, stride_kn, stride_rb, stride_rn,
                    stride_db, stride_dn, stride_pb, stride_ob, stride_on,
-                   T, N, H, splits, scale,
+                   T, N, H, splits, scale, head_dim,
                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DIRECT: tl.constexpr, IEEE: tl.constexpr):
     # A head of size D is two tiles: DA (a power of two) and, if D > DA, the rest padded to DB, so
@@ -94,9 +94,11 @@ def _selective_fwd(Q, K, VREF, VDYN, POS, OUT, OPART, LPART,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = rows < N
     da = tl.arange(0, DA)
-    dam = da < D  # all true unless D < 16
+    # the masks compare with the runtime head_dim (= D): against the constant D, Triton 3.6 took
+    # the tail mask as constant over the 16 columns and read past the head (wrong values on the H100)
+    dam = da < head_dim  # all true unless D < 16
     db = DA + tl.arange(0, DB)
-    dbm = db < D
+    dbm = db < head_dim
     q_ptr = Q + b * stride_qb + rows[:, None] * stride_qn + h * D
     qa = tl.load(q_ptr + da[None, :], mask=valid[:, None] & dam[None, :], other=0.0)
     qb = tl.load(q_ptr + db[None, :], mask=valid[:, None] & dbm[None, :], other=0.0)
@@ -146,8 +148,9 @@ def _selective_fwd(Q, K, VREF, VDYN, POS, OUT, OPART, LPART,
 
 
 @triton.jit
-def _selective_merge(OUT, OPART, LPART, stride_ob, stride_on, N, H, splits,
+def _selective_merge(OUT, OPART, LPART, stride_ob, stride_on, N, H, splits, head_dim, width,
                      D: tl.constexpr, W: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr):
+    # head_dim = D and width = W at run time, for the masks (see _selective_fwd)
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
@@ -164,10 +167,10 @@ def _selective_merge(OUT, OPART, LPART, stride_ob, stride_on, N, H, splits,
     for s in range(0, splits):
         w = tl.math.exp2(tl.load(LPART + s * per_split + base, mask=valid, other=0.0) - m)
         acc += w[:, None] * tl.load(OPART + (s * per_split + base)[:, None] * W + d[None, :],
-                                    mask=valid[:, None] & (d < W)[None, :], other=0.0)
+                                    mask=valid[:, None] & (d < width)[None, :], other=0.0)
         den += w
     tl.store(OUT + b * stride_ob + rows[:, None] * stride_on + h * D + d[None, :],
-             (acc / den[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None] & (d < D)[None, :])
+             (acc / den[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None] & (d < head_dim)[None, :])
 
 
 @functools.cache
@@ -243,11 +246,11 @@ def launch(query, key, value_ref, value_dyn, pos, heads: int, scale: float, conf
         query, key, value_ref, value_dyn, pos, out, part, lse,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value_ref.stride(0), value_ref.stride(1),
         value_dyn.stride(0), value_dyn.stride(1), pos.stride(0), out.stride(0), out.stride(1),
-        t, n, heads, splits, scale * LOG2E, D=d, DA=da, DB=db, DIRECT=splits == 1, IEEE=query.dtype == torch.float32, **cfg)
+        t, n, heads, splits, scale * LOG2E, d, D=d, DA=da, DB=db, DIRECT=splits == 1, IEEE=query.dtype == torch.float32, **cfg)
     if splits > 1:
         merge_m = 64
         wrap_triton(_selective_merge)[(triton.cdiv(n, merge_m), b * heads)](
-            out, part, lse, out.stride(0), out.stride(1), n, heads, splits, D=d, W=da + db,
+            out, part, lse, out.stride(0), out.stride(1), n, heads, splits, d, da + db, D=d, W=da + db,
             DP=triton.next_power_of_2(da + db), BLOCK_M=merge_m, num_warps=4)
     return out
 
