@@ -1,6 +1,6 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection, which projections (and, on request, a Qwen2-7B MLP and the
-LLM's attention over a static KV window), and the Triton kernels of stc.vit_kernel. Each variant is timed as CUDA-graph
+LLM's attention over a static KV window). Each variant is timed as CUDA-graph
 replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
@@ -9,7 +9,6 @@ replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -51,49 +50,10 @@ def attention_rows(b, tq):
     return rows
 
 
-def vit_kernel_rows(b, tq, sweep=False):
-    """stc.vit_kernel.selective_attention: tq queries over all T keys, values through the row map (tq
-    of them recomputed, the rest the reference's), against the PyTorch path it replaces (a full-size
-    copy of the values with the dynamic rows written in, then SDPA with cuDNN's kernel)."""
-    from stc import vit_kernel
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, v_dyn = (torch.randn(b, tq, C, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    k, v_ref = (torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    idx = torch.stack([torch.randperm(T, device="cuda", generator=g)[:tq] for _ in range(b)])
-    pos = torch.full((b, T), -1, dtype=torch.int32, device="cuda")
-    pos.scatter_(1, idx, torch.arange(tq, dtype=torch.int32, device="cuda").expand(b, tq).contiguous())
-    rows_flat = (idx + T * torch.arange(b, device="cuda")[:, None]).reshape(-1)
-    scale = (C // HEADS) ** -0.5
-
-    def pytorch():
-        v_full = v_ref.clone()
-        v_full.view(b * T, C).index_copy_(0, rows_flat, v_dyn.reshape(-1, C))
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(heads(q), heads(k), heads(v_full)).transpose(1, 2).reshape(b, tq, C)
-
-    want = pytorch().float()
-    variants = [("values copied + cudnn", pytorch, None),
-                ("stc.vit_kernel", lambda: vit_kernel.selective_attention(q, k, v_ref, v_dyn, pos, HEADS, scale), None)]
-    if sweep:
-        for bm in (32, 64, 128):
-            for sp in (1, 2, 3, 4, 6, 8):
-                cfg = vit_kernel.plan(b, HEADS, tq, T, 132, block_m=bm, splits=sp)
-                if cfg["splits"] == sp:
-                    variants.append((f"BLOCK_M={bm} splits={sp}", functools.partial(vit_kernel.launch, q, k, v_ref, v_dyn, pos, HEADS, scale, cfg), cfg))
-    rows = []
-    for name, fn, cfg in variants:
-        err = ((fn().float() - want).norm() / want.norm()).item()
-        rows.append({"op": "selective attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
-                     **({"config": cfg} if cfg else {}),
-                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
-    return rows
-
-
 def _rank(key, ref, k):  # cosine (compiled with the caller) and stc.vit_kernel.rank_select
     from stc import vit_kernel
 
-    return vit_kernel.rank_select(F.cosine_similarity(key, ref, dim=-1), k)[0]
+    return vit_kernel.rank_select(F.cosine_similarity(key, ref, dim=-1), k)
 
 
 def _cos_topk(key, ref, k):
@@ -257,7 +217,6 @@ def main(argv=None):
     p.add_argument("--llm-variants", nargs="+", default=list(LLM_MLP_VARIANTS), choices=LLM_MLP_VARIANTS,
                    help="with --llm-rows: the MLP variants to time")
     p.add_argument("--skip-vit", action="store_true")
-    p.add_argument("--vit-sweep", action="store_true", help="also time tiles and key chunks of stc.vit_kernel at B = 1")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
     p.add_argument("--commit", default=None)
@@ -268,7 +227,6 @@ def main(argv=None):
     for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
             rows += attention_rows(b, tq)
-            rows += vit_kernel_rows(b, tq, sweep=args.vit_sweep and b == 1)
         rows += selection_rows(b)
         rows += projection_rows(b)
     for r in rows:

@@ -220,8 +220,7 @@ def selective_layer(
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
-    kernels: select with `stc.vit_kernel.rank_select` and attend with
-    `stc.vit_kernel.selective_attention` (Triton, a GPU; the same result as without).
+    kernels: select with `stc.vit_kernel.rank_select` (Triton, a GPU; the same tokens as without).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
     if kernels:
@@ -231,7 +230,6 @@ def selective_layer(
     h = layer.layer_norm1(x)
     key = attn.k_proj(h)
     value_all = attn.v_proj(h) if config.selection_feature == "value" else None
-    pos = None
     if dynamic is None:
         feature, ref_feature = {
             "key": (key, ref.key),
@@ -239,12 +237,9 @@ def selective_layer(
             "hidden": (x, ref.hidden),
         }[config.selection_feature]
         if kernels:
-            dynamic, pos = vit_kernel.rank_select(token_similarity(feature, ref_feature, config.metric), k)
+            dynamic = vit_kernel.rank_select(token_similarity(feature, ref_feature, config.metric), k)
         else:
             dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
-    elif kernels:
-        pos = torch.full((b, t), -1, dtype=torch.int32, device=x.device)
-        pos.scatter_(1, dynamic, torch.arange(k, dtype=torch.int32, device=x.device).expand(b, k))
     rows = _rows(dynamic, t)
 
     if config.reuse == "mlp":
@@ -254,12 +249,8 @@ def selective_layer(
     else:
         h_dyn = _gather(h, rows)
         v_dyn = _gather(value_all, rows) if value_all is not None else attn.v_proj(h_dyn)
-        if kernels:  # the reference's values with the dynamic rows replaced, read through pos (no copy)
-            a_dyn = vit_kernel.selective_attention(attn.q_proj(h_dyn), key, ref.value, v_dyn, pos,
-                                                   key.shape[-1] // attn.head_dim, attn.scale)
-        else:
-            a_dyn = _attention(layer, attn.q_proj(h_dyn), key, _scatter(ref.value, rows, v_dyn, batch=b))
-        a_dyn = attn.out_proj(a_dyn)
+        v_full = _scatter(ref.value, rows, v_dyn, batch=b)
+        a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, rows) + a_dyn

@@ -101,15 +101,15 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
             vars(m).pop("forward", None)
 
 
-def vit_kernels_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether `stc.vit_kernel` can run for a tower of this dtype, device and head size."""
+def vit_kernels_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `stc.vit_kernel` can run for a tower of this dtype and device."""
     if torch.device(device).type != "cuda":
         return False
     try:
         from stc import vit_kernel
     except ImportError:
         return False
-    return vit_kernel.supported(dtype, device, head_dim)
+    return vit_kernel.supported(dtype, device)
 
 
 class GraphedVision:
@@ -122,9 +122,8 @@ class GraphedVision:
     cacher; ToMe's layers are not compiled (their token counts differ per layer); keep_input_of: an
     encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
     (a copy, [B, T, C]), for compressors that read it (VisionZip); kernels: run the Cacher's
-    selective layers with the Triton kernels of `stc.vit_kernel` (token ranking and attention through
-    the reference's values; the same result as without). None (default): where they can run (a CUDA
-    device and Triton); True where they cannot raises.
+    token selection with the Triton kernel of `stc.vit_kernel` (the same tokens as without). None
+    (default): where it can run (a CUDA device and Triton); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
@@ -145,7 +144,7 @@ class GraphedVision:
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(compile_backend(compile))
-        can = vit_kernels_supported(self.dtype, self.device, self.layers[0].self_attn.head_dim)
+        can = vit_kernels_supported(self.dtype, self.device)
         if kernels and not can:
             raise ValueError(f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
         self.kernels = bool(cacher) and (can if kernels is None else bool(kernels))
