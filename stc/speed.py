@@ -208,7 +208,11 @@ def report(speed: Speed) -> str:
     return "\n".join([
         "# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
         f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
-        "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(speed)),
+        "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n",
+        "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
+        "the Cacher ranks its tokens with stc.vit_kernel (Triton). Since commit c8d5ac6 the Cacher without the "
+        "kernel ranks with a stable sort (before: top-k).\n",
+        markdown(vit_table(speed)),
         "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),
         f"## Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n", markdown(realtime_table(speed)),
         "## One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n", markdown(stream_table(speed)),
