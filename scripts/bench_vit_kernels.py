@@ -95,12 +95,22 @@ def projection_rows(b):
         bq, bv = (torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         wqv, bqv = torch.cat([wq, wv]), torch.cat([bq, bv])
         w1 = torch.randn(INTER, C, device="cuda", dtype=torch.bfloat16) / C**0.5
+        b1 = torch.randn(INTER, device="cuda", dtype=torch.bfloat16)
+        fc1_gelu = torch.compile(lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"), dynamic=False)
+        want = F.gelu(F.linear(x.float(), w1.float(), b1.float()), approximate="tanh")
         for name, fn in (("q,v separate", lambda: (F.linear(x, wq, bq), F.linear(x, wv, bv))),
                          ("q,v fused", lambda: F.linear(x, wqv, bqv).split(C, dim=-1)),
                          ("one 1152x1152", lambda: F.linear(x, wq, bq)),
-                         ("fc1 1152x4304", lambda: F.linear(x, w1))):
-            rows.append({"op": "projection", "variant": name, "batch": b, "rows": m,
-                         "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+                         ("fc1 1152x4304", lambda: F.linear(x, w1)),
+                         ("fc1 + bias", lambda: F.linear(x, w1, b1)),
+                         # SigLIP's fc1 and tanh GELU: inductor (GEMM, then a fused kernel) against cuBLASLt's
+                         # GELU_BIAS epilogue (one kernel)
+                         ("fc1 + bias + gelu inductor", fc1_gelu),
+                         ("fc1 + bias + gelu epilogue", lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True))):
+            row = {"op": "projection", "variant": name, "batch": b, "rows": m}
+            if "gelu" in name:
+                row["rel_err"] = ((fn().float() - want).norm() / want.norm()).item()
+            rows.append({**row, "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
     return rows
 
 

@@ -32,13 +32,17 @@ import functools
 import torch
 from torch import nn
 
-from stc.cacher import CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, reference_layer, selective_layer
+from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, fused_mlp_supported, reference_layer,
+                        selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
 
-def encoder_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The unmodified Hugging Face encoder layer (the baseline's step)."""
+def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False) -> torch.Tensor:
+    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp the same
+    operations as `reference_layer` computes them (its MLP as one GEMM with the GELU, as STC's layers)."""
+    if fused_mlp:
+        return reference_layer(layer, x, fused_mlp=True)[0]
     return layer(x, None)
 
 
@@ -123,13 +127,16 @@ class GraphedVision:
     encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
     (a copy, [B, T, C]), for compressors that read it (VisionZip); kernels: run the Cacher's
     token selection with the Triton kernel of `stc.vit_kernel` (the same tokens as without). None
-    (default): where it can run (a CUDA device and Triton); True where it cannot raises.
+    (default): where it can run (a CUDA device and Triton); True where it cannot raises. fused_mlp:
+    every method's layers (baseline, Cacher, ToMe) run a SigLIP MLP's fc1, bias and GELU as one GEMM
+    (`stc.cacher.mlp_forward`); None (default): where it can (`stc.cacher.fused_mlp_supported`: a CUDA
+    device); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
-                 kernels: bool | None = None):
+                 kernels: bool | None = None, fused_mlp: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -148,6 +155,10 @@ class GraphedVision:
         if kernels and not can:
             raise ValueError(f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
         self.kernels = bool(cacher) and (can if kernels is None else bool(kernels))
+        can = fused_mlp_supported(self.layers[0], self.device)
+        if fused_mlp and not can:
+            raise ValueError(f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
+        self.fused_mlp = can if fused_mlp is None else bool(fused_mlp)
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
@@ -186,7 +197,7 @@ class GraphedVision:
         x = self.tower.embeddings(self.pixels)
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x = self._encoder_layer(layer, x)
+            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp)
         return x
 
     def _keep_input(self, index: int, x: torch.Tensor) -> None:
@@ -199,14 +210,14 @@ class GraphedVision:
         x = self.tower.embeddings(self.pixels)
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x = tome_layer(layer, x, self.tome.schedule[i], self.tome)
+            x = tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp)
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
         x = self.tower.embeddings(self.pixels)
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden)
+            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp)
             for f in _FIELDS:
                 if getattr(cache, f) is not None:
                     getattr(self.refs[i], f).copy_(getattr(cache, f))
@@ -218,7 +229,8 @@ class GraphedVision:
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
-            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels)
+            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
+                                              fused_mlp=self.fused_mlp)
         return x
 
     def _step(self, kind: str):

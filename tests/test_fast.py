@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from stc.cacher import CacherConfig, attach_cacher
+from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, mlp_forward
 from stc.fast import GraphedVision
-from tests.test_cacher import siglip, video
+from tests.test_cacher import clip, siglip, video
 
 CUDA = torch.cuda.is_available()
 
@@ -130,9 +130,21 @@ def test_bad_inputs():
     for bad in (1, "", None):
         with pytest.raises(ValueError, match="compile must be"):
             GraphedVision(tower, use_graphs=False, compile=bad)
-    assert not runner.kernels  # on a CPU the selective layers run PyTorch
+    assert not runner.kernels and not runner.fused_mlp  # on a CPU the layers run PyTorch and the HF MLP
     with pytest.raises(ValueError, match="kernels=True needs Triton and a CUDA device"):
         GraphedVision(tower, cacher=CacherConfig(), use_graphs=False, kernels=True)
+    with pytest.raises(ValueError, match="fused_mlp=True needs a SigLIP MLP"):
+        GraphedVision(tower, use_graphs=False, fused_mlp=True)
+
+
+def test_fused_mlp_only_where_its_gelu_is_the_layers():
+    """torch._addmm_activation's GELU is the tanh one on CUDA only (the exact one on a CPU), and only
+    SigLIP's MLP uses the tanh GELU (CLIP: quick GELU)."""
+    layer = siglip().encoder.layers[0]
+    assert fused_mlp_supported(layer, torch.device("cuda")) and not fused_mlp_supported(layer, torch.device("cpu"))
+    assert not fused_mlp_supported(clip().encoder.layers[0], torch.device("cuda"))
+    x = torch.randn(3, 5, layer.mlp.fc1.in_features)
+    assert torch.equal(mlp_forward(layer, x), layer.mlp(x))  # not fused: the module itself
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -143,9 +155,9 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     frames = video(9).cuda()
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
-    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False)
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
-    assert graphed.kernels == bool(cfg)  # the selective layers run stc.vit_kernel
+    assert graphed.kernels == bool(cfg) and graphed.fused_mlp  # stc.vit_kernel, and the MLP as one GEMM with its GELU
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
@@ -167,3 +179,19 @@ def eager_again(tower, frames, cfg, tome=None):
     runner = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome)
     states = [runner.new_state()] if cfg else None
     return [runner(f[None], states) for f in frames]
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused MLP runs on a GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_mlp_equals_the_module_on_gpu(dtype, tol):
+    """One GEMM with a GELU_BIAS epilogue gives the Hugging Face MLP (tanh GELU), not the exact GELU."""
+    layer = siglip().to("cuda", dtype).encoder.layers[0]
+    x = torch.randn(2, 182, layer.mlp.fc1.in_features, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        want = layer.mlp(x).double()
+        got = mlp_forward(layer, x, fused=True).double()
+        exact = layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(x).float()).to(dtype)).double()
+    err = ((got - want).norm() / want.norm()).item()
+    assert got.shape == want.shape and err < tol, err
+    if dtype == torch.float32:
+        assert ((exact - want).norm() / want.norm()).item() > 10 * err  # the test can tell the two GELUs apart

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from stc.cacher import mlp_forward
 from stc.patching import LayerPatch, encoder_layers, patch_owner
 
 STATE_KWARG = "tome_state"
@@ -299,8 +300,9 @@ def _attention(layer: nn.Module, x_normed: torch.Tensor, log_size: torch.Tensor 
     return attn.out_proj(out.reshape(b, t, -1).contiguous()), k.mean(dim=1)
 
 
-def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState) -> torch.Tensor:
-    """One SigLIP/CLIP encoder layer with ToMe: attention (proportional), merge r tokens, MLP.
+def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState, fused_mlp: bool = False) -> torch.Tensor:
+    """One SigLIP/CLIP encoder layer with ToMe: attention (proportional), merge r tokens, MLP (fused_mlp:
+    through `stc.cacher.mlp_forward(fused=True)`).
 
     x: [B, T, C]. Returns [B, T - r', C] (r' = r capped); updates state.sizes / assignment.
     """
@@ -314,7 +316,7 @@ def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState) -> t
         if plan.r > 0:
             x, state.sizes = merge_weighted_average(plan, x, state.sizes)
             state.assignment = merge_assignment(plan, state.assignment)
-    return x + layer.mlp(layer.layer_norm2(x))
+    return x + mlp_forward(layer, layer.layer_norm2(x), fused_mlp)
 
 
 # ---------------------------------------------------------------------------------------------
