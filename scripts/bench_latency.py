@@ -84,15 +84,17 @@ def graphed_vit_part(model, args, rates):
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     floors = vit_floors(vcfg, rates)
     rows = []
-    for compile, batch in [(c == "1", b) for c in args.vit_compile for b in args.batches]:
-        full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats, compile=compile)
+    flag = {"auto": None, "0": False, "1": True}
+    settings = [(c == "1", b, flag[m]) for c in args.vit_compile for b in args.batches for m in args.vit_fused_mlp]
+    for compile, batch, fused in settings:
+        full = measure_graphed_vit(tower, pixels, None, batch=batch, repeats=args.repeats, compile=compile, fused_mlp=fused)
         for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
-            kernels = {"auto": None, "0": False, "1": True}[kernels]
-            stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats, compile=compile, kernels=kernels)
+            stc = measure_graphed_vit(tower, pixels, cacher, batch=batch, repeats=args.repeats, compile=compile,
+                                      kernels=flag[kernels], fused_mlp=fused)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
-                                kernels=stc["kernels"]))
+                                kernels=stc["kernels"], fused_mlp=stc["fused_mlp"]))
             r = rows[-1]
-            print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']}: full "
+            print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']} fused_mlp={r['fused_mlp']}: full "
                   f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
                   f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (FLOP ideal {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows
@@ -153,6 +155,8 @@ def main(argv=None):
                    help="graphed ViT without (0) and/or with (1) torch.compile'd layer functions, both sides alike")
     p.add_argument("--vit-kernels", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                    help="graphed ViT: the Cacher's selective layers with (1) and/or without (0) stc.vit_kernel; auto: where it runs")
+    p.add_argument("--vit-fused-mlp", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: every method's MLP with (1) and/or without (0) its GELU in the fc1 GEMM; auto: where it runs")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")
