@@ -163,7 +163,7 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
     assert set(graphed._graphs) == ({"tome" if tome else "full"} if cfg is None else {"reference", "selective"})
     outs = []
-    tol = 1e-4 if compile else 1e-5  # inductor's fused kernels round differently in fp32
+    tol = 1e-4  # inductor's fused kernels and the GEMM's GELU epilogue round differently in fp32
     for f in frames:
         e, g = eager(f[None], se), graphed(f[None], sg)
         torch.testing.assert_close(g, e, atol=tol, rtol=tol)
