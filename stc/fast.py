@@ -3,7 +3,8 @@
 Streaming encodes one frame per step (per stream), so the stock eager encoder is launch-bound. A
 `GraphedVision` captures each kind of step once and replays it:
 
-- baseline: the unmodified encoder layers (their Hugging Face forward) -> features;
+- baseline: the unmodified encoder layers (their Hugging Face forward) -> features, or, with the fused
+  MLP (`fused_mlp`, on a GPU, for every method alike), the same operations as `reference_layer`;
 - STC-Cacher, reference step: `reference_layer` per layer, writing K, V, A, M into static buffers;
 - STC-Cacher, other steps: `selective_layer` per layer, reading those buffers;
 - the ToMe baseline: `stc.baselines.tome.tome_layer` per layer with its fixed merge schedule (every
