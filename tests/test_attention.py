@@ -2,12 +2,6 @@
 split-context kernel, FlashAttention-2) against a masked float64 reference, and the engine's
 mask-free path against its masked path."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +11,7 @@ from stc.cacher import CacherConfig
 from stc.engine import EngineConfig, StreamingEngine
 from stc.models import build_model
 from stc.pruner import PrunerConfig
+from tests.triton_interpreter import run_in_triton_interpreter
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels and FlashAttention need a GPU")
 
@@ -93,23 +88,16 @@ def _poison(k, v, used):  # slots past `used` must not be read
 
 def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_path):
     """The Triton kernel itself, run by Triton's interpreter on the CPU (float32; the interpreter
-    mishandles bfloat16), in a subprocess because the interpreter is chosen when kernels are defined."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the compiled kernel is tested instead (the interpreter differs across Triton versions)")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+    mishandles bfloat16)."""
+    run_in_triton_interpreter(f"""
+        import torch
         from tests.test_attention import KERNEL_CASES, _kernel_inputs, _poison
         from stc.window_kernel import window_attention
         for i, case in enumerate(KERNEL_CASES):
             q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
             _poison(k, v, used)
             torch.save(window_attention(q, k, v, used, scaling=0.3, config=case[-1]), {str(tmp_path)!r} + f"/{{i}}.pt")
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """, timeout=300)
     for i, case in enumerate(KERNEL_CASES):
         q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
         ref = masked_reference(q, k, v, used, scaling=0.3)

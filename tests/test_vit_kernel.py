@@ -1,17 +1,12 @@
 """stc.vit_kernel: the Cacher's token ranking (Triton) against a brute-force ranking, and the
 selective layer with the kernel against the layer without it."""
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 from stc.cacher import CacherConfig, reference_layer, select_dynamic_tokens, selective_layer
 from tests.test_cacher import siglip, video
+from tests.triton_interpreter import run_in_triton_interpreter
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
 
@@ -66,23 +61,15 @@ def layer_cases(kernels: bool, device: str = "cpu"):
 
 
 def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
-    """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32),
-    in a subprocess because the interpreter is chosen when kernels are defined."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the compiled kernel is tested instead")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+    """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
+    run_in_triton_interpreter(f"""
+        import torch
         from tests.test_vit_kernel import RANK_CASES, _rank_inputs, layer_cases
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "layers": layer_cases(kernels=True)}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """, timeout=600)
     out = torch.load(tmp_path / "out.pt")
     for i, case in enumerate(RANK_CASES):
         sim, k = _rank_inputs(case, i)
