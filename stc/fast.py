@@ -107,14 +107,21 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
 
 
 def vit_kernels_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `stc.vit_kernel` can run for a tower of this dtype and device."""
+    """Whether `stc.vit_kernel` can run for a tower of this dtype and device: Triton, a CUDA device."""
     if torch.device(device).type != "cuda":
         return False
     try:
         from stc import vit_kernel
     except ImportError:
         return False
-    return vit_kernel.supported(dtype, device)
+    return vit_kernel.supported(dtype)
+
+
+def _option(requested: bool | None, available: bool, refusal: str) -> bool:
+    """A GraphedVision option: None -> where available; True where not available raises `refusal`."""
+    if requested and not available:
+        raise ValueError(refusal)
+    return available if requested is None else bool(requested)
 
 
 class GraphedVision:
@@ -152,14 +159,11 @@ class GraphedVision:
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(compile_backend(compile))
-        can = vit_kernels_supported(self.dtype, self.device)
-        if kernels and not can:
-            raise ValueError(f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
-        self.kernels = bool(cacher) and (can if kernels is None else bool(kernels))
-        can = fused_mlp_supported(self.layers[0], self.device)
-        if fused_mlp and not can:
-            raise ValueError(f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
-        self.fused_mlp = can if fused_mlp is None else bool(fused_mlp)
+        self.kernels = bool(cacher) and _option(
+            kernels, vit_kernels_supported(self.dtype, self.device),
+            f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
+        self.fused_mlp = _option(fused_mlp, fused_mlp_supported(self.layers[0], self.device),
+                                 f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)

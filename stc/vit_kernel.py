@@ -56,6 +56,6 @@ def rank_select(sim: torch.Tensor, k: int) -> torch.Tensor:
     return idx
 
 
-def supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the kernel can run for a tower: a CUDA device and a floating-point dtype."""
-    return torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+def supported(dtype: torch.dtype) -> bool:
+    """Whether the kernel ranks similarities of this dtype (on a CUDA device: `stc.fast.vit_kernels_supported`)."""
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
