@@ -1,5 +1,5 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
-attention backend, which token selection, which projections (and, on request, a Qwen2-7B MLP and the
+attention backend, which token selection, which projections, which patch embedding (and, on request, a Qwen2-7B MLP and the
 LLM's attention over a static KV window). Each variant is timed as CUDA-graph
 replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
@@ -111,6 +111,27 @@ def projection_rows(b):
             if "gelu" in name:
                 row["rel_err"] = ((fn().float() - want).norm() / want.norm()).item()
             rows.append({**row, "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+    return rows
+
+
+def embedding_rows(b, size=384, patch=14):
+    """SigLIP's patch embedding: cuDNN's convolution (as the Hugging Face module runs it) against the
+    patchify GEMM of stc.fast.patch_embeddings, both with the position embeddings added."""
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+    from stc.fast import patch_embeddings
+
+    cfg = SiglipVisionConfig(hidden_size=C, image_size=size, patch_size=patch)
+    emb = SiglipVisionEmbeddings(cfg).to("cuda", torch.bfloat16)
+    pixels = torch.randn(b, 3, size, size, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    with torch.no_grad():
+        want = emb(pixels).float()
+        for name, fn in (("conv (module)", lambda: emb(pixels)), ("patchify GEMM", lambda: patch_embeddings(emb, pixels))):
+            err = ((fn().float() - want).norm() / want.norm()).item()
+            rows.append({"op": "embedding", "variant": name, "batch": b, "rel_err_vs_module": err,
+                         "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
     return rows
 
 
@@ -239,6 +260,7 @@ def main(argv=None):
             rows += attention_rows(b, tq)
         rows += selection_rows(b)
         rows += projection_rows(b)
+        rows += embedding_rows(b)
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("op", "variant", "us")}
         print(f"{r['op']:>10} {r['variant']:>16} {r.get('us', float('nan')):8.1f} us  {extra}")

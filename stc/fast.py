@@ -47,6 +47,37 @@ def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False) ->
     return layer(x, None)
 
 
+def patch_gemm_supported(embeddings: nn.Module) -> bool:
+    """Whether `patch_embeddings` computes these embeddings: a SigLIP-style module whose patch
+    convolution is a plain patchify (kernel = stride, no padding, groups or dilation), followed by
+    one learned position per patch (no class token, as in CLIP)."""
+    conv = getattr(embeddings, "patch_embedding", None)
+    pos = getattr(embeddings, "position_embedding", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(pos, nn.Embedding) or hasattr(embeddings, "class_embedding"):
+        return False
+    plain = (conv.kernel_size == conv.stride and conv.groups == 1 and conv.dilation == (1, 1)
+             and conv.padding in ("valid", (0, 0)) and conv.bias is not None)
+    ids = getattr(embeddings, "position_ids", None)
+    return plain and ids is not None and torch.equal(ids.flatten().cpu(), torch.arange(pos.num_embeddings))
+
+
+def patch_embeddings(embeddings: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A SigLIP vision embeddings forward ([B, 3, S, S] -> [B, T, C], without position interpolation)
+    with the patch convolution as one GEMM: the patches as rows of C_in * p * p pixels, times the
+    convolution's weights as a matrix, plus its bias and the position embeddings. The same values as
+    the module (another summation order): a stride-p convolution with kernel p reads each pixel of
+    the p * (S // p) square once, and cuDNN runs it as a slow convolution with layout conversions
+    around it. Check `patch_gemm_supported` first."""
+    conv = embeddings.patch_embedding
+    (ph, pw), weight = conv.kernel_size, conv.weight
+    b, c = pixels.shape[:2]
+    gh, gw = pixels.shape[2] // ph, pixels.shape[3] // pw
+    rows = (pixels[:, :, : gh * ph, : gw * pw].to(weight.dtype)
+            .reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * ph * pw))
+    out = torch.addmm(conv.bias, rows, weight.reshape(weight.shape[0], -1).t())
+    return out.view(b, gh * gw, -1) + embeddings.position_embedding.weight
+
+
 @functools.cache
 def layer_functions(backend: str | None) -> tuple:
     """(encoder_layer, reference_layer, selective_layer), compiled with `backend` unless None."""
@@ -138,13 +169,15 @@ class GraphedVision:
     (default): where it can run (a CUDA device and Triton); True where it cannot raises. fused_mlp:
     every method's layers (baseline, Cacher, ToMe) run a SigLIP MLP's fc1, bias and GELU as one GEMM
     (`stc.cacher.mlp_forward`); None (default): where it can (`stc.cacher.fused_mlp_supported`: a CUDA
-    device); True where it cannot raises.
+    device); True where it cannot raises. patch_gemm: every method's patch embedding as one GEMM
+    (`patch_embeddings`); None (default): where the embeddings allow it (`patch_gemm_supported`: SigLIP,
+    on any device); True where they do not raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
-                 kernels: bool | None = None, fused_mlp: bool | None = None):
+                 kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -164,6 +197,8 @@ class GraphedVision:
             f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
         self.fused_mlp = _option(fused_mlp, fused_mlp_supported(self.layers[0], self.device),
                                  f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
+        self.patch_gemm = _option(patch_gemm, patch_gemm_supported(tower.embeddings),
+                                  "patch_gemm=True needs SigLIP-style patch embeddings (stc.fast.patch_gemm_supported)")
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
@@ -198,8 +233,13 @@ class GraphedVision:
 
     # -- the steps, as plain code -----------------------------------------------------------------
 
+    def _embed(self) -> torch.Tensor:
+        if self.patch_gemm:
+            return patch_embeddings(self.tower.embeddings, self.pixels)
+        return self.tower.embeddings(self.pixels)
+
     def _full(self) -> torch.Tensor:
-        x = self.tower.embeddings(self.pixels)
+        x = self._embed()
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp)
@@ -212,14 +252,14 @@ class GraphedVision:
     def _tome(self) -> torch.Tensor:
         from stc.baselines.tome import tome_layer
 
-        x = self.tower.embeddings(self.pixels)
+        x = self._embed()
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
             x = tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp)
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
-        x = self.tower.embeddings(self.pixels)
+        x = self._embed()
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp)
@@ -229,7 +269,7 @@ class GraphedVision:
         return x
 
     def _selective(self) -> torch.Tensor:
-        x = self.tower.embeddings(self.pixels)
+        x = self._embed()
         shared = None
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)

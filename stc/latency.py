@@ -116,16 +116,17 @@ def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chu
 
 def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
                         warmup: int = 1, repeats: int = 3, compile: bool | str = False, kernels: bool | None = None,
-                        fused_mlp: bool | None = None) -> dict:
+                        fused_mlp: bool | None = None, patch_gemm: bool | None = None) -> dict:
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
     (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`; kernels,
-    fused_mlp: as `GraphedVision(kernels=..., fused_mlp=...)`)."""
+    fused_mlp, patch_gemm: as `GraphedVision(kernels=..., fused_mlp=..., patch_gemm=...)`)."""
     from stc.fast import GraphedVision
 
     device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     pixels = pixels.to(device, dtype)
     f = len(pixels)
-    runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile, kernels=kernels, fused_mlp=fused_mlp)
+    runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile, kernels=kernels, fused_mlp=fused_mlp,
+                           patch_gemm=patch_gemm)
     steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
 
     def run():  # B streams, from fresh states
@@ -133,7 +134,8 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
         for x in steps:
             runner(x, states)
 
-    return {**_per_frame_ms(run, f * batch, device, warmup, repeats), "kernels": runner.kernels, "fused_mlp": runner.fused_mlp}
+    return {**_per_frame_ms(run, f * batch, device, warmup, repeats), "kernels": runner.kernels, "fused_mlp": runner.fused_mlp,
+            "patch_gemm": runner.patch_gemm}
 
 
 def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, warmup: int = 1, repeats: int = 3,

@@ -27,9 +27,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-# GraphedVision's compile=False / True, each without and with the Cacher's Triton kernels (kernels=) and
-# the MLP's GELU in its fc1 GEMM (fused_mlp=), least optimised first
-COMPILE_LEVELS = tuple(f"{c}{k}{m}" for c in ("none", "inductor") for k in ("", " + kernels") for m in ("", " + fused MLP"))
+# GraphedVision's compile=False / True, each without and with the Cacher's Triton kernels (kernels=),
+# the MLP's GELU in its fc1 GEMM (fused_mlp=) and the patch embedding as a GEMM (patch_gemm=), least
+# optimised first
+COMPILE_LEVELS = tuple(f"{c}{k}{m}{e}" for c in ("none", "inductor") for k in ("", " + kernels") for m in ("", " + fused MLP")
+                       for e in ("", " + patch GEMM"))
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
@@ -52,9 +54,9 @@ def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.sort_values("date").drop_duplicates(keys, keep="last").sort_values(keys).reset_index(drop=True)
 
 
-def _level(compile, kernels: bool = False, fused_mlp: bool = False) -> str:
+def _level(compile, kernels: bool = False, fused_mlp: bool = False, patch_gemm: bool = False) -> str:
     level = {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else str(compile)
-    return level + (" + kernels" if kernels else "") + (" + fused MLP" if fused_mlp else "")
+    return level + (" + kernels" if kernels else "") + (" + fused MLP" if fused_mlp else "") + (" + patch GEMM" if patch_gemm else "")
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
@@ -67,7 +69,7 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
-            vit.append({**row, **info, "compile": _level(row.get("compile", False), row.get("kernels", False), row.get("fused_mlp", False))})
+            vit.append({**row, **info, "compile": _level(*(row.get(k, False) for k in ("compile", "kernels", "fused_mlp", "patch_gemm")))})
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
         graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []
@@ -212,7 +214,8 @@ def report(speed: Speed) -> str:
         "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n",
         "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
         "the Cacher ranks its tokens with stc.vit_kernel (Triton); \"+ fused MLP\": both sides run fc1, its bias and "
-        "the GELU as one GEMM (stc.cacher.mlp_forward). Since commit c8d5ac6 the Cacher without the kernel ranks "
+        "the GELU as one GEMM (stc.cacher.mlp_forward); \"+ patch GEMM\": both sides embed the patches with one GEMM "
+        "instead of cuDNN's convolution (stc.fast.patch_embeddings). Since commit c8d5ac6 the Cacher without the kernel ranks "
         "with a stable sort (before: top-k).\n",
         markdown(vit_table(speed)),
         "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, mlp_forward
-from stc.fast import GraphedVision
+from stc.fast import GraphedVision, patch_embeddings, patch_gemm_supported
 from tests.test_cacher import clip, siglip, video
 
 CUDA = torch.cuda.is_available()
@@ -137,6 +137,42 @@ def test_bad_inputs():
         GraphedVision(tower, use_graphs=False, fused_mlp=True)
 
 
+@pytest.mark.parametrize("size, dtype, tol", [(84, torch.float32, 1e-5), (90, torch.float32, 1e-5), (90, torch.bfloat16, 2e-2)])
+def test_patch_embeddings_equal_the_module(size, dtype, tol):
+    """The patchify GEMM gives the module's embeddings, also where the image is not a whole number of
+    patches (90 = 6 * 14 + 6: the convolution drops the last 6 rows and columns)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=size, patch_size=14)
+    emb = SiglipVisionModel(cfg).eval().to(dtype).embeddings
+    pixels = torch.randn(3, 3, size, size)  # float32: both cast to the weights' dtype
+    assert patch_gemm_supported(emb)
+    with torch.no_grad():
+        want, got = emb(pixels).double(), patch_embeddings(emb, pixels).double()
+    assert got.shape == want.shape == (3, 36, 32)
+    assert ((got - want).norm() / want.norm()).item() < tol
+    pixels[:, :, 84:, :] = 1e4  # the dropped border changes nothing
+    pixels[:, :, :, 84:] = 1e4
+    with torch.no_grad():
+        torch.testing.assert_close(patch_embeddings(emb, pixels).double(), got)
+
+
+def test_patch_gemm_only_for_a_plain_patchify():
+    emb = siglip().embeddings
+    assert patch_gemm_supported(emb) and not patch_gemm_supported(clip().embeddings)  # CLIP: a class token
+    emb.patch_embedding.stride = (7, 7)  # overlapping patches: a convolution, not a patchify
+    assert not patch_gemm_supported(emb)
+    assert GraphedVision(siglip(), use_graphs=False).patch_gemm  # the default where it applies, on a CPU too
+    with pytest.raises(ValueError, match="patch_gemm=True needs SigLIP-style patch embeddings"):
+        GraphedVision(clip(), use_graphs=False, patch_gemm=True)
+    tower, frames = siglip(), video(3)
+    plain = GraphedVision(tower, use_graphs=False, patch_gemm=False)
+    assert not plain.patch_gemm
+    torch.testing.assert_close(plain(frames[:1]), GraphedVision(tower, use_graphs=False)(frames[:1]), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_mlp_only_where_its_gelu_is_the_layers():
     """torch._addmm_activation's GELU is the tanh one on CUDA only (the exact one on a CPU), and only
     SigLIP's MLP uses the tanh GELU (CLIP: quick GELU)."""
@@ -155,9 +191,10 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     frames = video(9).cuda()
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
-    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False)
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False,
+                          patch_gemm=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
-    assert graphed.kernels == bool(cfg) and graphed.fused_mlp  # stc.vit_kernel, and the MLP as one GEMM with its GELU
+    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm  # the defaults on a GPU
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
