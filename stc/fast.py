@@ -236,7 +236,9 @@ class GraphedVision:
     def _embed(self) -> torch.Tensor:
         if self.patch_gemm:
             return patch_embeddings(self.tower.embeddings, self.pixels)
-        return self.tower.embeddings(self.pixels)
+        # the module's output is a transposed view (tokens of a channel adjacent), a layout that every
+        # residual add would pass on to the next layer: make it row-major, as the GEMM's is
+        return self.tower.embeddings(self.pixels).contiguous()
 
     def _full(self) -> torch.Tensor:
         x = self._embed()
