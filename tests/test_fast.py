@@ -170,6 +170,8 @@ def test_patch_gemm_only_for_a_plain_patchify():
     tower, frames = siglip(), video(3)
     plain = GraphedVision(tower, use_graphs=False, patch_gemm=False)
     assert not plain.patch_gemm
+    with torch.no_grad():  # both give the layers row-major input (the module's own output is a transposed view)
+        assert plain._embed().is_contiguous() and GraphedVision(tower, use_graphs=False)._embed().is_contiguous()
     torch.testing.assert_close(plain(frames[:1]), GraphedVision(tower, use_graphs=False)(frames[:1]), atol=1e-5, rtol=1e-5)
 
 
