@@ -216,7 +216,9 @@ def report(speed: Speed) -> str:
         "the Cacher ranks its tokens with stc.vit_kernel (Triton); \"+ fused MLP\": both sides run fc1, its bias and "
         "the GELU as one GEMM (stc.cacher.mlp_forward); \"+ patch GEMM\": both sides embed the patches with one GEMM "
         "instead of cuDNN's convolution (stc.fast.patch_embeddings). Since commit c8d5ac6 the Cacher without the kernel ranks "
-        "with a stable sort (before: top-k).\n",
+        "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
+        "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
+        "did not): they overstate the Cacher's saving at B = 1.\n",
         markdown(vit_table(speed)),
         "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),
         f"## Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n", markdown(realtime_table(speed)),
