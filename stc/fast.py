@@ -5,7 +5,8 @@ Streaming encodes one frame per step (per stream), so the stock eager encoder is
 
 - baseline: the unmodified encoder layers (their Hugging Face forward) -> features, or, with the fused
   MLP (`fused_mlp`, on a GPU, for every method alike), the same operations as `reference_layer`;
-- STC-Cacher, reference step: `reference_layer` per layer, writing K, V, A, M into static buffers;
+- STC-Cacher, reference step: `reference_layer` per layer; its K, V, A, M outputs are the static buffers
+  (captured first, then rewritten by each replay, not copied);
 - STC-Cacher, other steps: `selective_layer` per layer, reading those buffers;
 - the ToMe baseline: `stc.baselines.tome.tome_layer` per layer with its fixed merge schedule (every
   layer's token count is known in advance, so the step has static shapes), then the merged tokens in
@@ -226,6 +227,7 @@ class GraphedVision:
                              for f in _FIELDS))
                 for _ in range(self.depth)
             ]
+        self._new_refs: list[LayerCache] | None = None
         self._owners: list[CacherState] | None = None
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warmup = warmup
@@ -261,14 +263,25 @@ class GraphedVision:
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
+        """The reference step. Its layers' caches become the runner's (`_adopt`): no copies."""
         x = self._embed()
+        caches = []
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp)
-            for f in _FIELDS:
-                if getattr(cache, f) is not None:
-                    getattr(self.refs[i], f).copy_(getattr(cache, f))
+            caches.append(cache)
+        self._new_refs = caches
         return x
+
+    def _adopt(self, keep: bool) -> None:
+        """Make the reference step's caches (`_new_refs`) the runner's `refs`; keep: copy the current
+        caches into them first (after a capture, whose run computed nothing, for loaded streams)."""
+        if keep:
+            for old, new in zip(self.refs, self._new_refs):
+                for f in _FIELDS:
+                    if getattr(new, f) is not None:
+                        getattr(new, f).copy_(getattr(old, f))
+        self.refs, self._new_refs = self._new_refs, None
 
     def _selective(self) -> torch.Tensor:
         x = self._embed()
@@ -284,13 +297,19 @@ class GraphedVision:
         return {"full": self._full, "tome": self._tome, "reference": self._reference, "selective": self._selective}[kind]
 
     def _graph(self, kind: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The captured graph of a kind of step and its output buffer (captured on first use)."""
+        """The captured graph of a kind of step and its output buffer (captured on first use).
+
+        The reference graph's cache outputs are the static buffers that every replay rewrites and the
+        selective graph reads, so it is captured first: its outputs stay allocated (held in `refs`)
+        and the selective graph is captured reading them."""
+        if kind == "selective" and "reference" not in self._graphs:
+            self._graph("reference")
         if kind not in self._graphs:
             fn = self._step(kind)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(self._warmup):  # warm-ups write only the loaded streams' caches, which the step rewrites
+                for _ in range(self._warmup):  # warm-ups write no stream's caches (a reference step's are adopted after capture)
                     fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
@@ -298,11 +317,16 @@ class GraphedVision:
                 out = fn()
             self._pool = graph.pool()
             self._graphs[kind] = (graph, out)
+            if kind == "reference":
+                self._adopt(keep=True)
         return self._graphs[kind]
 
     def _run(self, kind: str) -> torch.Tensor:
         if not self.use_graphs:
-            return self._step(kind)()
+            out = self._step(kind)()
+            if kind == "reference":
+                self._adopt(keep=False)
+            return out
         graph, out = self._graph(kind)
         graph.replay()
         return out

@@ -214,6 +214,28 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     torch.testing.assert_close(outs[1], eager_again(tower, frames, cfg, tome)[1], atol=tol, rtol=tol)
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_graphed_runner_takes_over_a_stream_mid_way():
+    """A runner that first meets a stream at a non-reference frame (its caches loaded from the state)
+    captures the reference step first, whose outputs become the static caches, and keeps the loaded
+    caches in them: the same features as one eager runner throughout."""
+    tower = siglip().cuda()
+    cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
+    frames = video(6).cuda()
+    eager = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    eager_state = [eager.new_state()]
+    want = [eager(f[None], eager_state) for f in frames]
+    first = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    state = first.new_state()
+    first(frames[:1], [state])
+    first(frames[:1], [first.new_state()])  # another stream: the first one's caches move into its state
+    graphed = GraphedVision(tower, cacher=cfg, use_graphs=True)
+    got = [graphed(f[None], [state]) for f in frames[1:]]
+    assert list(graphed._graphs) == ["reference", "selective"]  # both captured at frame 1, reference first
+    for g, w in zip(got, want[1:]):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def eager_again(tower, frames, cfg, tome=None):
     runner = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome)
     states = [runner.new_state()] if cfg else None
