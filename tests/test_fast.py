@@ -215,7 +215,7 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_graphed_runner_takes_over_a_stream_mid_way():
+def test_graphed_runner_takes_over_a_stream_mid_way_on_gpu():
     """A runner that first meets a stream at a non-reference frame (its caches loaded from the state)
     captures the reference step first, whose outputs become the static caches, and keeps the loaded
     caches in them: the same features as one eager runner throughout."""
