@@ -19,8 +19,8 @@ caches of the streams that used the runner last and are swapped (copied) only wh
 passes other states. Outputs are cloned out of the graph's buffers: nothing returned aliases a later
 step. Without CUDA (or with use_graphs=False) the same code runs eagerly.
 
-With ``compile=True`` each layer function (the encoder layer, `reference_layer`, `selective_layer`)
-goes through `torch.compile` before capture, for the baseline and STC alike: the compiler fuses the
+With ``compile=True`` each layer function (the encoder layer, `reference_layer`, `selective_layer`,
+ToMe's `tome_layer`) goes through `torch.compile` before capture, for every method alike: the compiler fuses the
 small element-wise, normalisation, similarity and gather/scatter kernels that bound a one-frame step.
 The graphs then replay the compiled kernels. One compiled function serves all layers (their weights
 are inputs), so compiling costs seconds, once per process.
@@ -86,6 +86,15 @@ def layer_functions(backend: str | None) -> tuple:
     if backend is None:
         return fns
     return tuple(torch.compile(f, backend=backend, dynamic=False) for f in fns)
+
+
+@functools.cache
+def tome_function(backend: str | None):
+    """`stc.baselines.tome.tome_layer`, compiled with `backend` unless None. Its token count differs per
+    layer, so it is compiled with dynamic shapes: one compiled function for every layer and count."""
+    from stc.baselines.tome import tome_layer
+
+    return tome_layer if backend is None else torch.compile(tome_layer, backend=backend, dynamic=True)
 
 
 def compile_backend(compile: bool | str) -> str | None:
@@ -163,7 +172,7 @@ class GraphedVision:
     the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
     compile: run the layer functions through `torch.compile` (see `compile_backend`); tome: a ToMe
     merge schedule (tokens merged per layer, `stc.baselines.tome.tome_r_for_budget`) instead of a
-    cacher; ToMe's layers are not compiled (their token counts differ per layer); keep_input_of: an
+    cacher (with compile, its layer function has dynamic shapes, `tome_function`); keep_input_of: an
     encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
     (a copy, [B, T, C]), for compressors that read it (VisionZip); kernels: run the Cacher's
     token selection with the Triton kernel of `stc.vit_kernel` (the same tokens as without). None
@@ -192,7 +201,9 @@ class GraphedVision:
         param = next(tower.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(compile_backend(compile))
+        backend = compile_backend(compile)
+        self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(backend)
+        self._tome_layer = tome_function(backend) if tome is not None else None
         self.kernels = bool(cacher) and _option(
             kernels, vit_kernels_supported(self.dtype, self.device),
             f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
@@ -254,12 +265,10 @@ class GraphedVision:
             self._layer_input.copy_(x)
 
     def _tome(self) -> torch.Tensor:
-        from stc.baselines.tome import tome_layer
-
         x = self._embed()
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x = tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp)
+            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp)
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:

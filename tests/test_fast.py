@@ -72,8 +72,10 @@ def test_kept_layer_input_is_that_layers_hidden_state(cfg):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_tome_step_equals_the_attached_tome(batch):
-    """GraphedVision(tome=schedule) gives the attached ToMe's last-layer tokens in raster order."""
+@pytest.mark.parametrize("compile", [False, "aot_eager"])
+def test_tome_step_equals_the_attached_tome(batch, compile):
+    """GraphedVision(tome=schedule) gives the attached ToMe's last-layer tokens in raster order, also
+    with its layer function traced whole by torch.compile (dynamic shapes: 36, 27 and 18 tokens)."""
     from stc.baselines.tome import attach_tome, tome_r_for_budget
 
     tower, frames = siglip(), video(batch)
@@ -82,7 +84,7 @@ def test_tome_step_equals_the_attached_tome(batch):
         state = tome.new_state()
         want = tower(frames, tome_state=state, output_hidden_states=True).hidden_states[-1]
         want = want.gather(1, state.spatial_order()[..., None].expand_as(want))
-    runner = GraphedVision(tower, batch=batch, use_graphs=False, tome=schedule)
+    runner = GraphedVision(tower, batch=batch, use_graphs=False, tome=schedule, compile=compile)
     got = runner(frames)
     assert got.shape == (batch, 10, 32)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
