@@ -1,6 +1,6 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
-attention backend, which token selection, which projections, which patch embedding (and, on request, a Qwen2-7B MLP and the
-LLM's attention over a static KV window). Each variant is timed as CUDA-graph
+attention backend, which token selection, which projections, which patch embedding (and, on request,
+a Qwen2-7B MLP and the LLM's attention over a static KV window). Each variant is timed as CUDA-graph
 replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json

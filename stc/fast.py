@@ -12,6 +12,9 @@ Streaming encodes one frame per step (per stream), so the stock eager encoder is
   layer's token count is known in advance, so the step has static shapes), then the merged tokens in
   raster order of their first patch.
 
+Every method's step starts from the same patch embedding: one GEMM over the patches
+(`patch_embeddings`, for SigLIP), or the module's convolution made row-major.
+
 Semantics are exactly those of `stc.cacher` (the same tensor functions run inside the graphs), for
 B synchronised streams: every stream in a step is at the same frame index, so all are reference
 frames or none. Each stream's caches belong to its `CacherState`; the static buffers hold the
