@@ -43,6 +43,15 @@ from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, enco
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
 
+def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None = None) -> None:
+    """Copy each layer's cached tensors from src into dst (into batch row `row` of dst only, if given)."""
+    for d, s in zip(dst, src):
+        for f in _FIELDS:
+            t = getattr(d, f)
+            if t is not None:
+                (t if row is None else t[row : row + 1]).copy_(getattr(s, f))
+
+
 def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False) -> torch.Tensor:
     """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp the same
     operations as `reference_layer` computes them (its MLP as one GEMM with the GELU, as STC's layers)."""
@@ -289,10 +298,7 @@ class GraphedVision:
         """Make the reference step's caches (`_new_refs`) the runner's `refs`; keep: copy the current
         caches into them first (after a capture, whose run computed nothing, for loaded streams)."""
         if keep:
-            for old, new in zip(self.refs, self._new_refs):
-                for f in _FIELDS:
-                    if getattr(new, f) is not None:
-                        getattr(new, f).copy_(getattr(old, f))
+            _copy_caches(self._new_refs, self.refs)
         self.refs, self._new_refs = self._new_refs, None
 
     def _selective(self) -> torch.Tensor:
@@ -411,8 +417,5 @@ class GraphedVision:
                                                 for f in _FIELDS)) for r in self.refs]
         for row, s in enumerate(states):
             if s.frames_seen and s._refs[0] is not None:
-                for r, mine in zip(self.refs, s._refs):
-                    for f in _FIELDS:
-                        if getattr(r, f) is not None:
-                            getattr(r, f)[row : row + 1].copy_(getattr(mine, f))
+                _copy_caches(self.refs, s._refs, row)
         self._owners = list(states)
