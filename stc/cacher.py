@@ -178,9 +178,14 @@ class LayerCache:
     hidden: torch.Tensor | None = None
 
 
-def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C]."""
+def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C].
+    kernel: `stc.vit_kernel.attention` (Triton, a GPU) instead of the layer's attention function."""
     attn = layer.self_attn
+    if kernel:
+        from stc import vit_kernel  # needs Triton; imported only here
+
+        return vit_kernel.attention(q, k, v, attn.num_heads, attn.scale)
     head_dim = attn.head_dim
     b, tq, _ = q.shape
     q4 = q.view(b, tq, -1, head_dim).transpose(1, 2)
@@ -215,17 +220,55 @@ def mlp_forward(layer: nn.Module, h: torch.Tensor, fused: bool = False) -> torch
     return fc2(y).view(*h.shape[:-1], fc2.out_features)
 
 
-def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False, fused_mlp: bool = False) -> tuple[torch.Tensor, LayerCache]:
+PROJECTIONS = "qvk"  # the order of `fused_projection_weights`: each contiguous run of it is one GEMM
+
+
+def fused_projections_supported(layer: nn.Module) -> bool:
+    """Whether `fused_projection_weights` applies: the layer's query, value and key projections are
+    linear maps of one input size and output size, with biases (SigLIP, CLIP)."""
+    attn = getattr(layer, "self_attn", None)
+    projs = [getattr(attn, f"{n}_proj", None) for n in PROJECTIONS]
+    return (all(isinstance(p, nn.Linear) and p.bias is not None for p in projs)
+            and len({(p.in_features, p.out_features) for p in projs}) == 1)
+
+
+def fused_projection_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of the layer's query, value and key projections as one linear map, in that order
+    (`PROJECTIONS`): weight [3C, C] and bias [3C]. `project` runs any contiguous run of them as one GEMM.
+    Check `fused_projections_supported` first; the copy does not follow later changes of the weights."""
+    projs = [getattr(layer.self_attn, f"{n}_proj") for n in PROJECTIONS]
+    return (torch.cat([p.weight.detach() for p in projs]), torch.cat([p.bias.detach() for p in projs]))
+
+
+def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """The attention projections `names` of h [..., C], each [..., C]: a contiguous run of "qvk" ("q",
+    "qv", "vk", "qvk", ...). fused: the layer's `fused_projection_weights`, to compute them as one GEMM
+    (the results are column slices of its output); None: one module call each."""
+    if not names or names not in PROJECTIONS:
+        raise ValueError(f"names must be a contiguous run of {PROJECTIONS!r}, got {names!r}")
+    if fused is None:
+        return tuple(getattr(layer.self_attn, f"{n}_proj")(h) for n in names)
+    weight, bias = fused
+    c = weight.shape[0] // len(PROJECTIONS)
+    lo, hi = PROJECTIONS.index(names) * c, (PROJECTIONS.index(names) + len(names)) * c
+    out = torch.addmm(bias[lo:hi], h.reshape(-1, h.shape[-1]), weight[lo:hi].t())
+    return out.view(*h.shape[:-1], hi - lo).split(c, dim=-1)
+
+
+def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False, fused_mlp: bool = False,
+                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None, attention_kernel: bool = False) -> tuple[torch.Tensor, LayerCache]:
     """The full layer forward, decomposed so that K, V and both residual deltas can be cached.
 
     Same operations as the Hugging Face SigLIP/CLIP encoder layer (fused_mlp: the MLP through
-    `mlp_forward(fused=True)`). x: [B, T, C].
-    Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors.
+    `mlp_forward(fused=True)`; qvk: the layer's `fused_projection_weights`, the three projections as
+    one GEMM; attention_kernel: the attention through `stc.vit_kernel.attention`). x: [B, T, C].
+    Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors (with qvk, K and V are column
+    slices of the projections' output).
     """
     attn = layer.self_attn
     h = layer.layer_norm1(x)
-    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    a = attn.out_proj(_attention(layer, q, k, v))
+    q, v, k = project(layer, h, "qvk", qvk)
+    a = attn.out_proj(_attention(layer, q, k, v, attention_kernel))
     mid = x + a
     m = mlp_forward(layer, layer.layer_norm2(mid), fused_mlp)
     return mid + m, LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
@@ -240,13 +283,17 @@ def selective_layer(
     dynamic: torch.Tensor | None = None,
     kernels: bool = False,
     fused_mlp: bool = False,
+    qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
     kernels: select with `stc.vit_kernel.rank_select` (Triton, a GPU; the same tokens as without).
-    fused_mlp: the MLP through `mlp_forward(fused=True)`.
+    fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
+    (the projections that a step computes for the same rows as one GEMM). attention_kernel: the
+    attention through `stc.vit_kernel.attention` (Triton, a GPU).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
     if kernels:
@@ -254,8 +301,13 @@ def selective_layer(
     attn = layer.self_attn
     b, t, _ = x.shape
     h = layer.layer_norm1(x)
-    key = attn.k_proj(h)
-    value_all = attn.v_proj(h) if config.selection_feature == "value" else None
+    query_all = value_all = None
+    if config.reuse == "mlp":  # full attention for every token: all three projections of every token
+        query_all, value_all, key = project(layer, h, "qvk", qvk)
+    elif config.selection_feature == "value":
+        value_all, key = project(layer, h, "vk", qvk)
+    else:
+        (key,) = project(layer, h, "k", qvk)
     if dynamic is None:
         feature, ref_feature = {
             "key": (key, ref.key),
@@ -270,13 +322,15 @@ def selective_layer(
 
     if config.reuse == "mlp":
         # Full attention for every token; only the MLP is selective.
-        value = value_all if value_all is not None else attn.v_proj(h)
-        a_full = attn.out_proj(_attention(layer, attn.q_proj(h), key, value))
+        a_full = attn.out_proj(_attention(layer, query_all, key, value_all, attention_kernel))
     else:
         h_dyn = _gather(h, rows)
-        v_dyn = _gather(value_all, rows) if value_all is not None else attn.v_proj(h_dyn)
+        if value_all is not None:
+            (q_dyn,), v_dyn = project(layer, h_dyn, "q", qvk), _gather(value_all, rows)
+        else:
+            q_dyn, v_dyn = project(layer, h_dyn, "qv", qvk)
         v_full = _scatter(ref.value, rows, v_dyn, batch=b)
-        a_dyn = attn.out_proj(_attention(layer, attn.q_proj(h_dyn), key, v_full))
+        a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full, attention_kernel))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, rows) + a_dyn

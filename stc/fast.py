@@ -4,7 +4,8 @@ Streaming encodes one frame per step (per stream), so the stock eager encoder is
 `GraphedVision` captures each kind of step once and replays it:
 
 - baseline: the unmodified encoder layers (their Hugging Face forward) -> features, or, with the fused
-  MLP (`fused_mlp`, on a GPU, for every method alike), the same operations as `reference_layer`;
+  MLP (`fused_mlp`, on a GPU) or projections (`fused_qkv`), for every method alike, the same operations
+  as `reference_layer`;
 - STC-Cacher, reference step: `reference_layer` per layer; its K, V, A, M outputs are the static buffers
   (captured first, then rewritten by each replay, not copied);
 - STC-Cacher, other steps: `selective_layer` per layer, reading those buffers;
@@ -37,8 +38,8 @@ import functools
 import torch
 from torch import nn
 
-from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, fused_mlp_supported, reference_layer,
-                        selective_layer)
+from stc.cacher import (PROJECTIONS, CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, fused_mlp_supported,
+                        fused_projection_weights, fused_projections_supported, reference_layer, selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -52,11 +53,13 @@ def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None =
                 (t if row is None else t[row : row + 1]).copy_(getattr(s, f))
 
 
-def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False) -> torch.Tensor:
-    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp the same
-    operations as `reference_layer` computes them (its MLP as one GEMM with the GELU, as STC's layers)."""
-    if fused_mlp:
-        return reference_layer(layer, x, fused_mlp=True)[0]
+def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False,
+                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None, attention_kernel: bool = False) -> torch.Tensor:
+    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp, qvk or
+    attention_kernel the same operations as `reference_layer` computes them (its MLP as one GEMM with
+    the GELU, its three projections as one GEMM, its attention by `stc.vit_kernel`, as STC's layers)."""
+    if fused_mlp or qvk is not None or attention_kernel:
+        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk, attention_kernel=attention_kernel)[0]
     return layer(x, None)
 
 
@@ -177,6 +180,50 @@ def _option(requested: bool | None, available: bool, refusal: str) -> bool:
     return available if requested is None else bool(requested)
 
 
+class FusedProjections:
+    """Each layer's `stc.cacher.fused_projection_weights` ([Wq; Wv; Wk] and their biases), kept equal to
+    the layer's own: `sync()` copies them again, in place (captured graphs read the same buffers), when
+    a weight has changed in place since the last copy (PyTorch's version counters, which
+    `load_state_dict` and optimisers advance). A parameter replaced by another object is not seen, as
+    it is not by captured graphs either: build a new runner then."""
+
+    def __init__(self, layers: list[nn.Module]):
+        if not self.supported(layers):
+            raise ValueError("these layers' projections cannot be fused (FusedProjections.supported)")
+        self.layers = list(layers)
+        self.weights = [fused_projection_weights(layer) for layer in self.layers]
+        self._params = [t for layer in self.layers for t in self._sources(layer)]
+        self._versions = self._stamp()
+
+    @staticmethod
+    def _sources(layer: nn.Module) -> list[torch.Tensor]:
+        projs = [getattr(layer.self_attn, f"{n}_proj") for n in PROJECTIONS]
+        return [p.weight for p in projs] + [p.bias for p in projs]
+
+    @classmethod
+    def supported(cls, layers: list[nn.Module]) -> bool:
+        """Every layer's projections fuse (`stc.cacher.fused_projections_supported`) and its weights
+        have version counters (not inference tensors, whose in-place changes could not be followed)."""
+        return all(fused_projections_supported(layer) and not any(t.is_inference() for t in cls._sources(layer))
+                   for layer in layers)
+
+    def _stamp(self) -> list[int]:
+        return [t._version for t in self._params]
+
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Copy the weights again if any changed; returns whether they did."""
+        versions = self._stamp()
+        if versions == self._versions:
+            return False
+        for layer, (weight, bias) in zip(self.layers, self.weights):
+            new_weight, new_bias = fused_projection_weights(layer)
+            weight.copy_(new_weight)
+            bias.copy_(new_bias)
+        self._versions = versions
+        return True
+
+
 class GraphedVision:
     """Vision features [B, T, C] (the output of layer `feature_layer`) for B frames, one per stream.
 
@@ -193,13 +240,21 @@ class GraphedVision:
     (`stc.cacher.mlp_forward`); None (default): where it can (`stc.cacher.fused_mlp_supported`: a CUDA
     device); True where it cannot raises. patch_gemm: every method's patch embedding as one GEMM
     (`patch_embeddings`); None (default): where the embeddings allow it (`patch_gemm_supported`: SigLIP,
-    on any device); True where they do not raises.
+    on any device); True where they do not raises. fused_qkv: every method's layers compute the
+    attention's projections of the same rows as one GEMM (`stc.cacher.project`), from a copy of each
+    layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 215 MB for
+    SigLIP-so400m in bf16), copied again when a weight is changed in place; None (default): where the
+    layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
+    attention_kernel: every method's attention through `stc.vit_kernel.attention` (keys split across
+    programs, for the few queries of a one-frame step); None (default): where it can run (a CUDA device
+    and Triton); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
-                 kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None):
+                 kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
+                 fused_qkv: bool | None = None, attention_kernel: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -219,10 +274,19 @@ class GraphedVision:
         self.kernels = bool(cacher) and _option(
             kernels, vit_kernels_supported(self.dtype, self.device),
             f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
+        self.attention_kernel = _option(
+            attention_kernel, vit_kernels_supported(self.dtype, self.device),
+            f"attention_kernel=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
         self.fused_mlp = _option(fused_mlp, fused_mlp_supported(self.layers[0], self.device),
                                  f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
         self.patch_gemm = _option(patch_gemm, patch_gemm_supported(tower.embeddings),
                                   "patch_gemm=True needs SigLIP-style patch embeddings (stc.fast.patch_gemm_supported)")
+        run = self.layers[: self.depth]
+        self.fused_qkv = _option(fused_qkv, FusedProjections.supported(run),
+                                 "fused_qkv=True needs linear query, key and value projections of one shape, with biases, and "
+                                 "weights that are not inference tensors (stc.fast.FusedProjections.supported)")
+        self._projections = FusedProjections(run) if self.fused_qkv else None
+        self._qvk = self._projections.weights if self.fused_qkv else [None] * self.depth
         cfg = tower.config
         self.size = cfg.image_size
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
@@ -269,7 +333,7 @@ class GraphedVision:
         x = self._embed()
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp)
+            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i], attention_kernel=self.attention_kernel)
         return x
 
     def _keep_input(self, index: int, x: torch.Tensor) -> None:
@@ -280,7 +344,8 @@ class GraphedVision:
         x = self._embed()
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp)
+            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
+                                 attention_kernel=self.attention_kernel)
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
@@ -289,7 +354,8 @@ class GraphedVision:
         caches = []
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp)
+            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
+                                             attention_kernel=self.attention_kernel)
             caches.append(cache)
         self._new_refs = caches
         return x
@@ -308,7 +374,7 @@ class GraphedVision:
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
-                                              fused_mlp=self.fused_mlp)
+                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i], attention_kernel=self.attention_kernel)
         return x
 
     def _step(self, kind: str):
@@ -392,6 +458,8 @@ class GraphedVision:
             raise ValueError(f"expected pixels of shape {tuple(self.pixels.shape)}, got {tuple(pixels.shape)}")
         index = self._check_states(states)
         self.pixels.copy_(pixels)
+        if self._projections is not None:
+            self._projections.sync()
         if self.cacher:
             self._load(states)
         kind = self._kind(index)

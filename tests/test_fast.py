@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, mlp_forward
-from stc.fast import GraphedVision, patch_embeddings, patch_gemm_supported
+from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
+from stc.fast import FusedProjections, GraphedVision, patch_embeddings, patch_gemm_supported
 from tests.test_cacher import clip, siglip, video
 
 CUDA = torch.cuda.is_available()
@@ -132,9 +132,11 @@ def test_bad_inputs():
     for bad in (1, "", None):
         with pytest.raises(ValueError, match="compile must be"):
             GraphedVision(tower, use_graphs=False, compile=bad)
-    assert not runner.kernels and not runner.fused_mlp  # on a CPU the layers run PyTorch and the HF MLP
+    assert not runner.kernels and not runner.fused_mlp and not runner.attention_kernel  # on a CPU: PyTorch and the HF MLP
     with pytest.raises(ValueError, match="kernels=True needs Triton and a CUDA device"):
         GraphedVision(tower, cacher=CacherConfig(), use_graphs=False, kernels=True)
+    with pytest.raises(ValueError, match="attention_kernel=True needs Triton and a CUDA device"):
+        GraphedVision(tower, use_graphs=False, attention_kernel=True)
     with pytest.raises(ValueError, match="fused_mlp=True needs a SigLIP MLP"):
         GraphedVision(tower, use_graphs=False, fused_mlp=True)
 
@@ -177,6 +179,72 @@ def test_patch_gemm_only_for_a_plain_patchify():
     torch.testing.assert_close(plain(frames[:1]), GraphedVision(tower, use_graphs=False)(frames[:1]), atol=1e-5, rtol=1e-5)
 
 
+def test_project_runs_fused_projections_as_the_modules():
+    layer = siglip().encoder.layers[0]
+    attn, fused = layer.self_attn, fused_projection_weights(layer)
+    h = torch.randn(2, 5, attn.q_proj.in_features)
+    modules = {"q": attn.q_proj, "v": attn.v_proj, "k": attn.k_proj}
+    with torch.no_grad():
+        for names in ("q", "v", "k", "qv", "vk", "qvk"):
+            got, plain = project(layer, h, names, fused), project(layer, h, names)
+            assert len(got) == len(plain) == len(names)
+            for n, g, p in zip(names, got, plain):
+                assert torch.equal(p, modules[n](h))
+                torch.testing.assert_close(g, p, atol=1e-6, rtol=1e-5)
+    for bad in ("qk", "kq", "x", ""):
+        with pytest.raises(ValueError, match="contiguous run"):
+            project(layer, h, bad, fused)
+
+
+@pytest.mark.parametrize("cfg", [CacherConfig(cache_interval=3, reuse="attn"), CacherConfig(cache_interval=3, reuse="mlp"),
+                                 CacherConfig(cache_interval=3, selection_feature="value", metric="l2")])
+def test_fused_projections_in_every_selective_mode(cfg):
+    """Each reuse mode and selection feature computes another subset of the projections per row set."""
+    tower, frames = siglip(), video(5)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    assert runner.fused_qkv  # the default where the layers allow it, on a CPU too
+    state = [runner.new_state()]
+    got = torch.cat([runner(f[None], state) for f in frames])
+    torch.testing.assert_close(got, reference_stream(tower, frames, cfg), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=2)])
+def test_fused_projections_follow_weights_changed_in_place(cfg):
+    tower, frames = siglip(), video(4)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    state = [runner.new_state()] if cfg else None
+    runner(frames[:1], state)
+    assert not runner._projections.sync()  # nothing changed
+    torch.manual_seed(1)
+    new = {k: v + 0.05 * torch.randn_like(v) if "_proj" in k else v for k, v in tower.state_dict().items()}
+    tower.load_state_dict(new)  # in place, as an optimiser or a checkpoint load would
+    got = torch.cat([runner(f[None], state) for f in frames[1:]])
+    fresh = GraphedVision(tower, cacher=cfg, use_graphs=False, fused_qkv=False)
+    fresh_state = [fresh.new_state()] if cfg else None
+    fresh(frames[:1], fresh_state)  # the same reference frame, computed with the new weights
+    want = torch.cat([fresh(f[None], fresh_state) for f in frames[1:]])
+    assert not cfg or state[0].reference_frames == fresh_state[0].reference_frames == [0, 2]
+    # frame 1 of the first runner reuses frame 0's caches, computed with the old weights: compare from frame 2
+    torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
+    assert not runner._projections.sync()
+
+
+def test_fused_projections_only_where_they_fuse():
+    tower = siglip()
+    assert FusedProjections.supported(tower.encoder.layers) and FusedProjections.supported(clip().encoder.layers)
+    assert not GraphedVision(tower, use_graphs=False, fused_qkv=False).fused_qkv
+    tower.encoder.layers[1].self_attn.k_proj.bias = None
+    assert not FusedProjections.supported(tower.encoder.layers)
+    assert not GraphedVision(tower, use_graphs=False).fused_qkv
+    with pytest.raises(ValueError, match="fused_qkv=True needs linear query, key and value projections"):
+        GraphedVision(tower, use_graphs=False, fused_qkv=True)
+    with torch.inference_mode():  # inference tensors have no version counter to follow
+        frozen = siglip()
+    assert not FusedProjections.supported(frozen.encoder.layers)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        FusedProjections(frozen.encoder.layers)
+
+
 def test_fused_mlp_only_where_its_gelu_is_the_layers():
     """torch._addmm_activation's GELU is the tanh one on CUDA only (the exact one on a CPU), and only
     SigLIP's MLP uses the tanh GELU (CLIP: quick GELU)."""
@@ -196,9 +264,10 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
     eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False,
-                          patch_gemm=False)
+                          patch_gemm=False, fused_qkv=False, attention_kernel=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
-    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm  # the defaults on a GPU
+    # the defaults on a GPU
+    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv and graphed.attention_kernel
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay

@@ -45,7 +45,8 @@ def files(tmp_path):
     new = write(tmp_path / "b_new.json", "2026-02-01T00:00:00+00:00", "bbbbbbb2", compiled=True,
                 vit=[vit_row(1, 3.0, 2.5, compile=True, kernels=False), vit_row(1, 3.0, 2.0, compile=True, kernels=True),
                      vit_row(1, 2.8, 1.9, compile=True, kernels=True, fused_mlp=True),
-                     vit_row(1, 2.7, 1.8, compile=True, kernels=True, fused_mlp=True, patch_gemm=True)],
+                     vit_row(1, 2.7, 1.8, compile=True, kernels=True, fused_mlp=True, patch_gemm=True),
+                     vit_row(1, 2.5, 1.7, compile=True, kernels=True, fused_mlp=True, patch_gemm=True, fused_qkv=True)],
                 batched=[batch_row(16, "baseline", 196, 2.4, 7.2, 4.5), batch_row(16, "pruner", 49, 2.0, 1.6, 0.88),
                          batch_row(4, "baseline", 196, 2.6, 8.0, 4.47),
                          batch_row(4, "pruner", 49, 2.7, 3.0, 1.15)])
@@ -58,7 +59,8 @@ def test_newest_measurement_of_each_setting_wins(files):
     s = speed.load_speed(files)
     assert list(zip(s.vit["batch"], s.vit["compile"])) == [(1, "none"), (1, "inductor"), (1, "inductor + kernels"),
                                                           (1, "inductor + kernels + fused MLP"),
-                                                          (1, "inductor + kernels + fused MLP + patch GEMM"), (16, "none")]
+                                                          (1, "inductor + kernels + fused MLP + patch GEMM"),
+                                                          (1, "inductor + kernels + fused MLP + patch GEMM + fused QKV"), (16, "none")]
     # every StreamBatch row of one B comes from the newest run of that B: methods meet their own baseline
     at16 = s.batched[s.batched["batch"] == 16]
     assert sorted(at16["method"]) == ["baseline", "pruner"] and set(at16["commit"]) == {"bbbbbbb"}
