@@ -60,7 +60,7 @@ def kernel_attention_rows(b, tq, q, k, v, want, sweep):
 
     rows = []
     for bm, bn, splits in ATTENTION_CONFIGS if sweep else ATTENTION_CONFIGS[:1]:
-        if splits > -(-T // bn):  # more chunks than blocks of keys: the same as fewer
+        if bm and splits > -(-T // bn):  # more chunks than blocks of keys: the same as fewer
             continue
         plan = vit_kernel.attention_plan(b, HEADS, tq, T) if bm == 0 else (bm, bn, splits)
 
