@@ -93,7 +93,7 @@ def _attention_fwd(Q, K, V, BIAS, OUT, OPART, LPART, Tq, T, H, chunk, qk_scale,
         cols = start + tl.arange(0, BLOCK_N)
         in_k = cols < hi
         k = tl.load(K + b * stride_kb + cols[None, :] * stride_kt + h * D + d[:, None], mask=in_k[None, :] & in_d[:, None], other=0.0)
-        sc = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        sc = (tl.dot(q, k, input_precision=PRECISION) * qk_scale).to(tl.float32)  # inductor passes the scale as a float64
         if HAS_BIAS:
             sc += tl.load(BIAS + b * T + cols, mask=in_k, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
         sc = tl.where(in_k[None, :], sc, float("-inf"))
