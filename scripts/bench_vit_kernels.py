@@ -29,7 +29,7 @@ def heads(x):  # [B, T, C] -> [B, H, T, D], a strided view as in the Hugging Fac
     return x.view(b, t, HEADS, -1).transpose(1, 2)
 
 
-def attention_rows(b, tq, sweep=False):
+def attention_rows(b, tq):
     q = torch.randn(b, tq, C, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
@@ -46,29 +46,6 @@ def attention_rows(b, tq, sweep=False):
             continue
         err = ((out.float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
         rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
-                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
-    return rows + kernel_attention_rows(b, tq, q, k, v, want.transpose(1, 2).reshape(b, tq, C), sweep)
-
-
-# (block_m, block_n, splits) tried with --attention-sweep; (0, 0, 0) is the kernel's own plan
-ATTENTION_CONFIGS = [(0, 0, 0)] + [(m, n, s) for m in (32, 64) for n in (32, 64, 128) for s in (1, 2, 3, 6, 12)]
-
-
-def kernel_attention_rows(b, tq, q, k, v, want, sweep):
-    """stc.vit_kernel.attention, on its plan and (sweep) on every ATTENTION_CONFIGS tiling."""
-    from stc import vit_kernel
-
-    rows = []
-    for bm, bn, splits in ATTENTION_CONFIGS if sweep else ATTENTION_CONFIGS[:1]:
-        if bm and splits > -(-T // bn):  # more chunks than blocks of keys: the same as fewer
-            continue
-        plan = vit_kernel.attention_plan(b, HEADS, tq, T) if bm == 0 else (bm, bn, splits)
-
-        def fn():
-            return vit_kernel.attention(q, k, v, HEADS, (C // HEADS) ** -0.5, None, *plan)
-        err = ((fn().float() - want).norm() / want.norm()).item()
-        rows.append({"op": "attention", "variant": "stc kernel" + (" (plan)" if bm == 0 else ""), "batch": b, "queries": tq,
-                     "block_m": plan[0], "block_n": plan[1], "splits": plan[2], "rel_err": err,
                      "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
     return rows
 
@@ -274,7 +251,6 @@ def main(argv=None):
     p.add_argument("--llm-variants", nargs="+", default=list(LLM_MLP_VARIANTS), choices=LLM_MLP_VARIANTS,
                    help="with --llm-rows: the MLP variants to time")
     p.add_argument("--skip-vit", action="store_true")
-    p.add_argument("--attention-sweep", action="store_true", help="stc.vit_kernel.attention on every tiling of ATTENTION_CONFIGS")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
     p.add_argument("--commit", default=None)
@@ -284,7 +260,7 @@ def main(argv=None):
     rows += window_attention_rows(sweep=args.window_sweep) if args.window_attention else []
     for b in [] if args.skip_vit else args.batches:
         for tq in (182, 729):
-            rows += attention_rows(b, tq, args.attention_sweep)
+            rows += attention_rows(b, tq)
         rows += selection_rows(b)
         rows += projection_rows(b)
         rows += embedding_rows(b)

@@ -178,14 +178,9 @@ class LayerCache:
     hidden: torch.Tensor | None = None
 
 
-def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool = False) -> torch.Tensor:
-    """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C].
-    kernel: `stc.vit_kernel.attention` (Triton, a GPU) instead of the layer's attention function."""
+def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C]."""
     attn = layer.self_attn
-    if kernel:
-        from stc import vit_kernel  # needs Triton; imported only here
-
-        return vit_kernel.attention(q, k, v, attn.num_heads, attn.scale)
     head_dim = attn.head_dim
     b, tq, _ = q.shape
     q4 = q.view(b, tq, -1, head_dim).transpose(1, 2)
@@ -256,19 +251,19 @@ def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Te
 
 
 def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False, fused_mlp: bool = False,
-                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None, attention_kernel: bool = False) -> tuple[torch.Tensor, LayerCache]:
+                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, LayerCache]:
     """The full layer forward, decomposed so that K, V and both residual deltas can be cached.
 
     Same operations as the Hugging Face SigLIP/CLIP encoder layer (fused_mlp: the MLP through
     `mlp_forward(fused=True)`; qvk: the layer's `fused_projection_weights`, the three projections as
-    one GEMM; attention_kernel: the attention through `stc.vit_kernel.attention`). x: [B, T, C].
+    one GEMM). x: [B, T, C].
     Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors (with qvk, K and V are column
     slices of the projections' output).
     """
     attn = layer.self_attn
     h = layer.layer_norm1(x)
     q, v, k = project(layer, h, "qvk", qvk)
-    a = attn.out_proj(_attention(layer, q, k, v, attention_kernel))
+    a = attn.out_proj(_attention(layer, q, k, v))
     mid = x + a
     m = mlp_forward(layer, layer.layer_norm2(mid), fused_mlp)
     return mid + m, LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
@@ -284,7 +279,6 @@ def selective_layer(
     kernels: bool = False,
     fused_mlp: bool = False,
     qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    attention_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
@@ -292,8 +286,7 @@ def selective_layer(
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
     kernels: select with `stc.vit_kernel.rank_select` (Triton, a GPU; the same tokens as without).
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
-    (the projections that a step computes for the same rows as one GEMM). attention_kernel: the
-    attention through `stc.vit_kernel.attention` (Triton, a GPU).
+    (the projections that a step computes for the same rows as one GEMM).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
     if kernels:
@@ -322,7 +315,7 @@ def selective_layer(
 
     if config.reuse == "mlp":
         # Full attention for every token; only the MLP is selective.
-        a_full = attn.out_proj(_attention(layer, query_all, key, value_all, attention_kernel))
+        a_full = attn.out_proj(_attention(layer, query_all, key, value_all))
     else:
         h_dyn = _gather(h, rows)
         if value_all is not None:
@@ -330,7 +323,7 @@ def selective_layer(
         else:
             q_dyn, v_dyn = project(layer, h_dyn, "qv", qvk)
         v_full = _scatter(ref.value, rows, v_dyn, batch=b)
-        a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full, attention_kernel))
+        a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, rows) + a_dyn

@@ -54,12 +54,12 @@ def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None =
 
 
 def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False,
-                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None, attention_kernel: bool = False) -> torch.Tensor:
-    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp, qvk or
-    attention_kernel the same operations as `reference_layer` computes them (its MLP as one GEMM with
-    the GELU, its three projections as one GEMM, its attention by `stc.vit_kernel`, as STC's layers)."""
-    if fused_mlp or qvk is not None or attention_kernel:
-        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk, attention_kernel=attention_kernel)[0]
+                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp or qvk the
+    same operations as `reference_layer` computes them (its MLP as one GEMM with the GELU, its three
+    projections as one GEMM, as STC's layers)."""
+    if fused_mlp or qvk is not None:
+        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk)[0]
     return layer(x, None)
 
 
@@ -245,16 +245,13 @@ class GraphedVision:
     layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 215 MB for
     SigLIP-so400m in bf16), copied again when a weight is changed in place; None (default): where the
     layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
-    attention_kernel: every method's attention through `stc.vit_kernel.attention` (keys split across
-    programs, for the few queries of a one-frame step); None (default): where it can run (a CUDA device
-    and Triton); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
                  kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
-                 fused_qkv: bool | None = None, attention_kernel: bool | None = None):
+                 fused_qkv: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -274,9 +271,6 @@ class GraphedVision:
         self.kernels = bool(cacher) and _option(
             kernels, vit_kernels_supported(self.dtype, self.device),
             f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
-        self.attention_kernel = _option(
-            attention_kernel, vit_kernels_supported(self.dtype, self.device),
-            f"attention_kernel=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
         self.fused_mlp = _option(fused_mlp, fused_mlp_supported(self.layers[0], self.device),
                                  f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
         self.patch_gemm = _option(patch_gemm, patch_gemm_supported(tower.embeddings),
@@ -333,7 +327,7 @@ class GraphedVision:
         x = self._embed()
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i], attention_kernel=self.attention_kernel)
+            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
         return x
 
     def _keep_input(self, index: int, x: torch.Tensor) -> None:
@@ -344,8 +338,7 @@ class GraphedVision:
         x = self._embed()
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
-                                 attention_kernel=self.attention_kernel)
+            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
@@ -354,8 +347,7 @@ class GraphedVision:
         caches = []
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
-                                             attention_kernel=self.attention_kernel)
+            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
             caches.append(cache)
         self._new_refs = caches
         return x
@@ -374,7 +366,7 @@ class GraphedVision:
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
-                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i], attention_kernel=self.attention_kernel)
+                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i])
         return x
 
     def _step(self, kind: str):

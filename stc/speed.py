@@ -28,11 +28,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 # GraphedVision's compile=False / True, each without and with the Cacher's Triton kernels (kernels=),
-# the MLP's GELU in its fc1 GEMM (fused_mlp=), the patch embedding as a GEMM (patch_gemm=), the
-# attention projections as one GEMM (fused_qkv=) and the attention kernel (attention_kernel=), least
-# optimised first
-COMPILE_LEVELS = tuple(f"{c}{k}{m}{e}{q}{a}" for c in ("none", "inductor") for k in ("", " + kernels") for m in ("", " + fused MLP")
-                       for e in ("", " + patch GEMM") for q in ("", " + fused QKV") for a in ("", " + attention kernel"))
+# the MLP's GELU in its fc1 GEMM (fused_mlp=), the patch embedding as a GEMM (patch_gemm=) and the
+# attention projections as one GEMM (fused_qkv=), least optimised first
+COMPILE_LEVELS = tuple(f"{c}{k}{m}{e}{q}" for c in ("none", "inductor") for k in ("", " + kernels") for m in ("", " + fused MLP")
+                       for e in ("", " + patch GEMM") for q in ("", " + fused QKV"))
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
@@ -55,14 +54,13 @@ def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.sort_values("date").drop_duplicates(keys, keep="last").sort_values(keys).reset_index(drop=True)
 
 
-_LEVEL_FLAGS = ("compile", "kernels", "fused_mlp", "patch_gemm", "fused_qkv", "attention_kernel")  # `_level`'s arguments
+_LEVEL_FLAGS = ("compile", "kernels", "fused_mlp", "patch_gemm", "fused_qkv")  # `_level`'s arguments
 
 
-def _level(compile, kernels: bool = False, fused_mlp: bool = False, patch_gemm: bool = False, fused_qkv: bool = False,
-           attention_kernel: bool = False) -> str:
+def _level(compile, kernels: bool = False, fused_mlp: bool = False, patch_gemm: bool = False, fused_qkv: bool = False) -> str:
     level = {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else str(compile)
     return (level + (" + kernels" if kernels else "") + (" + fused MLP" if fused_mlp else "") + (" + patch GEMM" if patch_gemm else "")
-            + (" + fused QKV" if fused_qkv else "") + (" + attention kernel" if attention_kernel else ""))
+            + (" + fused QKV" if fused_qkv else ""))
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:

@@ -132,11 +132,9 @@ def test_bad_inputs():
     for bad in (1, "", None):
         with pytest.raises(ValueError, match="compile must be"):
             GraphedVision(tower, use_graphs=False, compile=bad)
-    assert not runner.kernels and not runner.fused_mlp and not runner.attention_kernel  # on a CPU: PyTorch and the HF MLP
+    assert not runner.kernels and not runner.fused_mlp  # on a CPU the layers run PyTorch and the HF MLP
     with pytest.raises(ValueError, match="kernels=True needs Triton and a CUDA device"):
         GraphedVision(tower, cacher=CacherConfig(), use_graphs=False, kernels=True)
-    with pytest.raises(ValueError, match="attention_kernel=True needs Triton and a CUDA device"):
-        GraphedVision(tower, use_graphs=False, attention_kernel=True)
     with pytest.raises(ValueError, match="fused_mlp=True needs a SigLIP MLP"):
         GraphedVision(tower, use_graphs=False, fused_mlp=True)
 
@@ -264,10 +262,10 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
     eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False,
-                          patch_gemm=False, fused_qkv=False, attention_kernel=False)
+                          patch_gemm=False, fused_qkv=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
     # the defaults on a GPU
-    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv and graphed.attention_kernel
+    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay

@@ -275,24 +275,17 @@ class ToMeState:
 
 
 def _attention(layer: nn.Module, x_normed: torch.Tensor, log_size: torch.Tensor | None,
-               qvk: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's self-attention with log(size) added to every key's logits, and ToMe's metric.
 
     x_normed: [B, T, C] (after layer_norm1); log_size: [B, T] or None (all sizes 1); qvk: the layer's
-    `stc.cacher.fused_projection_weights` (its projections as one GEMM) or None; kernel: the attention
-    through `stc.vit_kernel.attention` (Triton, a GPU; log_size as its key bias).
+    `stc.cacher.fused_projection_weights` (its projections as one GEMM) or None.
     Returns the attention output after out_proj [B, T, C] and the keys averaged over heads [B, T, head_dim].
     """
     attn = layer.self_attn
     b, t, _ = x_normed.shape
     heads = (b, t, -1, attn.head_dim)
-    q, v, k = project(layer, x_normed, "qvk", qvk)
-    if kernel:
-        from stc import vit_kernel  # needs Triton; imported only here
-
-        out = vit_kernel.attention(q, k, v, attn.num_heads, attn.scale, log_size)
-        return attn.out_proj(out), k.view(heads).mean(dim=2)
-    q, v, k = (p.view(heads).transpose(1, 2) for p in (q, v, k))
+    q, v, k = (p.view(heads).transpose(1, 2) for p in project(layer, x_normed, "qvk", qvk))
     impl = attn.config._attn_implementation
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     if log_size is None:
@@ -308,17 +301,16 @@ def _attention(layer: nn.Module, x_normed: torch.Tensor, log_size: torch.Tensor 
 
 
 def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState, fused_mlp: bool = False,
-               qvk: tuple[torch.Tensor, torch.Tensor] | None = None, attention_kernel: bool = False) -> torch.Tensor:
+               qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One SigLIP/CLIP encoder layer with ToMe: attention (proportional), merge r tokens, MLP (fused_mlp:
-    through `stc.cacher.mlp_forward(fused=True)`; qvk: the projections as one GEMM, `stc.cacher.project`;
-    attention_kernel: `stc.vit_kernel.attention`).
+    through `stc.cacher.mlp_forward(fused=True)`; qvk: the projections as one GEMM, `stc.cacher.project`).
 
     x: [B, T, C]. Returns [B, T - r', C] (r' = r capped); updates state.sizes / assignment.
     """
     # Until a merge happens every size is 1 and log(size) = 0: skip the mask, keep the fast kernel.
     merged_before = x.shape[1] < state.token_counts[0]
     log_size = state.sizes.log() if (state.proportional_attention and merged_before) else None
-    attn_out, metric = _attention(layer, layer.layer_norm1(x), log_size, qvk, attention_kernel)
+    attn_out, metric = _attention(layer, layer.layer_norm1(x), log_size, qvk)
     x = x + attn_out
     if r > 0:
         plan = bipartite_soft_matching(metric, r, class_token=state.class_token)
