@@ -117,6 +117,28 @@ def projection_rows(b):
     return rows
 
 
+def autotune_rows(b):
+    """The layer's GEMMs as cuBLAS runs them against inductor's max-autotune (Triton templates and ATen,
+    the fastest per shape), at the row counts of a full (729) and a selective (182) layer."""
+    rows = []
+    for m in (182, 729):
+        x = torch.randn(b * m, C, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(b * m, INTER, device="cuda", dtype=torch.bfloat16)
+        wqvk, bqvk = torch.randn(3 * C, C, device="cuda", dtype=torch.bfloat16) / C**0.5, torch.randn(3 * C, device="cuda", dtype=torch.bfloat16)
+        w1, b1 = torch.randn(INTER, C, device="cuda", dtype=torch.bfloat16) / C**0.5, torch.randn(INTER, device="cuda", dtype=torch.bfloat16)
+        w2, b2 = torch.randn(C, INTER, device="cuda", dtype=torch.bfloat16) / INTER**0.5, torch.randn(C, device="cuda", dtype=torch.bfloat16)
+        gemms = {"q,v,k": lambda: F.linear(x, wqvk, bqvk), "fc2": lambda: F.linear(y, w2, b2),
+                 "fc1 + gelu": lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh")}
+        for name, fn in gemms.items():
+            want = fn().float()
+            for variant, f in (("cuBLAS", fn if name != "fc1 + gelu" else lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True)),
+                               ("max-autotune", torch.compile(fn, mode="max-autotune-no-cudagraphs", dynamic=False))):
+                err = ((f().float() - want).norm() / want.norm()).item()
+                rows.append({"op": "autotune", "variant": f"{name} {variant}", "batch": b, "rows": m, "rel_err": err,
+                             "us": 1e3 * do_bench_cudagraph(f, rep=50, return_mode="median")})
+    return rows
+
+
 def embedding_rows(b, size=384, patch=14):
     """SigLIP's patch embedding: cuDNN's convolution (as the Hugging Face module runs it) against the
     patchify GEMM of stc.fast.patch_embeddings, both with the position embeddings added."""
@@ -251,6 +273,7 @@ def main(argv=None):
     p.add_argument("--llm-variants", nargs="+", default=list(LLM_MLP_VARIANTS), choices=LLM_MLP_VARIANTS,
                    help="with --llm-rows: the MLP variants to time")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--autotune", action="store_true", help="also the layer's GEMMs under inductor's max-autotune (minutes)")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
     p.add_argument("--commit", default=None)
@@ -264,6 +287,7 @@ def main(argv=None):
         rows += selection_rows(b)
         rows += projection_rows(b)
         rows += embedding_rows(b)
+        rows += autotune_rows(b) if args.autotune else []
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("op", "variant", "us")}
         print(f"{r['op']:>10} {r['variant']:>16} {r.get('us', float('nan')):8.1f} us  {extra}")
