@@ -242,7 +242,7 @@ class GraphedVision:
     (`patch_embeddings`); None (default): where the embeddings allow it (`patch_gemm_supported`: SigLIP,
     on any device); True where they do not raises. fused_qkv: every method's layers compute the
     attention's projections of the same rows as one GEMM (`stc.cacher.project`), from a copy of each
-    layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 215 MB for
+    layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 0.2 GB for
     SigLIP-so400m in bf16), copied again when a weight is changed in place; None (default): where the
     layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
     """
