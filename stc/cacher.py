@@ -218,21 +218,28 @@ def mlp_forward(layer: nn.Module, h: torch.Tensor, fused: bool = False) -> torch
 PROJECTIONS = "qvk"  # the order of `fused_projection_weights`: each contiguous run of it is one GEMM
 
 
+def attention_projections(layer: nn.Module) -> list[nn.Module | None]:
+    """The layer's query, value and key projection modules, in `PROJECTIONS` order (None where missing)."""
+    attn = getattr(layer, "self_attn", None)
+    return [getattr(attn, f"{n}_proj", None) for n in PROJECTIONS]
+
+
 def fused_projections_supported(layer: nn.Module) -> bool:
     """Whether `fused_projection_weights` applies: the layer's query, value and key projections are
     linear maps of one input size and output size, with biases (SigLIP, CLIP)."""
-    attn = getattr(layer, "self_attn", None)
-    projs = [getattr(attn, f"{n}_proj", None) for n in PROJECTIONS]
+    projs = attention_projections(layer)
     return (all(isinstance(p, nn.Linear) and p.bias is not None for p in projs)
             and len({(p.in_features, p.out_features) for p in projs}) == 1)
 
 
-def fused_projection_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_projection_weights(layer: nn.Module, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy of the layer's query, value and key projections as one linear map, in that order
     (`PROJECTIONS`): weight [3C, C] and bias [3C]. `project` runs any contiguous run of them as one GEMM.
-    Check `fused_projections_supported` first; the copy does not follow later changes of the weights."""
-    projs = [getattr(layer.self_attn, f"{n}_proj") for n in PROJECTIONS]
-    return (torch.cat([p.weight.detach() for p in projs]), torch.cat([p.bias.detach() for p in projs]))
+    Check `fused_projections_supported` first; the copy does not follow later changes of the weights.
+    out: an earlier copy to write into, in place (new tensors if None)."""
+    projs = attention_projections(layer)
+    weight, bias = out if out is not None else (None, None)
+    return (torch.cat([p.weight.detach() for p in projs], out=weight), torch.cat([p.bias.detach() for p in projs], out=bias))
 
 
 def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
@@ -245,7 +252,8 @@ def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Te
         return tuple(getattr(layer.self_attn, f"{n}_proj")(h) for n in names)
     weight, bias = fused
     c = weight.shape[0] // len(PROJECTIONS)
-    lo, hi = PROJECTIONS.index(names) * c, (PROJECTIONS.index(names) + len(names)) * c
+    lo = PROJECTIONS.index(names) * c
+    hi = lo + len(names) * c
     out = torch.addmm(bias[lo:hi], h.reshape(-1, h.shape[-1]), weight[lo:hi].t())
     return out.view(*h.shape[:-1], hi - lo).split(c, dim=-1)
 

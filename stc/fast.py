@@ -38,8 +38,9 @@ import functools
 import torch
 from torch import nn
 
-from stc.cacher import (PROJECTIONS, CacherConfig, CacherState, FrameReport, LayerCache, encoder_layers, fused_mlp_supported,
-                        fused_projection_weights, fused_projections_supported, reference_layer, selective_layer)
+from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
+                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
+                        selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -197,7 +198,7 @@ class FusedProjections:
 
     @staticmethod
     def _sources(layer: nn.Module) -> list[torch.Tensor]:
-        projs = [getattr(layer.self_attn, f"{n}_proj") for n in PROJECTIONS]
+        projs = attention_projections(layer)
         return [p.weight for p in projs] + [p.bias for p in projs]
 
     @classmethod
@@ -216,10 +217,8 @@ class FusedProjections:
         versions = self._stamp()
         if versions == self._versions:
             return False
-        for layer, (weight, bias) in zip(self.layers, self.weights):
-            new_weight, new_bias = fused_projection_weights(layer)
-            weight.copy_(new_weight)
-            bias.copy_(new_bias)
+        for layer, fused in zip(self.layers, self.weights):
+            fused_projection_weights(layer, out=fused)
         self._versions = versions
         return True
 

@@ -213,6 +213,7 @@ def test_fused_projections_follow_weights_changed_in_place(cfg):
     state = [runner.new_state()] if cfg else None
     runner(frames[:1], state)
     assert not runner._projections.sync()  # nothing changed
+    buffers = [t.data_ptr() for fused in runner._projections.weights for t in fused]
     torch.manual_seed(1)
     new = {k: v + 0.05 * torch.randn_like(v) if "_proj" in k else v for k, v in tower.state_dict().items()}
     tower.load_state_dict(new)  # in place, as an optimiser or a checkpoint load would
@@ -225,6 +226,8 @@ def test_fused_projections_follow_weights_changed_in_place(cfg):
     # frame 1 of the first runner reuses frame 0's caches, computed with the old weights: compare from frame 2
     torch.testing.assert_close(got[1:], want[1:], atol=1e-5, rtol=1e-5)
     assert not runner._projections.sync()
+    # copied in place: captured graphs keep reading the same buffers
+    assert [t.data_ptr() for fused in runner._projections.weights for t in fused] == buffers
 
 
 def test_fused_projections_only_where_they_fuse():
