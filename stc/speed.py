@@ -18,6 +18,7 @@ rows all from the newest graph-path file, so each method is compared with the ba
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -27,11 +28,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-# GraphedVision's compile=False / True, each without and with the Cacher's Triton kernels (kernels=),
-# the MLP's GELU in its fc1 GEMM (fused_mlp=), the patch embedding as a GEMM (patch_gemm=) and the
-# attention projections as one GEMM (fused_qkv=), least optimised first
-COMPILE_LEVELS = tuple(f"{c}{k}{m}{e}{q}" for c in ("none", "inductor") for k in ("", " + kernels") for m in ("", " + fused MLP")
-                       for e in ("", " + patch GEMM") for q in ("", " + fused QKV"))
+# GraphedVision's options after compile, as a row's flag and its level's suffix: the Cacher's Triton
+# kernels, the MLP's GELU in its fc1 GEMM, the patch embedding as a GEMM, the attention projections as
+# one GEMM
+_LEVEL_OPTIONS = (("kernels", " + kernels"), ("fused_mlp", " + fused MLP"), ("patch_gemm", " + patch GEMM"),
+                  ("fused_qkv", " + fused QKV"))
+# compile=False / True, each without and with every option, least optimised first
+COMPILE_LEVELS = tuple(c + "".join(parts) for c in ("none", "inductor")
+                       for parts in itertools.product(*(("", suffix) for _, suffix in _LEVEL_OPTIONS)))
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
@@ -54,13 +58,10 @@ def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.sort_values("date").drop_duplicates(keys, keep="last").sort_values(keys).reset_index(drop=True)
 
 
-_LEVEL_FLAGS = ("compile", "kernels", "fused_mlp", "patch_gemm", "fused_qkv")  # `_level`'s arguments
-
-
-def _level(compile, kernels: bool = False, fused_mlp: bool = False, patch_gemm: bool = False, fused_qkv: bool = False) -> str:
+def _level(compile, flags: dict | None = None) -> str:
+    """A COMPILE_LEVELS name: compile (False, True or a backend) and the `_LEVEL_OPTIONS` set in flags."""
     level = {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else str(compile)
-    return (level + (" + kernels" if kernels else "") + (" + fused MLP" if fused_mlp else "") + (" + patch GEMM" if patch_gemm else "")
-            + (" + fused QKV" if fused_qkv else ""))
+    return level + "".join(suffix for flag, suffix in _LEVEL_OPTIONS if (flags or {}).get(flag))
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
@@ -73,7 +74,7 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
-            vit.append({**row, **info, "compile": _level(*(row.get(k, False) for k in _LEVEL_FLAGS))})
+            vit.append({**row, **info, "compile": _level(row.get("compile", False), row)})
         for row in data.get("batched") or []:
             batched.append({**row, **info, "compile": _level(compiled)})
         graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []
