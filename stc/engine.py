@@ -76,8 +76,9 @@ class EngineConfig:
         the 2x2 pooling is skipped and merged tokens are put in raster order of their first patch.
     cuda_graphs: the fast path of issue 7, for the baseline and STC alike: the vision step runs as
         CUDA graphs (`stc.fast.GraphedVision`; the Cacher ranks its tokens with `stc.vit_kernel`
-        where Triton runs, and every method's SigLIP MLP runs its GELU in the fc1 GEMM), each stream's KV window is one static buffer written
-        in place, every frame's prefill is a captured graph (per token count) attending to the
+        where Triton runs, and every method's SigLIP MLP runs its GELU in the fc1 GEMM, its patch
+        embedding and its attention projections each as one GEMM), each stream's KV window is one
+        static buffer written in place, every frame's prefill is a captured graph (per token count) attending to the
         window's used slots (`stc.attention.window_attention`; where it cannot run, to the whole
         buffer through a mask), and attention packs grouped query heads instead of repeating K/V.
         On a CPU the same static-shape code runs without capture (that is how it is tested).
