@@ -78,9 +78,10 @@ class EngineConfig:
         CUDA graphs (`stc.fast.GraphedVision`; the Cacher ranks its tokens with `stc.vit_kernel`
         where Triton runs, and every method's SigLIP MLP runs its GELU in the fc1 GEMM, its patch
         embedding and its attention projections each as one GEMM), each stream's KV window is one
-        static buffer written in place, every frame's prefill is a captured graph (per token count) attending to the
-        window's used slots (`stc.attention.window_attention`; where it cannot run, to the whole
-        buffer through a mask), and attention packs grouped query heads instead of repeating K/V.
+        static buffer written in place, every frame's prefill is a captured graph (per token count)
+        attending to the window's used slots (`stc.attention.window_attention`; where it cannot run,
+        to the whole buffer through a mask), and attention packs grouped query heads instead of
+        repeating K/V.
         On a CPU the same static-shape code runs without capture (that is how it is tested).
     compile_vision: with cuda_graphs on a GPU, the vision step's layer functions go through
         torch.compile (inductor) before capture, for the baseline and STC alike (it fuses the small
