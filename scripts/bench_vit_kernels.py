@@ -1,7 +1,8 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
-attention backend, which token selection, which projections, which patch embedding (and, on request,
-a Qwen2-7B MLP and the LLM's attention over a static KV window). Each variant is timed as CUDA-graph
-replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
+attention backend, which token selection (and key similarity), which projections, which patch
+embedding (and, on request, a Qwen2-7B MLP and the LLM's attention over a static KV window). Each
+variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames
+per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
 """
@@ -56,6 +57,12 @@ def _rank(key, ref, k):  # cosine (compiled with the caller) and stc.vit_kernel.
     return vit_kernel.rank_select(F.cosine_similarity(key, ref, dim=-1), k)
 
 
+def _kernel_rank(key, ref, k):  # both stc.vit_kernel kernels: the cosine and the ranking
+    from stc import vit_kernel
+
+    return vit_kernel.rank_select(vit_kernel.cosine(key, ref), k)
+
+
 def _cos_topk(key, ref, k):
     return torch.topk(F.cosine_similarity(key, ref, dim=-1), k, dim=1, largest=False, sorted=False).indices
 
@@ -76,7 +83,7 @@ def selection_rows(b):
     want = [set(r) for r in _cos_topk(key.float(), ref.float(), k).tolist()]  # fp32 reference selection
     rows = []
     for name, fn, other in (("cosine+topk", _cos_topk, ref), ("cosine+sort", _cos_sort, ref), ("unit_ref+topk", _unit_topk, unit),
-                            ("cosine+rank_select", _rank, ref)):
+                            ("cosine+rank_select", _rank, ref), ("cosine kernel+rank_select", _kernel_rank, ref)):
         for compiled in (False, True):
             f = torch.compile(fn, dynamic=False) if compiled else fn
             got = f(key, other, k).tolist()
@@ -84,6 +91,23 @@ def selection_rows(b):
             overlap = sum(len(w & set(g)) for w, g in zip(want, got)) / (k * b)
             rows.append({"op": "selection", "variant": name, "compiled": compiled, "batch": b, "overlap_with_fp32": overlap,
                          "us": 1e3 * do_bench_cudagraph(lambda: f(key, other, k), rep=50, return_mode="median")})
+    return rows
+
+
+def cosine_rows(b):
+    """The key similarity alone, in the selective layer's layouts (the reference keys a column slice of
+    the reference step's fused projections): inductor's fused reduction against `stc.vit_kernel.cosine`."""
+    from stc import vit_kernel
+
+    ref = torch.randn(b, T, 3 * C, device="cuda", dtype=torch.bfloat16)[..., 2 * C :]
+    key = ref + 0.5 * torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
+    want = F.cosine_similarity(key.float(), ref.float(), dim=-1)
+    rows = []
+    for name, fn in (("inductor", torch.compile(lambda a, r: F.cosine_similarity(a, r, dim=-1), dynamic=False)),
+                     ("stc kernel", vit_kernel.cosine)):
+        err = (fn(key, ref).float() - want).abs().max().item()
+        rows.append({"op": "cosine", "variant": name, "batch": b, "max_abs_err": err,
+                     "us": 1e3 * do_bench_cudagraph(lambda: fn(key, ref), rep=50, return_mode="median")})
     return rows
 
 
@@ -266,6 +290,10 @@ def _window_configs(plan, n):
                         yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "splits": sp}
 
 
+VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
+             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -273,6 +301,7 @@ def main(argv=None):
     p.add_argument("--llm-variants", nargs="+", default=list(LLM_MLP_VARIANTS), choices=LLM_MLP_VARIANTS,
                    help="with --llm-rows: the MLP variants to time")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--vit-parts", nargs="+", default=list(VIT_PARTS), choices=VIT_PARTS, help="the layer pieces to time")
     p.add_argument("--autotune", action="store_true", help="also the layer's GEMMs under inductor's max-autotune (minutes)")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
@@ -282,11 +311,8 @@ def main(argv=None):
     rows = llm_mlp_rows(args.llm_rows, names=args.llm_variants) if args.llm_rows else []
     rows += window_attention_rows(sweep=args.window_sweep) if args.window_attention else []
     for b in [] if args.skip_vit else args.batches:
-        for tq in (182, 729):
-            rows += attention_rows(b, tq)
-        rows += selection_rows(b)
-        rows += projection_rows(b)
-        rows += embedding_rows(b)
+        for part in args.vit_parts:
+            rows += VIT_PARTS[part](b)
         rows += autotune_rows(b) if args.autotune else []
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("op", "variant", "us")}

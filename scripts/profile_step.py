@@ -100,11 +100,12 @@ def profile_vit(args):
     with torch.device("cuda"):
         tower = SiglipVisionModel(architecture_config(args.arch).vision_config).to(torch.bfloat16).eval()
     b = args.vit_batch
-    pixels = synthetic_pixels(8, tower.config.image_size).cuda().to(torch.bfloat16)
+    n = max(8, b)  # distinct frames: at least one per stream
+    pixels = synthetic_pixels(n, tower.config.image_size).cuda().to(torch.bfloat16)
     for cfg in (None, CacherConfig(cache_interval=4, reuse_ratio=0.75)):
         runner = GraphedVision(tower, batch=b, cacher=cfg, use_graphs=False, compile=args.compile)
         states = [runner.new_state() for _ in range(b)] if cfg else None
-        steps = [pixels[[(i + s) % 8 for s in range(b)]] for i in range(8)]
+        steps = [pixels[[(i + s) % n for s in range(b)]] for i in range(4)]
         runner(steps[0], states)  # reference frame (and warm-up)
         runner(steps[1], states)
         torch.cuda.synchronize()

@@ -292,7 +292,8 @@ def selective_layer(
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
-    kernels: select with `stc.vit_kernel.rank_select` (Triton, a GPU; the same tokens as without).
+    kernels: select with `stc.vit_kernel` (Triton, a GPU): the cosine by `cosine`, the ranking by
+    `rank_select` (the same tokens as without).
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
     (the projections that a step computes for the same rows as one GEMM).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
@@ -316,7 +317,9 @@ def selective_layer(
             "hidden": (x, ref.hidden),
         }[config.selection_feature]
         if kernels:
-            dynamic = vit_kernel.rank_select(token_similarity(feature, ref_feature, config.metric), k)
+            sim = (vit_kernel.cosine(feature, ref_feature) if config.metric == "cosine"
+                   else token_similarity(feature, ref_feature, config.metric))
+            dynamic = vit_kernel.rank_select(sim, k)
         else:
             dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
     rows = _rows(dynamic, t)

@@ -1,5 +1,5 @@
-"""stc.vit_kernel: the Cacher's token ranking (Triton) against a brute-force ranking, and the
-selective layer with the kernel against the layer without it."""
+"""stc.vit_kernel: the Cacher's token ranking (Triton) against a brute-force ranking, its cosine against
+PyTorch's, and the selective layer with the kernels against the layer without them."""
 
 import pytest
 import torch
@@ -35,6 +35,28 @@ def _rank_inputs(case, seed):
     return sim, k
 
 
+def _cosine_inputs(case, seed, dtype=torch.float32):
+    """(current, reference) pairs in the layouts the Cacher passes: contiguous, a reference shared by
+    every frame, a reference that is a column slice of a wider output (the reference step's fused
+    projections), zero features (the norms' clamp) and several channel blocks with a ragged end."""
+    b, t, c, kind = case
+    g = torch.Generator().manual_seed(seed)
+    cur = torch.randn(b, t, c, generator=g).to(dtype)
+    if kind == "shared":
+        ref = torch.randn(1, t, c, generator=g).to(dtype)
+    elif kind == "slice":
+        ref = torch.randn(b, t, 3 * c, generator=g).to(dtype)[..., c : 2 * c]
+    else:
+        ref = (cur.float() + 0.3 * torch.randn(b, t, c, generator=g)).to(dtype)
+    if kind == "zeros":
+        cur[0, 1] = 0
+        ref[-1, 2] = 0
+    return cur, ref
+
+
+COSINE_CASES = [(2, 37, 100, "same"), (3, 20, 64, "shared"), (2, 9, 1152, "slice"), (2, 5, 33, "zeros"), (1, 1, 1, "same")]
+
+
 LAYER_CONFIGS = [
     CacherConfig(cache_interval=2, reuse_ratio=0.75),
     CacherConfig(cache_interval=2, reuse_ratio=0.5, reuse="attn", selection_feature="value"),
@@ -66,7 +88,9 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
         import torch
         from tests.test_vit_kernel import RANK_CASES, _rank_inputs, layer_cases
         from stc import vit_kernel
+        from tests.test_vit_kernel import COSINE_CASES, _cosine_inputs
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
+               "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
                "layers": layer_cases(kernels=True)}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """, timeout=600)
@@ -74,6 +98,9 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     for i, case in enumerate(RANK_CASES):
         sim, k = _rank_inputs(case, i)
         assert out["rank"][i].dtype == torch.int64 and out["rank"][i].tolist() == ranked(sim, k)
+    for i, case in enumerate(COSINE_CASES):
+        want = torch.nn.functional.cosine_similarity(*_cosine_inputs(case, i), dim=-1)
+        torch.testing.assert_close(out["cosine"][i], want, atol=1e-6, rtol=1e-6)
     for (got, got_dyn), (want, want_dyn) in zip(out["layers"], layer_cases(kernels=False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got_dyn, want_dyn)  # the same tokens, in the same order
@@ -100,6 +127,15 @@ def test_bad_inputs_are_refused_before_any_launch():
     with pytest.raises(ValueError, match=r"sim \[B, T\]"):
         vit_kernel.rank_select(torch.zeros(5), 2)
     assert vit_kernel.rank_select(torch.zeros(2, 5), 0).shape == (2, 0)
+    with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
+        vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
+    with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
+        vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(2, 5, 4))
+    with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
+        vit_kernel.cosine(torch.zeros(5, 3), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="share a dtype"):
+        vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(2, 5, 3, dtype=torch.float64))
+    assert vit_kernel.cosine(torch.zeros(0, 5, 3), torch.zeros(1, 5, 3)).shape == (0, 5)
 
 
 @gpu
@@ -111,6 +147,21 @@ def test_kernel_equals_brute_force_on_gpu(dtype):
         sim, k = _rank_inputs(case, i)
         sim = sim.to(dtype)
         assert vit_kernel.rank_select(sim.cuda(), k).cpu().tolist() == ranked(sim, k)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cosine_kernel_equals_pytorch_on_gpu(dtype):
+    """Against PyTorch's cosine in float32, rounded once to the dtype (the kernel accumulates in float32)."""
+    from stc import vit_kernel
+
+    for i, case in enumerate(COSINE_CASES + [(16, 729, 1152, "slice"), (16, 729, 1152, "shared")]):
+        cur, ref = (t.cuda() for t in _cosine_inputs(case, i, dtype))
+        want = torch.nn.functional.cosine_similarity(cur.float(), ref.float(), dim=-1).to(dtype)
+        got = vit_kernel.cosine(cur, ref)
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 @gpu
