@@ -218,7 +218,7 @@ def report(speed: Speed) -> str:
         f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
         "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n",
         "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
-        "the Cacher ranks its tokens with stc.vit_kernel (Triton); \"+ fused MLP\": both sides run fc1, its bias and "
+        "the Cacher ranks its tokens with stc.vit_kernel (Triton; since commit d0bc602 its key similarity too); \"+ fused MLP\": both sides run fc1, its bias and "
         "the GELU as one GEMM (stc.cacher.mlp_forward); \"+ patch GEMM\": both sides embed the patches with one GEMM "
         "instead of cuDNN's convolution (stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention "
         "projections of the same rows as one GEMM (stc.cacher.project; a selective layer fuses only its query and value "
