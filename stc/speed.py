@@ -218,11 +218,12 @@ def report(speed: Speed) -> str:
         f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
         "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n",
         "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
-        "the Cacher ranks its tokens with stc.vit_kernel (Triton; since commit d0bc602 its key similarity too); \"+ fused MLP\": both sides run fc1, its bias and "
-        "the GELU as one GEMM (stc.cacher.mlp_forward); \"+ patch GEMM\": both sides embed the patches with one GEMM "
-        "instead of cuDNN's convolution (stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention "
-        "projections of the same rows as one GEMM (stc.cacher.project; a selective layer fuses only its query and value "
-        "projections, so the Cacher gains less). Since commit c8d5ac6 the Cacher without the kernel ranks "
+        "the Cacher ranks its tokens with stc.vit_kernel (Triton; since commit d0bc602 its key similarity too); "
+        "\"+ fused MLP\": both sides run fc1, its bias and the GELU as one GEMM (stc.cacher.mlp_forward); "
+        "\"+ patch GEMM\": both sides embed the patches with one GEMM instead of cuDNN's convolution "
+        "(stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention projections of the same rows "
+        "as one GEMM (stc.cacher.project; a selective layer fuses only its query and value projections, so the Cacher "
+        "gains less). Since commit c8d5ac6 the Cacher without the kernel ranks "
         "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
         "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
         "did not): they overstate the Cacher's saving at B = 1.\n",

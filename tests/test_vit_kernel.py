@@ -86,9 +86,8 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_vit_kernel import RANK_CASES, _rank_inputs, layer_cases
+        from tests.test_vit_kernel import COSINE_CASES, RANK_CASES, _cosine_inputs, _rank_inputs, layer_cases
         from stc import vit_kernel
-        from tests.test_vit_kernel import COSINE_CASES, _cosine_inputs
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
                "layers": layer_cases(kernels=True)}}
