@@ -77,7 +77,9 @@ class EngineConfig:
     cuda_graphs: the fast path of issue 7, for the baseline and STC alike: the vision step runs as
         CUDA graphs (`stc.fast.GraphedVision`; the Cacher ranks its tokens with `stc.vit_kernel`
         where Triton runs, and every method's SigLIP MLP runs its GELU in the fc1 GEMM, its patch
-        embedding and its attention projections each as one GEMM), each stream's KV window is one
+        embedding and its attention projections each as one GEMM; every decoder layer's query, key
+        and value projections, and its gate and up projections, each as one GEMM,
+        `stc.fast.FusedDecoderProjections`, undone by `close()`), each stream's KV window is one
         static buffer written in place, every frame's prefill is a captured graph (per token count)
         attending to the window's used slots (`stc.attention.window_attention`; where it cannot run,
         to the whole buffer through a mask), and attention packs grouped query heads instead of
@@ -205,7 +207,8 @@ class StreamingEngine:
     encoder layers get its forward (see stc.cacher); each decoder attention gets a forward pre-hook
     that reports the question's queries during retrieval passes (it does nothing for other caches);
     with cuda_graphs, the language model's attention implementation is switched to
-    stc.attention's packed SDPA.
+    stc.attention's packed SDPA, and its decoder layers' projections are fused
+    (`stc.fast.FusedDecoderProjections`: the parameters become views of fused buffers until then).
     """
 
     def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None, compressor: FrameCompressor | None = None):
@@ -260,13 +263,18 @@ class StreamingEngine:
         self.compile_vision = self.capture and config.compile_vision
         self.compile_llm = self.capture and config.compile_llm
         self._attn_before = None
+        self._fused_decoder = None
         self.vision_runner = None
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
         self._answer_graphs: dict[tuple, tuple] = {}
         if config.cuda_graphs:
             from stc import attention
 
+            from stc.fast import FusedDecoderProjections
+
             self.vision_runner = self._graphed_vision(1)
+            if FusedDecoderProjections.supported(self.lm):
+                self._fused_decoder = FusedDecoderProjections(self.lm)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config
@@ -457,6 +465,9 @@ class StreamingEngine:
         if self._attn_before is not None:
             self.lm.config._attn_implementation = self._attn_before
             self._attn_before = None
+        if self._fused_decoder is not None:
+            self._fused_decoder.close()
+            self._fused_decoder = None
         self._answer, self._answer_graphs = None, {}
 
     def __enter__(self):

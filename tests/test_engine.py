@@ -338,6 +338,10 @@ def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch)
     assert sa["tokens_per_frame"] == sb["tokens_per_frame"]
     assert sa.get("reference_frames") == sb.get("reference_frames")
     assert model.model.language_model.config._attn_implementation == "sdpa"  # restored on close
+    lm = model.model.language_model  # and the fused decoder projections undone
+    assert not any("forward" in vars(m) for layer in lm.layers for m in (layer.self_attn, layer.mlp))
+    ptrs = [p.untyped_storage().data_ptr() for p in lm.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -328,3 +328,73 @@ def test_fused_mlp_equals_the_module_on_gpu(dtype, tol):
     assert got.shape == want.shape and err < tol, err
     if dtype == torch.float32:
         assert ((exact - want).norm() / want.norm()).item() > 10 * err  # the test can tell the two GELUs apart
+
+
+def _decoder_run(lm, x, steps=2):
+    """A prefill of x [B, n, C], then `steps` one-token steps through a DynamicCache: the hidden states."""
+    from transformers import DynamicCache
+
+    cache, n, outs = DynamicCache(), x.shape[1], []
+    with torch.no_grad():
+        outs.append(lm(inputs_embeds=x, position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True).last_hidden_state)
+        for i in range(steps):
+            step = outs[-1][:, -1:] * 0.5
+            outs.append(lm(inputs_embeds=step, position_ids=torch.tensor([[n + i]]), past_key_values=cache, use_cache=True).last_hidden_state)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_decoder_projections_equal_the_model(bias):
+    """Qwen2 decoder layers with their q, k, v and gate, up projections fused: the same hidden states
+    as the model's own forwards (a prefill and cached decode steps), weights loaded in place while
+    fused are used, and closing restores the modules (own storage, same values, no forwards)."""
+    from stc.fast import FusedDecoderProjections
+    from stc.models import build_model
+
+    torch.manual_seed(0)
+    lm = build_model("tiny", seed=0)[0].model.language_model.float()
+    if not bias:
+        for layer in lm.layers:
+            for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                m.bias = None
+    x = torch.randn(2, 5, lm.config.hidden_size)
+    want = _decoder_run(lm, x)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    fused = FusedDecoderProjections(lm)
+    attn, mlp = lm.layers[1].self_attn, lm.layers[1].mlp
+    assert "forward" in vars(attn) and "forward" in vars(mlp)
+    w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    assert all(a.untyped_storage().data_ptr() == w[0].untyped_storage().data_ptr() for a in w)
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(_decoder_run(lm, x), want, atol=1e-6, rtol=1e-6)
+    changed = {k: v * 1.5 if k.endswith(("k_proj.weight", "up_proj.weight", "v_proj.bias")) else v for k, v in before.items()}
+    lm.load_state_dict(changed)  # copies into the parameters, so into the fused buffers
+    got_changed = _decoder_run(lm, x)
+    fused.close()
+    assert not any("forward" in vars(m) for layer in lm.layers for m in (layer.self_attn, layer.mlp))
+    ptrs = [p.untyped_storage().data_ptr() for p in lm.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+    torch.testing.assert_close(got_changed, _decoder_run(lm, x), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(got_changed, want, atol=1e-3)
+    lm.load_state_dict(before)
+    torch.testing.assert_close(_decoder_run(lm, x), want, atol=0, rtol=0)
+
+
+def test_fused_decoder_projections_only_for_qwen2_layers():
+    from transformers import LlamaConfig, LlamaModel
+
+    from stc.fast import FusedDecoderProjections
+    from stc.models import build_model
+
+    llama = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=16))
+    assert not FusedDecoderProjections.supported(llama)
+    with pytest.raises(ValueError, match="Qwen2"):
+        FusedDecoderProjections(llama)
+    lm = build_model("tiny", seed=0)[0].model.language_model
+    assert FusedDecoderProjections.supported(lm)
+    fused = FusedDecoderProjections(lm)
+    assert not FusedDecoderProjections.supported(lm)  # already fused: its forwards are set
+    fused.close()
+    lm.layers[0].mlp.up_proj.to(torch.float64)
+    assert not FusedDecoderProjections.supported(lm)  # gate and up of different dtypes
