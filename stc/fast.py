@@ -39,6 +39,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 
 from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
                         fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
@@ -133,6 +135,12 @@ def _compiled_forward(cls: type, backend: str):
     return torch.compile(cls.forward, backend=backend, dynamic=True)
 
 
+def _recompile_limit(lm: nn.Module) -> int:
+    """Compiled entries allowed per code object in `compiled_decoder`: each layer is its own entry, and a
+    few shapes (frames, prompts, decoded tokens) each."""
+    return 8 * (len(lm.layers) + 2)
+
+
 @contextlib.contextmanager
 def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
     """While open, the language model's decoder layers, final norm and rotary embedding run their
@@ -145,19 +153,21 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
     write (`past_key_values.update`) and the attention function are graph breaks where the engine
     disables compiling (its static window and `stc.attention`); because the layer index is passed
     to the KV write, each layer is its own cache entry, and the block raises dynamo's recompile
-    limits to allow them. The per-instance forwards are removed on exit, also on error; a failure
+    limits to allow them; reaching them raises (instead of dynamo's silent fall-back to uncompiled
+    layers, which would make a timed run measure something else). The per-instance forwards are removed on exit, also on error; a failure
     of the compiler is raised as a RuntimeError that says how to run uncompiled.
     """
     modules = [*lm.layers, lm.norm, lm.rotary_emb]
     if any("forward" in vars(m) for m in modules):
         raise RuntimeError("compiled_decoder: a decoder module already has a per-instance forward (nested compiled_decoder?)")
-    entries = 8 * (len(lm.layers) + 2)
+    entries = _recompile_limit(lm)
     try:
         for m in modules:
             m.forward = functools.partial(_compiled_forward(type(m), backend), m)
-        with torch._dynamo.config.patch(recompile_limit=entries, accumulated_recompile_limit=max(256, 4 * entries)):
+        with torch._dynamo.config.patch(recompile_limit=entries, accumulated_recompile_limit=max(256, 4 * entries),
+                                        fail_on_recompile_limit_hit=True):
             yield
-    except torch._dynamo.exc.TorchDynamoException as err:
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
         raise RuntimeError(f"compiling the decoder layers ({backend}) failed: {type(err).__name__}; "
                            "the engine runs them uncompiled with EngineConfig(compile_llm=False)") from err
     finally:
@@ -165,31 +175,35 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
             vars(m).pop("forward", None)
 
 
-def _fused_attention(attn: nn.Module, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
-                     hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                     attention_mask: torch.Tensor | None, past_key_values=None, **kwargs):
-    """A Qwen2 attention forward (transformers' `Qwen2Attention.forward`, step for step) whose query,
-    key and value projections are one GEMM over the rows [Wq; Wk; Wv] of `qkv_weight`."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+class _FusedQwen2Attention(Qwen2Attention):
+    """A Qwen2 attention (transformers' `Qwen2Attention.forward`, step for step) whose query, key and
+    value projections are one GEMM over `stc_qkv_weight`, the rows [Wq; Wk; Wv] (and `stc_qkv_bias`).
+    `FusedDecoderProjections` gives modules this class and those tensors; one class for every layer
+    and engine, so compiled layers are reused (a per-instance forward would be guarded by identity)."""
 
-    hf = sys.modules[type(attn).__module__]
-    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-    n_q, n_kv = attn.q_proj.out_features, attn.k_proj.out_features
-    q, k, v = F.linear(hidden_states, qkv_weight, qkv_bias).split((n_q, n_kv, n_kv), dim=-1)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-    q, k = hf.apply_rotary_pos_emb(q, k, *position_embeddings)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(attn, q, k, v, attention_mask, dropout=0.0 if not attn.training else attn.attention_dropout,
-                             scaling=attn.scaling, sliding_window=attn.sliding_window, **kwargs)
-    return attn.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None, past_key_values=None, **kwargs):
+        hf = sys.modules[Qwen2Attention.__module__]
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        n_q, n_kv = self.q_proj.out_features, self.k_proj.out_features
+        q, k, v = F.linear(hidden_states, self.stc_qkv_weight, self.stc_qkv_bias).split((n_q, n_kv, n_kv), dim=-1)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        q, k = hf.apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        out, weights = interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                                 scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
-def _fused_mlp(mlp: nn.Module, gate_up_weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A Qwen2 MLP forward, down(act(gate(x)) * up(x)), with gate and up as one GEMM over [Wgate; Wup]."""
-    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
+class _FusedQwen2MLP(Qwen2MLP):
+    """A Qwen2 MLP, down(act(gate(x)) * up(x)), with gate and up as one GEMM over `stc_gate_up_weight`,
+    the rows [Wgate; Wup]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.stc_gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class FusedDecoderProjections:
@@ -200,14 +214,14 @@ class FusedDecoderProjections:
     The weights are re-homed, not copied: each layer's Wq, Wk and Wv become row blocks of one buffer
     [Wq; Wk; Wv] (their biases of one vector), Wgate and Wup of one buffer [Wgate; Wup], and the
     modules' parameters are views of these blocks with their old values. Loading weights into the
-    parameters in place therefore changes the buffers too. The attention and MLP modules get a
-    per-instance forward that runs transformers' Qwen2 forward step for step with the fused GEMMs
-    (it stays inside `compiled_decoder`'s compiled layers). `close()` removes the forwards and gives
-    every parameter its own storage again (a parameter moved or replaced meanwhile, as by
-    `model.to(...)`, is not seen: close first).
+    parameters in place therefore changes the buffers too. The attention and MLP modules become
+    subclasses of their own (`isinstance` still holds) whose forwards run transformers' Qwen2 forwards
+    step for step with the fused GEMMs, inside `compiled_decoder`'s compiled layers too. `close()`
+    restores the classes and gives every parameter its own storage again (a parameter moved or
+    replaced meanwhile, as by `model.to(...)`, is not seen: close first).
 
-    On a Qwen2-7B step of a few hundred rows the three projections take 15.4 us as one GEMM against
-    about 34 us as three, the gate and up projections 110 against 117 us
+    On a Qwen2-7B step of 196 rows the three projections take 15.4 us as one GEMM against about 34 us
+    as three, the gate and up projections 110 against 117 us
     (results/latency/h100_llm_gemm_triton_tried.json, h100_profile_prefill_b4_pruner.txt).
     """
 
@@ -216,17 +230,16 @@ class FusedDecoderProjections:
             raise ValueError("FusedDecoderProjections needs transformers' Qwen2 decoder layers (Qwen2Attention, "
                              "Qwen2MLP) with same-dtype, same-device projections and no per-module hooks of accelerate")
         self.lm = lm
-        self._groups: list[tuple[nn.Module, list[nn.Linear]]] = []
+        self._groups: list[tuple[nn.Module, type, list[nn.Linear]]] = []
         with torch.no_grad():
             for layer in lm.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-                weight = self._rehome(projs, "weight")
-                bias = self._rehome(projs, "bias") if attn.q_proj.bias is not None else None
-                gate_up = self._rehome([mlp.gate_proj, mlp.up_proj], "weight")
-                attn.forward = functools.partial(_fused_attention, attn, weight, bias)
-                mlp.forward = functools.partial(_fused_mlp, mlp, gate_up)
-                self._groups += [(attn, projs), (mlp, [mlp.gate_proj, mlp.up_proj])]
+                qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+                attn.stc_qkv_weight = self._rehome(qkv, "weight")
+                attn.stc_qkv_bias = self._rehome(qkv, "bias") if attn.q_proj.bias is not None else None
+                mlp.stc_gate_up_weight = self._rehome(gate_up, "weight")
+                self._groups += [(attn, type(attn), qkv), (mlp, type(mlp), gate_up)]
+                attn.__class__, mlp.__class__ = _FusedQwen2Attention, _FusedQwen2MLP
 
     @staticmethod
     def _rehome(linears: list[nn.Linear], name: str) -> torch.Tensor:
@@ -243,9 +256,8 @@ class FusedDecoderProjections:
     @staticmethod
     def supported(lm: nn.Module) -> bool:
         """Whether the language model's decoder layers are transformers' Qwen2 layers (the forwards
-        reproduce theirs), with projections of one dtype and device each and no accelerate hooks."""
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
-
+        reproduce theirs; not fused already), with projections of one dtype and device each, and no
+        accelerate hooks or per-instance forwards."""
         layers = getattr(lm, "layers", None)
         if not layers:
             return False
@@ -266,10 +278,12 @@ class FusedDecoderProjections:
         return True
 
     def close(self) -> None:
-        """Remove the forwards; each parameter gets its own storage again (same values)."""
+        """Restore the classes; each parameter gets its own storage again (same values)."""
         with torch.no_grad():
-            for module, linears in self._groups:
-                vars(module).pop("forward", None)
+            for module, cls, linears in self._groups:
+                module.__class__ = cls
+                for name in ("stc_qkv_weight", "stc_qkv_bias", "stc_gate_up_weight"):
+                    vars(module).pop(name, None)
                 for m in linears:
                     for name in ("weight", "bias"):
                         p = getattr(m, name)

@@ -339,7 +339,7 @@ def test_cuda_graph_mode_equals_the_default_path(tiny, cfg, bucket, monkeypatch)
     assert sa.get("reference_frames") == sb.get("reference_frames")
     assert model.model.language_model.config._attn_implementation == "sdpa"  # restored on close
     lm = model.model.language_model  # and the fused decoder projections undone
-    assert not any("forward" in vars(m) for layer in lm.layers for m in (layer.self_attn, layer.mlp))
+    assert all(type(layer.self_attn).__name__ == "Qwen2Attention" and type(layer.mlp).__name__ == "Qwen2MLP" for layer in lm.layers)
     ptrs = [p.untyped_storage().data_ptr() for p in lm.parameters()]
     assert len(set(ptrs)) == len(ptrs)
 
@@ -506,3 +506,45 @@ def test_compiled_decoder_steps_equal_uncompiled_on_gpu(batch):
         assert a.token_ids == b.token_ids
         for x, y in zip(kva, kvb):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoder_is_reused_by_the_next_engine(tiny):
+    """Engines built one after another on one model (as the latency benchmark does, one per method)
+    reuse the compiled decoder layers: nothing compiles again, so no run can reach dynamo's
+    recompile limit and fall back to uncompiled layers."""
+    from stc.fast import compiled_decoder
+
+    model, proc = tiny
+    lm = model.model.language_model
+    video = frames(3)
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    counts = []
+    for _ in range(3):
+        with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2, cuda_graphs=True)) as engine:
+            s = engine.open_stream()
+            for i in range(3):
+                with compiled_decoder(lm, backend):
+                    s.push_frames(video[i : i + 1])
+        counts.append(len(compiled))
+    assert counts[0] > 0 and counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+def test_compiled_decoder_raises_at_the_recompile_limit(tiny, monkeypatch):
+    """Past dynamo's recompile limit the block raises instead of running layers uncompiled."""
+    import stc.fast
+    from stc.fast import compiled_decoder
+
+    model, proc = tiny
+    lm = model.model.language_model
+    monkeypatch.setattr(stc.fast, "_recompile_limit", lambda lm: 1)  # each layer needs its own entry
+    torch._dynamo.reset()
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2, cuda_graphs=True)) as engine:
+        s = engine.open_stream()
+        with pytest.raises(RuntimeError, match="FailOnRecompileLimitHit"), compiled_decoder(lm, lambda gm, ex: gm.forward):
+            s.push_frames(frames(1))
+    torch._dynamo.reset()

@@ -348,6 +348,8 @@ def test_fused_decoder_projections_equal_the_model(bias):
     """Qwen2 decoder layers with their q, k, v and gate, up projections fused: the same hidden states
     as the model's own forwards (a prefill and cached decode steps), weights loaded in place while
     fused are used, and closing restores the modules (own storage, same values, no forwards)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
+
     from stc.fast import FusedDecoderProjections
     from stc.models import build_model
 
@@ -362,7 +364,8 @@ def test_fused_decoder_projections_equal_the_model(bias):
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     fused = FusedDecoderProjections(lm)
     attn, mlp = lm.layers[1].self_attn, lm.layers[1].mlp
-    assert "forward" in vars(attn) and "forward" in vars(mlp)
+    classes = (type(attn), type(mlp))
+    assert isinstance(attn, Qwen2Attention) and isinstance(mlp, Qwen2MLP) and classes != (Qwen2Attention, Qwen2MLP)
     w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
     assert all(a.untyped_storage().data_ptr() == w[0].untyped_storage().data_ptr() for a in w)
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
@@ -371,7 +374,8 @@ def test_fused_decoder_projections_equal_the_model(bias):
     lm.load_state_dict(changed)  # copies into the parameters, so into the fused buffers
     got_changed = _decoder_run(lm, x)
     fused.close()
-    assert not any("forward" in vars(m) for layer in lm.layers for m in (layer.self_attn, layer.mlp))
+    assert all((type(layer.self_attn), type(layer.mlp)) == (Qwen2Attention, Qwen2MLP) for layer in lm.layers)
+    assert not any(name.startswith("stc_") for layer in lm.layers for m in (layer.self_attn, layer.mlp) for name in vars(m))
     ptrs = [p.untyped_storage().data_ptr() for p in lm.parameters()]
     assert len(set(ptrs)) == len(ptrs)
     torch.testing.assert_close(got_changed, _decoder_run(lm, x), atol=1e-6, rtol=1e-6)
@@ -394,7 +398,7 @@ def test_fused_decoder_projections_only_for_qwen2_layers():
     lm = build_model("tiny", seed=0)[0].model.language_model
     assert FusedDecoderProjections.supported(lm)
     fused = FusedDecoderProjections(lm)
-    assert not FusedDecoderProjections.supported(lm)  # already fused: its forwards are set
+    assert not FusedDecoderProjections.supported(lm)  # already fused
     fused.close()
     lm.layers[0].mlp.up_proj.to(torch.float64)
     assert not FusedDecoderProjections.supported(lm)  # gate and up of different dtypes
