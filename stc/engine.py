@@ -34,6 +34,7 @@ KV object as ``past_key_values`` and a prepared mask.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -191,6 +192,12 @@ class _StaticKV(_KV):
         return self.buf[layer_idx, 0, :, : self.visible][None], self.buf[layer_idx, 1, :, : self.visible][None]
 
 
+def cache_keyword(lm: nn.Module) -> str:
+    """The name of a transformers decoder's KV-cache argument: `cache` from transformers 5.24 on
+    (where `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+
+
 def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
     """Additive mask [1, 1, q, kv]: query i sees keys j <= kv_len - q_len + i (the context, then causal)."""
     i = torch.arange(q_len, device=device)[:, None]
@@ -221,6 +228,7 @@ class StreamingEngine:
         self.model, self.processor = model, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.lm = inner.language_model
+        self._cache_keyword = cache_keyword(self.lm)
         text_cfg = self.lm.config
         attn = text_cfg._attn_implementation
         if attn not in SUPPORTED_ATTENTION:
@@ -289,7 +297,7 @@ class StreamingEngine:
 
     @staticmethod
     def _query_hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
         if isinstance(cache, _KV) and cache.query_sink is not None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             q = module.q_proj(hidden)
@@ -344,7 +352,8 @@ class StreamingEngine:
         n = embeds.shape[1]
         pos = torch.arange(kv.length, kv.length + n, device=self.device)[None]
         masks = {"full_attention": mask, "sliding_attention": mask}
-        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=masks, past_key_values=kv, use_cache=False)
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=masks, use_cache=False,
+                      **{self._cache_keyword: kv})
         kv.commit()
         return out.last_hidden_state
 
@@ -385,7 +394,7 @@ class StreamingEngine:
                     mask, extra = mask.repeat(groups, 1)[None, None], {}  # packed for stc.attention: rows (group, query)
                 masks = {"full_attention": mask, "sliding_attention": mask}
                 out = self.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None].expand(batch, -1),
-                              attention_mask=masks, past_key_values=w, **extra)
+                              attention_mask=masks, **{self._cache_keyword: w}, **extra)
                 w.index, w.visible = None, w.buf.shape[-2]
                 return out.last_hidden_state[:, -1]
 

@@ -182,15 +182,16 @@ class _FusedQwen2Attention(Qwen2Attention):
     and engine, so compiled layers are reused (a per-instance forward would be guarded by identity)."""
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, past_key_values=None, **kwargs):
+                attention_mask: torch.Tensor | None, cache=None, past_key_values=None, **kwargs):
         hf = sys.modules[Qwen2Attention.__module__]
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         n_q, n_kv = self.q_proj.out_features, self.k_proj.out_features
         q, k, v = F.linear(hidden_states, self.stc_qkv_weight, self.stc_qkv_bias).split((n_q, n_kv, n_kv), dim=-1)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q, k = hf.apply_rotary_pos_emb(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         out, weights = interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)

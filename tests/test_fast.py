@@ -334,12 +334,14 @@ def _decoder_run(lm, x, steps=2):
     """A prefill of x [B, n, C], then `steps` one-token steps through a DynamicCache: the hidden states."""
     from transformers import DynamicCache
 
-    cache, n, outs = DynamicCache(), x.shape[1], []
+    from stc.engine import cache_keyword
+
+    cache, n, outs = {cache_keyword(lm): DynamicCache()}, x.shape[1], []
     with torch.no_grad():
-        outs.append(lm(inputs_embeds=x, position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True).last_hidden_state)
+        outs.append(lm(inputs_embeds=x, position_ids=torch.arange(n)[None], use_cache=True, **cache).last_hidden_state)
         for i in range(steps):
             step = outs[-1][:, -1:] * 0.5
-            outs.append(lm(inputs_embeds=step, position_ids=torch.tensor([[n + i]]), past_key_values=cache, use_cache=True).last_hidden_state)
+            outs.append(lm(inputs_embeds=step, position_ids=torch.tensor([[n + i]]), use_cache=True, **cache).last_hidden_state)
     return torch.cat(outs, dim=1)
 
 
