@@ -227,7 +227,7 @@ WINDOW_SHAPES = [(1, 196, 12544), (1, 49, 3136), (1, 1, 12544), (4, 196, 12544),
                  (16, 49, 3136)]  # (streams, new tokens, used slots): 64 frames of 196 or 49 tokens, a decoded token
 
 
-def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=False):
+def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=False, shapes=None):
     """Qwen2-7B attention of n new tokens over a static window (the engine's prefill and decode step):
     the masked packed SDPA over the engine's context bucket, FlashAttention-2 over the used slots (one varlen
     call, `seqused_k`) and stc.window_kernel (split context, Triton) with its planned tiles; with
@@ -242,7 +242,7 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=Fals
     g = heads_q // kv_heads
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    for b, n, used in WINDOW_SHAPES:
+    for b, n, used in shapes or WINDOW_SHAPES:
         q = torch.randn(b, n, heads_q, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # HF's layout
         k = torch.randn(b, kv_heads, slots, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -280,14 +280,46 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=Fals
 
 def _window_configs(plan, n):
     """Tile configurations around the planned one: block sizes, warps, stages, split counts x0.5..x2."""
-    splits = sorted({max(1, plan["splits"] // 2), plan["splits"], 2 * plan["splits"]})
-    block_ms = [16] if n == 1 else [64, 128]
+    splits = sorted({max(1, plan["splits"] // 2), plan["splits"], plan["splits"] + 1, 2 * plan["splits"], 3 * plan["splits"]})
+    block_ms = [16] if n == 1 else [32, 64, 128]
     for bm in block_ms:
         for bn in (64, 128):
             for warps in ((4,) if bm == 16 else (4, 8)):
                 for stages in (2, 3):
                     for sp in splits:
                         yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "splits": sp}
+
+
+def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512):
+    """Qwen2-7B's projections as in a decoder step: `layers` distinct weights (one per layer, so each
+    is read from HBM, not from L2 as when one weight is timed again and again), each applied once per
+    replay to x [M, K]; microseconds per layer. The query, key and value projections with their bias
+    in the GEMM's epilogue ("qkv+bias", what F.linear(x, W, b) runs) and without ("qkv"; the bias
+    added by a later kernel), and the output, gate|up and down projections. floor_us: the weight
+    bytes at the bandwidth of a device copy."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"qkv+bias": (hidden + 2 * kv, hidden, True), "qkv": (hidden + 2 * kv, hidden, False),
+              "o": (hidden, hidden, False), "gate|up": (2 * inter, hidden, False), "down": (hidden, inter, False)}
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
+    del src, dst
+    rows = []
+    for op, (n, k, bias) in shapes.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5 for _ in range(layers)]
+        bs = [torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g) if bias else None for _ in range(layers)]
+        for m in m_rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+
+            def stack():
+                for w, b in zip(ws, bs):
+                    F.linear(x, w, b)
+
+            us = 1e3 * do_bench_cudagraph(stack, rep=50, return_mode="median") / layers
+            rows.append({"op": "llm_projection", "variant": op, "M": m, "us": us, "floor_us": n * k * 2 / bw * 1e6})
+        del ws, bs
+        torch.cuda.empty_cache()
+    return rows
 
 
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
@@ -305,11 +337,17 @@ def main(argv=None):
     p.add_argument("--autotune", action="store_true", help="also the layer's GEMMs under inductor's max-autotune (minutes)")
     p.add_argument("--window-attention", action="store_true", help="also time the LLM's attention over a static window")
     p.add_argument("--window-sweep", action="store_true", help="with --window-attention: every tile config of the Triton kernel")
+    p.add_argument("--window-shapes", nargs="+", default=None, metavar="B,N,USED",
+                   help="with --window-attention: only these (streams, new tokens, used slots), e.g. 4,49,3136")
+    p.add_argument("--llm-projections", type=int, nargs="*", default=[],
+                   help="also time Qwen2-7B's projections at these row counts, weights cold (one per layer)")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     rows = llm_mlp_rows(args.llm_rows, names=args.llm_variants) if args.llm_rows else []
-    rows += window_attention_rows(sweep=args.window_sweep) if args.window_attention else []
+    shapes = [tuple(int(v) for v in t.split(",")) for t in args.window_shapes] if args.window_shapes else None
+    rows += window_attention_rows(sweep=args.window_sweep, shapes=shapes) if args.window_attention else []
+    rows += llm_projection_rows(args.llm_projections) if args.llm_projections else []
     for b in [] if args.skip_vit else args.batches:
         for part in args.vit_parts:
             rows += VIT_PARTS[part](b)

@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
     p.add_argument("--compile", action="store_true", help="with --vit-batch: torch.compile'd layer functions")
-    p.add_argument("--sequence", type=int, default=0, help="with --vit-batch: also list a step's first kernels in order")
+    p.add_argument("--sequence", type=int, default=0, help="with --vit-batch or --prefill-batch: also list a step's first kernels in order")
     p.add_argument("--prefill-batch", type=int, default=0,
                    help="profile one StreamBatch prefill step of this many streams (after --frames frames) instead")
     args = p.parse_args(argv)
@@ -87,6 +87,17 @@ def profile_prefill(args):
               f"{sorted(times)[len(times) // 2]:.2f} ms; uncaptured: {len(events)} kernels, "
               f"{sum(e.device_time for e in events) / 1e3:.2f} ms of kernel time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the captured step: compiled layers
+            replay(tokens)
+            torch.cuda.synchronize()
+        graphed = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"graph replay, profiled: {len(graphed)} kernels, {sum(e.device_time for e in graphed) / 1e3:.2f} ms of kernel time")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+        if args.sequence:
+            for label, seq in (("uncaptured step", events), ("graph replay", graphed)):
+                print(f"the first {args.sequence} kernels of the {label}, in order (us):")
+                for e in seq[: args.sequence]:
+                    print(f"  {e.device_time:7.1f}  {e.name[:90]}")
 
 
 def profile_vit(args):

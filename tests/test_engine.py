@@ -548,3 +548,31 @@ def test_compiled_decoder_raises_at_the_recompile_limit(tiny, monkeypatch):
         with pytest.raises(RuntimeError, match="FailOnRecompileLimitHit"), compiled_decoder(lm, lambda gm, ex: gm.forward):
             s.push_frames(frames(1))
     torch._dynamo.reset()
+
+
+def test_cache_keyword_follows_the_decoder_signature():
+    """transformers 5.24 renamed the decoders' `past_key_values` argument to `cache` (the old name is
+    deprecated, behind a decorator); the engine passes the name the model's forward declares."""
+    import functools
+
+    from stc.engine import cache_keyword
+
+    def renamed(fn):  # a signature-preserving decorator, as transformers' deprecate_kwarg
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    class Old(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        @renamed
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):
+            return cache
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"
+    for module in (Old(), New()):
+        assert module(**{cache_keyword(module): "kv"}) == "kv"
