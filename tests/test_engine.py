@@ -432,6 +432,17 @@ def test_captured_stream_batch_equals_uncaptured_on_gpu(monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+def _recording_backend():
+    """A torch.compile backend that runs each traced graph as traced and records it: (graphs, backend)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, backend
+
+
 def test_compiled_decoder_gives_the_same_static_steps(tiny):
     """stc.fast.compiled_decoder (the decoder's own forwards through torch.compile, here with the
     aot_eager backend: traced, not code-generated) around static prefill steps, as the engine uses it
@@ -442,11 +453,7 @@ def test_compiled_decoder_gives_the_same_static_steps(tiny):
     model, proc = tiny
     lm = model.model.language_model
     video = frames(4)
-    compiled = []
-
-    def backend(gm, example_inputs):
-        compiled.append(gm)
-        return gm.forward
+    compiled, backend = _recording_backend()
 
     out = []
     for compile in (False, True):
@@ -517,11 +524,7 @@ def test_compiled_decoder_is_reused_by_the_next_engine(tiny):
     model, proc = tiny
     lm = model.model.language_model
     video = frames(3)
-    compiled = []
-
-    def backend(gm, example_inputs):
-        compiled.append(gm)
-        return gm.forward
+    compiled, backend = _recording_backend()
 
     counts = []
     for _ in range(3):
