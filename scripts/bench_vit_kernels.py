@@ -279,7 +279,8 @@ def window_attention_rows(slots=15744, heads_q=28, kv_heads=4, d=128, sweep=Fals
 
 
 def _window_configs(plan, n):
-    """Tile configurations around the planned one: block sizes, warps, stages, split counts x0.5..x2."""
+    """Tile configurations around the planned one: block sizes, warps, stages, split counts from half
+    to three times the plan's."""
     splits = sorted({max(1, plan["splits"] // 2), plan["splits"], plan["splits"] + 1, 2 * plan["splits"], 3 * plan["splits"]})
     block_ms = [16] if n == 1 else [32, 64, 128]
     for bm in block_ms:

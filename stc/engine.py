@@ -28,7 +28,8 @@ Choices where ReKV leaves room, stated here once:
 
 No model code is copied: the engine drives the model's own modules (vision tower, projector,
 ``apply_pooling``, the Qwen2 decoder, ``lm_head``) through their public forwards, passing its own
-KV object as ``past_key_values`` and a prepared mask.
+KV object as the decoder's cache argument (``past_key_values``, ``cache`` from transformers 5.24)
+and a prepared mask.
 """
 
 from __future__ import annotations
@@ -149,8 +150,9 @@ class Answer:
 
 
 class _KV:
-    """What the decoder's attention layers see as `past_key_values`: one buffer [layers, 2, kvh, cap, d]
-    holding a prepared context, to which each forward appends its tokens in place."""
+    """What the decoder's attention layers get as their KV cache (`past_key_values`; `cache` from
+    transformers 5.24): one buffer [layers, 2, kvh, cap, d] holding a prepared context, to which
+    each forward appends its tokens in place."""
 
     def __init__(self, buf: torch.Tensor, length: int):
         self.buf, self.length = buf, length

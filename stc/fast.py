@@ -150,7 +150,7 @@ def compiled_decoder(lm: nn.Module, backend: str = "inductor"):
     uncaptured prompt of a new length runs eager).
 
     One compiled function per module class serves all layers (their weights are inputs). The KV
-    write (`past_key_values.update`) and the attention function are graph breaks where the engine
+    write (the cache's `update`) and the attention function are graph breaks where the engine
     disables compiling (its static window and `stc.attention`); because the layer index is passed
     to the KV write, each layer is its own cache entry, and the block raises dynamo's recompile
     limits to allow them; reaching them raises (instead of dynamo's silent fall-back to uncompiled
