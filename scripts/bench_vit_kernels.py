@@ -187,6 +187,13 @@ def embedding_rows(b, size=384, patch=14):
 LLM_MLP_VARIANTS = ("eager", "inductor", "max-autotune", "gate|up eager", "gate|up inductor")
 
 
+def _copy_bandwidth() -> float:
+    """Bytes per second read and written by a 256 MiB device copy, replayed as a CUDA graph (median)."""
+    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
+
+
 def llm_mlp_rows(m_rows, hidden=3584, inter=18944, names=LLM_MLP_VARIANTS):
     """One Qwen2-7B MLP (gate, up, SiLU * up, down) at M rows: eager, inductor, inductor max-autotune,
     and with the gate and up projections as one GEMM over their concatenated weights ("gate|up"),
@@ -207,9 +214,7 @@ def llm_mlp_rows(m_rows, hidden=3584, inter=18944, names=LLM_MLP_VARIANTS):
             "max-autotune": lambda: torch.compile(mlp, mode="max-autotune-no-cudagraphs", dynamic=False),
             "gate|up eager": lambda: fused, "gate|up inductor": lambda: torch.compile(fused, dynamic=False)}
     variants = {name: make[name]() for name in names}
-    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
+    bw = _copy_bandwidth()
     floor_us = 3 * hidden * inter * 2 / bw * 1e6
     rows = []
     for m in m_rows:
@@ -301,10 +306,7 @@ def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512):
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = {"qkv+bias": (hidden + 2 * kv, hidden, True), "qkv": (hidden + 2 * kv, hidden, False),
               "o": (hidden, hidden, False), "gate|up": (2 * inter, hidden, False), "down": (hidden, inter, False)}
-    src = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median") * 1e-3)
-    del src, dst
+    bw = _copy_bandwidth()
     rows = []
     for op, (n, k, bias) in shapes.items():
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5 for _ in range(layers)]

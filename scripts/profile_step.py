@@ -52,9 +52,20 @@ def main(argv=None):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
+def _cuda_events(prof) -> list:
+    """The profiled kernels (and device copies and memsets), in the order they ran."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _print_sequence(title: str, events: list) -> None:
+    print(f"{title}, in order (us):")
+    for e in events:
+        print(f"  {e.device_time:7.1f}  {e.name[:90]}")
+
+
 def profile_prefill(args):
-    """Kernels of one StreamBatch prefill step (the static-window code, run uncaptured so that each
-    kernel is visible), next to the same step's graph replay time."""
+    """Kernels of one StreamBatch prefill step: run uncaptured (and uncompiled) so that each kernel is
+    visible, the same step's graph replay time, and a profiled replay (what the engine runs)."""
     model, processor = build_model(args.arch, dtype=torch.bfloat16, device="cuda")
     b = args.prefill_batch
     pixels = synthetic_pixels(args.frames + b, model.config.vision_config.image_size)
@@ -82,7 +93,7 @@ def profile_prefill(args):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eager(tokens)
             torch.cuda.synchronize()
-        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = _cuda_events(prof)
         print(f"{args.method} B={b}, {n} tokens per stream after {args.frames} frames: graph replay "
               f"{sorted(times)[len(times) // 2]:.2f} ms; uncaptured: {len(events)} kernels, "
               f"{sum(e.device_time for e in events) / 1e3:.2f} ms of kernel time")
@@ -90,14 +101,12 @@ def profile_prefill(args):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the captured step: compiled layers
             replay(tokens)
             torch.cuda.synchronize()
-        graphed = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        graphed = _cuda_events(prof)
         print(f"graph replay, profiled: {len(graphed)} kernels, {sum(e.device_time for e in graphed) / 1e3:.2f} ms of kernel time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
         if args.sequence:
-            for label, seq in (("uncaptured step", events), ("graph replay", graphed)):
-                print(f"the first {args.sequence} kernels of the {label}, in order (us):")
-                for e in seq[: args.sequence]:
-                    print(f"  {e.device_time:7.1f}  {e.name[:90]}")
+            _print_sequence(f"the first {args.sequence} kernels of the uncaptured step", events[: args.sequence])
+            _print_sequence(f"the first {args.sequence} kernels of the graph replay", graphed[: args.sequence])
 
 
 def profile_vit(args):
@@ -124,15 +133,13 @@ def profile_vit(args):
             for x in steps[2:4]:
                 runner(x, states)
             torch.cuda.synchronize()
-        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = _cuda_events(prof)
         print(f"ViT B={b} {'cacher selective' if cfg else 'full'}{' compiled' if args.compile else ''}: 2 steps, "
               f"{len(events) / 2:.0f} kernels and {sum(e.device_time for e in events) / 2e3:.2f} ms of kernel time per step; "
               f"graph replay {graph_replay_ms(tower, b, cfg, args.compile, pixels[:b], 'selective' if cfg else 'full'):.2f} ms")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
         if args.sequence:
-            print(f"the first {args.sequence} kernels of a step, in order (us):")
-            for e in events[: args.sequence]:
-                print(f"  {e.device_time:7.1f}  {e.name[:90]}")
+            _print_sequence(f"the first {args.sequence} kernels of a step", events[: args.sequence])
 
 
 def graph_replay_ms(tower, batch, cacher, compile, pixels, kind, repeats=50):
