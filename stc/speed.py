@@ -10,10 +10,12 @@ optionally two sections this module reads:
 - ``rows`` of a graph-path run (`--graphs`): one stream per method, per-stage ms per frame at the last
   checkpoint, and the question's time (retrieval + answer) with its floor where recorded.
 
-`load_speed` collects them from many files; where several files measured the same setting, the newest
-(by the date in its meta) wins, so re-measuring updates the report without deleting history. For
-StreamBatch every row of one B comes from the newest file that measured that B, and the one-stream
-rows all from the newest graph-path file, so each method is compared with the baseline of its own run.
+`load_speed` collects them from many files; where several files measured the same setting on the same
+GPU, the newest (by the date in its meta) wins, so re-measuring updates the report without deleting
+history. For StreamBatch every row of one B comes from the newest file that measured that B on that
+GPU, and the one-stream rows all from the GPU's newest graph-path file, so each method is compared with
+the baseline of its own run. GPUs are never mixed: the tables take the measurements of one GPU
+(`Speed.on`), and `report` and `plot_speed` show each GPU on its own.
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ class Speed:
     def empty(self) -> bool:
         return self.vit.empty and self.batched.empty and self.stream.empty
 
+    @property
+    def devices(self) -> list[str]:
+        """The GPUs measured, the one with the newest measurement first."""
+        frames = [f[["device", "date"]] for f in (self.vit, self.batched, self.stream) if not f.empty]
+        if not frames:
+            return []
+        newest = pd.concat(frames).groupby("device")["date"].max()
+        return list(newest.sort_values(ascending=False, kind="stable").index)
+
+    def on(self, device: str) -> "Speed":
+        """The measurements of one GPU (a name from `devices`)."""
+        if device not in self.devices:
+            raise ValueError(f"no measurements on {device!r}; measured: {self.devices}")
+        return Speed(*(f[f["device"] == device].reset_index(drop=True) if not f.empty else f
+                       for f in (self.vit, self.batched, self.stream)))
+
+
+def _one_device(speed: Speed) -> None:
+    if len(speed.devices) > 1:
+        raise ValueError(f"these measurements come from several GPUs ({speed.devices}): pass one GPU's, speed.on(device)")
+
 
 def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if frame.empty:
@@ -70,7 +93,7 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
-        info = {"source": path.name, "device": meta.get("device"), "dtype": meta.get("dtype"),
+        info = {"source": path.name, "device": meta.get("device") or "unknown GPU", "dtype": meta.get("dtype"),
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
@@ -84,23 +107,26 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
                            "qa_retrieval_ms": row.get("qa_retrieval_ms"),
                            "qa_new_tokens": row.get("qa_new_tokens"), **info})
-    vit_df = _newest(pd.DataFrame(vit), ["batch", "compile"])
-    if not vit_df.empty:  # per B: uncompiled first, then more optimised
+    vit_df = _newest(pd.DataFrame(vit), ["device", "batch", "compile"])
+    if not vit_df.empty:  # per GPU and B: uncompiled first, then more optimised
         rank = vit_df["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else len(COMPILE_LEVELS))
-        vit_df = vit_df.assign(_rank=rank).sort_values(["batch", "_rank"]).drop(columns="_rank").reset_index(drop=True)
+        vit_df = vit_df.assign(_rank=rank).sort_values(["device", "batch", "_rank"]).drop(columns="_rank").reset_index(drop=True)
     batched_df = pd.DataFrame(batched)
     if not batched_df.empty:
-        newest = batched_df.sort_values("date").groupby("batch")["source"].last()
-        batched_df = batched_df[batched_df["source"] == batched_df["batch"].map(newest)]
-        batched_df = _newest(batched_df, ["batch", "method"])
+        newest = batched_df.sort_values("date").groupby(["device", "batch"])["source"].last()
+        keys = pd.MultiIndex.from_frame(batched_df[["device", "batch"]])
+        batched_df = batched_df[batched_df["source"].to_numpy() == newest.reindex(keys).to_numpy()]
+        batched_df = _newest(batched_df, ["device", "batch", "method"])
     stream_df = pd.DataFrame(stream)
     if not stream_df.empty:
-        stream_df = stream_df[stream_df["source"] == stream_df.sort_values("date")["source"].iloc[-1]].reset_index(drop=True)
+        newest = stream_df.sort_values("date").groupby("device")["source"].last()
+        stream_df = stream_df[stream_df["source"] == stream_df["device"].map(newest)].reset_index(drop=True)
     return Speed(vit=vit_df, batched=batched_df, stream=stream_df)
 
 
 def vit_table(speed: Speed) -> pd.DataFrame:
     """Graph-captured ViT per B and compile level: ms per frame, change, FLOP ideal, multiples of the floor."""
+    _one_device(speed)
     v = speed.vit
     if v.empty:
         return pd.DataFrame()
@@ -118,6 +144,7 @@ def vit_table(speed: Speed) -> pd.DataFrame:
 def prefill_table(speed: Speed) -> pd.DataFrame:
     """StreamBatch per B and method: ViT and prefill per stream-frame, the prefill floor, the change
     against the baseline of the same B, what the floor model predicts, and the share achieved."""
+    _one_device(speed)
     b = speed.batched
     if b.empty:
         return pd.DataFrame()
@@ -143,6 +170,7 @@ def stream_table(speed: Speed) -> pd.DataFrame:
     """One stream on the graph path, per method: per-stage ms per frame over the stream, the prefill
     floor, and the question's time (retrieval + answer) against its floor (`stc.flops.llm_answer_bytes`),
     with its retrieval part where the run recorded it."""
+    _one_device(speed)
     st = speed.stream
     if st.empty:
         return pd.DataFrame()
@@ -160,6 +188,7 @@ def stream_table(speed: Speed) -> pd.DataFrame:
 def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     """Streams one GPU serves in real time (ViT + prefill per stream-frame within 1/fps), per method,
     from the largest B measured (compute only: KV memory is not counted)."""
+    _one_device(speed)
     b = speed.batched
     if b.empty:
         return pd.DataFrame()
@@ -211,33 +240,57 @@ def environment_line(speed: Speed, files: bool = True) -> str:
     return "; ".join(f"{d}, {t}, torch {v}, commits {', '.join(dict.fromkeys(c))}" for (d, t, v), c in groups)
 
 
+_VIT_NOTE = (
+    "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
+    "the Cacher ranks its tokens with stc.vit_kernel (Triton; since commit d0bc602 its key similarity too); "
+    "\"+ fused MLP\": both sides run fc1, its bias and the GELU as one GEMM (stc.cacher.mlp_forward); "
+    "\"+ patch GEMM\": both sides embed the patches with one GEMM instead of cuDNN's convolution "
+    "(stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention projections of the same rows "
+    "as one GEMM (stc.cacher.project; a selective layer fuses only its query and value projections, so the Cacher "
+    "gains less). Since commit c8d5ac6 the Cacher without the kernel ranks "
+    "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
+    "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
+    "did not): they overstate the Cacher's saving at B = 1.\n")
+
+
 def report(speed: Speed) -> str:
-    """The four tables as one Markdown document."""
-    return "\n".join([
-        "# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
-        f"Measured: {environment_line(speed) or 'nothing yet'}.\n",
-        "## SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n",
-        "compile: none or inductor (the layer functions through torch.compile, both sides alike); \"+ kernels\": "
-        "the Cacher ranks its tokens with stc.vit_kernel (Triton; since commit d0bc602 its key similarity too); "
-        "\"+ fused MLP\": both sides run fc1, its bias and the GELU as one GEMM (stc.cacher.mlp_forward); "
-        "\"+ patch GEMM\": both sides embed the patches with one GEMM instead of cuDNN's convolution "
-        "(stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention projections of the same rows "
-        "as one GEMM (stc.cacher.project; a selective layer fuses only its query and value projections, so the Cacher "
-        "gains less). Since commit c8d5ac6 the Cacher without the kernel ranks "
-        "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
-        "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
-        "did not): they overstate the Cacher's saving at B = 1.\n",
-        markdown(vit_table(speed)),
-        "## StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(speed)),
-        f"## Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n", markdown(realtime_table(speed)),
-        "## One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n", markdown(stream_table(speed)),
-    ])
+    """The four tables of each GPU measured (the newest first) as one Markdown document."""
+    parts = ["# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n"]
+    if speed.empty:
+        return "\n".join(parts + ["Measured: nothing yet.\n", "(no measurements)\n"])
+    parts.append(_VIT_NOTE)
+    for device in speed.devices:
+        one = speed.on(device)
+        parts += [
+            f"## {device}\n",
+            f"Measured: {environment_line(one)}.\n",
+            "### SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(one)),
+            "### StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(one)),
+            f"### Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n",
+            markdown(realtime_table(one)),
+            "### One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n",
+            markdown(stream_table(one)),
+        ]
+    return "\n".join(parts)
 
 
 def plot_speed(speed: Speed) -> plt.Figure:
-    """Left: graph-captured ViT ms per stream-frame against B, full vs Cacher, with the FLOP floors.
-    Right: StreamBatch prefill per stream-frame against B per method, with each one's floor."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """One row per GPU (the newest measured first). Left: graph-captured ViT ms per stream-frame against
+    B, full vs Cacher, with the FLOP floors. Right: StreamBatch prefill per stream-frame against B per
+    method, with each one's floor."""
+    devices = speed.devices or [None]
+    fig, axes = plt.subplots(len(devices), 2, figsize=(11, 4.2 * len(devices)), squeeze=False)
+    for (ax1, ax2), device in zip(axes, devices):
+        _plot_device(ax1, ax2, speed.on(device) if device else speed, device)
+    line = environment_line(speed, files=False)
+    if line:
+        fig.text(0.01, 0.01, line, fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.04 / len(devices), 1, 1 - 0.04 / len(devices)))  # the top for stc.figures.label_figure
+    return fig
+
+
+def _plot_device(ax1, ax2, speed: Speed, device: str | None) -> None:
+    on = f" on {device}" if device else ""
     v = speed.vit
     if v.empty:
         ax1.text(0.5, 0.5, "no ViT measurements", ha="center", va="center", transform=ax1.transAxes)
@@ -252,7 +305,7 @@ def plot_speed(speed: Speed) -> plt.Figure:
         ax1.set_xticks(sorted(v["batch"].unique()), [str(x) for x in sorted(v["batch"].unique())])
         ax1.set_ylim(bottom=0)
         ax1.legend(fontsize=8)
-    ax1.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title="SigLIP step (graph-captured)")
+    ax1.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title=f"SigLIP step (graph-captured){on}")
     b = speed.batched
     if b.empty:
         ax2.text(0.5, 0.5, "no StreamBatch measurements", ha="center", va="center", transform=ax2.transAxes)
@@ -265,9 +318,4 @@ def plot_speed(speed: Speed) -> plt.Figure:
         ax2.set_xticks(sorted(b["batch"].unique()), [str(x) for x in sorted(b["batch"].unique())])
         ax2.set_ylim(bottom=0)
         ax2.legend(fontsize=8)
-    ax2.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title="LLM prefill (dotted: floor)")
-    line = environment_line(speed, files=False)
-    if line:
-        fig.text(0.01, 0.01, line, fontsize=6, color="0.4")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.96))  # the top 4% for stc.figures.label_figure
-    return fig
+    ax2.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title=f"LLM prefill (dotted: floor){on}")

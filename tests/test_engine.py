@@ -1,6 +1,7 @@
 """The ReKV streaming engine on the tiny LLaVA-OneVision: exactness, retrieval, STC plumbing, errors."""
 
 import contextlib
+import inspect
 
 import numpy as np
 import pytest
@@ -31,8 +32,11 @@ def frames(n=6, seed=0, size=64):
 
 def video_features(model, pix):
     """Pooled video tokens [1, F*16, D] through the model's own get_video_features (any 5.x return type)."""
+    # transformers 5.17 names the pixels pixel_values, later 5.x pixel_values_videos
+    params = inspect.signature(model.model.get_video_features).parameters
+    pixels = "pixel_values_videos" if "pixel_values_videos" in params else "pixel_values"
     out = model.model.get_video_features(
-        pixel_values_videos=pix[None],
+        **{pixels: pix[None]},
         vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
     )
