@@ -1,8 +1,8 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection (and key similarity), which projections, which patch
-embedding (and, on request, a Qwen2-7B MLP and the LLM's attention over a static KV window). Each
-variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames
-per step.
+embedding (and, on request, a Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static
+KV window). Each variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1
+and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from stc.latency import environment
@@ -325,6 +327,72 @@ def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512):
     return rows
 
 
+@triton.jit
+def _swiglu_kernel(GU, OUT, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
+    """OUT[m, j] = silu(GU[m, j]) * GU[m, inter + j], one row and BLOCK columns per program."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < inter
+    g = tl.load(GU + row * stride_gu + cols, mask=keep, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * stride_gu + inter + cols, mask=keep, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(OUT + row * stride_out + cols, y.to(OUT.dtype.element_ty), mask=keep)
+
+
+def _swiglu_triton(gu: torch.Tensor, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+    m, two = gu.shape
+    inter = two // 2
+    out = torch.empty(m, inter, device=gu.device, dtype=gu.dtype)
+    _swiglu_kernel[(m, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0), BLOCK=block,
+                                                   num_warps=num_warps)
+    return out
+
+
+def llm_swiglu_rows(m_rows, layers=28, hidden=3584, inter=18944):
+    """The Qwen2-7B MLP's SiLU(gate) * up on the gate|up GEMM's output [M, 2 * inter], as the engine's
+    compiled layer runs it (inductor's kernel of `chunk`, SiLU and the product), eagerly, and as a
+    hand-written Triton kernel (tile sweep): alone, and after the gate|up GEMM with `layers` distinct
+    weights (cold, as in a decoder step; "GEMM alone" is the same chain without it), us per layer.
+    floor_us: reading gate and up and writing the product at the bandwidth of a device copy."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bw = _copy_bandwidth()
+
+    def reference(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    variants = {"inductor": torch.compile(reference, dynamic=False), "eager": reference}
+    variants.update({f"triton {b}/{w}": (lambda b, w: lambda gu: _swiglu_triton(gu, b, w))(b, w)
+                     for b in (1024, 2048, 4096) for w in (4, 8)})
+    ws = [torch.randn(2 * inter, hidden, device="cuda", dtype=torch.bfloat16, generator=g) / hidden**0.5 for _ in range(layers)]
+    rows = []
+    for m in m_rows:
+        x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+        gu = F.linear(x, ws[0])
+        want = reference(gu.float())
+        floor_us = 3 * m * inter * 2 / bw * 1e6
+
+        def chain(fn=None):
+            def run():
+                for w in ws:
+                    y = F.linear(x, w)
+                    if fn is not None:
+                        fn(y)
+            return run
+
+        rows.append({"op": "llm_swiglu", "variant": "GEMM alone", "M": m, "floor_us": floor_us,
+                     "us": 1e3 * do_bench_cudagraph(chain(), rep=50, return_mode="median") / layers})
+        for name, fn in variants.items():
+            err = ((fn(gu).float() - want).norm() / want.norm()).item()
+            alone = 1e3 * do_bench_cudagraph(lambda: fn(gu), rep=50, return_mode="median")
+            after = 1e3 * do_bench_cudagraph(chain(fn), rep=50, return_mode="median") / layers
+            rows.append({"op": "llm_swiglu", "variant": name, "M": m, "us": alone, "after_gemm_us": after,
+                         "rel_err": err, "floor_us": floor_us})
+    del ws
+    torch.cuda.empty_cache()
+    return rows
+
+
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
              "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows}
 
@@ -344,6 +412,8 @@ def main(argv=None):
                    help="with --window-attention: only these (streams, new tokens, used slots), e.g. 4,49,3136")
     p.add_argument("--llm-projections", type=int, nargs="*", default=[],
                    help="also time Qwen2-7B's projections at these row counts, weights cold (one per layer)")
+    p.add_argument("--llm-swiglu", type=int, nargs="*", default=[],
+                   help="also time the Qwen2-7B MLP's SiLU(gate) * up at these row counts: inductor, eager, a Triton kernel")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -351,6 +421,7 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in t.split(",")) for t in args.window_shapes] if args.window_shapes else None
     rows += window_attention_rows(sweep=args.window_sweep, shapes=shapes) if args.window_attention else []
     rows += llm_projection_rows(args.llm_projections) if args.llm_projections else []
+    rows += llm_swiglu_rows(args.llm_swiglu) if args.llm_swiglu else []
     for b in [] if args.skip_vit else args.batches:
         for part in args.vit_parts:
             rows += VIT_PARTS[part](b)

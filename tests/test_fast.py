@@ -371,19 +371,57 @@ def test_fused_decoder_projections_equal_the_model(bias):
     w = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
     assert all(a.untyped_storage().data_ptr() == w[0].untyped_storage().data_ptr() for a in w)
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    assert "stc_gate_up_weight" in dict(mlp.named_buffers()) and lm.state_dict().keys() == before.keys()
     torch.testing.assert_close(_decoder_run(lm, x), want, atol=1e-6, rtol=1e-6)
     changed = {k: v * 1.5 if k.endswith(("k_proj.weight", "up_proj.weight", "v_proj.bias")) else v for k, v in before.items()}
     lm.load_state_dict(changed)  # copies into the parameters, so into the fused buffers
     got_changed = _decoder_run(lm, x)
     fused.close()
     assert all((type(layer.self_attn), type(layer.mlp)) == (Qwen2Attention, Qwen2MLP) for layer in lm.layers)
-    assert not any(name.startswith("stc_") for layer in lm.layers for m in (layer.self_attn, layer.mlp) for name in vars(m))
+    assert not any(name.startswith("stc_") for layer in lm.layers for m in (layer.self_attn, layer.mlp)
+                   for name in [*vars(m), *dict(m.named_buffers())])
     ptrs = [p.untyped_storage().data_ptr() for p in lm.parameters()]
     assert len(set(ptrs)) == len(ptrs)
     torch.testing.assert_close(got_changed, _decoder_run(lm, x), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(got_changed, want, atol=1e-3)
     lm.load_state_dict(before)
     torch.testing.assert_close(_decoder_run(lm, x), want, atol=0, rtol=0)
+
+
+def test_fused_decoder_weights_have_static_shapes_in_compiled_layers():
+    """Inside compiled_decoder (dynamic=True), the token dimensions are symbolic but the fused weights'
+    shapes are not: with symbolic feature sizes every kernel after the fused GEMMs indexes by them
+    (SiLU * up ran 3x slower on the H200). Traced by a recording backend on the CPU."""
+    from stc.fast import FusedDecoderProjections, compiled_decoder
+    from stc.models import build_model
+
+    lm = build_model("tiny", seed=0)[0].model.language_model.float()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fused = FusedDecoderProjections(lm)
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad(), compiled_decoder(lm, record):
+            for n in (3, 5):
+                lm(inputs_embeds=torch.randn(1, n, lm.config.hidden_size), position_ids=torch.arange(n)[None])
+    finally:
+        fused.close()
+        torch._dynamo.reset()
+    shapes = {}
+    for gm in graphs:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                shapes.setdefault(node.name, []).append(tuple(value.shape))
+    weights = {k: v for k, v in shapes.items() if "stc_" in k}
+    assert all(any(w in k for k in weights) for w in ("qkv_weight", "qkv_bias", "gate_up_weight")), sorted(shapes)
+    assert all(isinstance(d, int) for v in weights.values() for s in v for d in s), weights
+    hidden = [s for k, v in shapes.items() if "hidden_states" in k for s in v]
+    assert any(isinstance(d, torch.SymInt) for s in hidden for d in s), "the token dimensions should be symbolic"
 
 
 def test_fused_decoder_projections_only_for_qwen2_layers():
