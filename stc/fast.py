@@ -214,9 +214,9 @@ class FusedDecoderProjections:
 
     The weights are re-homed, not copied: each layer's Wq, Wk and Wv become row blocks of one buffer
     [Wq; Wk; Wv] (their biases of one vector), Wgate and Wup of one buffer [Wgate; Wup], and the
-    modules' parameters are views of these blocks with their old values. The buffers are the modules'
-    non-persistent buffers (not in `state_dict`), so compiled layers see their shapes as static. Loading weights into the
-    parameters in place therefore changes the buffers too. The attention and MLP modules become
+    modules' parameters are views of these blocks with their old values. The buffers are registered as
+    the modules' non-persistent buffers (not in `state_dict`), so compiled layers see their shapes as
+    static. Loading weights into the parameters in place therefore changes the buffers too. The attention and MLP modules become
     subclasses of their own (`isinstance` still holds) whose forwards run transformers' Qwen2 forwards
     step for step with the fused GEMMs, inside `compiled_decoder`'s compiled layers too. `close()`
     restores the classes and gives every parameter its own storage again (a parameter moved or
