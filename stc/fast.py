@@ -216,11 +216,11 @@ class FusedDecoderProjections:
     [Wq; Wk; Wv] (their biases of one vector), Wgate and Wup of one buffer [Wgate; Wup], and the
     modules' parameters are views of these blocks with their old values. The buffers are registered as
     the modules' non-persistent buffers (not in `state_dict`), so compiled layers see their shapes as
-    static. Loading weights into the parameters in place therefore changes the buffers too. The attention and MLP modules become
-    subclasses of their own (`isinstance` still holds) whose forwards run transformers' Qwen2 forwards
-    step for step with the fused GEMMs, inside `compiled_decoder`'s compiled layers too. `close()`
-    restores the classes and gives every parameter its own storage again (a parameter moved or
-    replaced meanwhile, as by `model.to(...)`, is not seen: close first).
+    static. Loading weights into the parameters in place therefore changes the buffers too. The
+    attention and MLP modules become subclasses of their own (`isinstance` still holds) whose forwards
+    run transformers' Qwen2 forwards step for step with the fused GEMMs, inside `compiled_decoder`'s
+    compiled layers too. `close()` restores the classes and gives every parameter its own storage
+    again (a parameter moved or replaced meanwhile, as by `model.to(...)`, is not seen: close first).
 
     In the pruned B = 4 prefill step of Qwen2-7B (196 rows, weights read from HBM), the three
     projections take 19.8 us per layer as one GEMM against 29.4 us as three (15.8 + 2 x 6.8), the gate

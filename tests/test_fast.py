@@ -395,13 +395,10 @@ def test_fused_decoder_weights_have_static_shapes_in_compiled_layers():
     from stc.fast import FusedDecoderProjections, compiled_decoder
     from stc.models import build_model
 
+    from tests.test_engine import _recording_backend
+
     lm = build_model("tiny", seed=0)[0].model.language_model.float()
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, record = _recording_backend()
     fused = FusedDecoderProjections(lm)
     try:
         torch._dynamo.reset()
