@@ -12,10 +12,12 @@ optionally two sections this module reads:
 
 `load_speed` collects them from many files; where several files measured the same setting on the same
 GPU, the newest (by the date in its meta) wins, so re-measuring updates the report without deleting
-history. For StreamBatch every row of one B comes from the newest file that measured that B on that
-GPU, and the one-stream rows all from the GPU's newest graph-path file, so each method is compared with
-the baseline of its own run. GPUs are never mixed: the tables take the measurements of one GPU
-(`Speed.on`), and `report` and `plot_speed` show each GPU on its own.
+history. A StreamBatch row is the newest measurement of its method at that B, and it keeps the baseline
+of its own run (``run_baseline_*``): its change, share and real-time gain are against that baseline,
+never against another run's, so a later run of a few methods updates those alone. The one-stream rows
+all come from the GPU's newest graph-path file. GPUs are never mixed: the tables take the measurements
+of one GPU (`Speed.on`), and `report` and `plot_speed` show each GPU on its own. Runs kept for an A/B
+comparison of code versions go under another key (``ab_runs``) and are not read.
 """
 
 from __future__ import annotations
@@ -112,11 +114,13 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         rank = vit_df["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else len(COMPILE_LEVELS))
         vit_df = vit_df.assign(_rank=rank).sort_values(["device", "batch", "_rank"]).drop(columns="_rank").reset_index(drop=True)
     batched_df = pd.DataFrame(batched)
-    if not batched_df.empty:
-        newest = batched_df.sort_values("date").groupby(["device", "batch"])["source"].last()
-        keys = pd.MultiIndex.from_frame(batched_df[["device", "batch"]])
-        batched_df = batched_df[batched_df["source"].to_numpy() == newest.reindex(keys).to_numpy()]
-        batched_df = _newest(batched_df, ["device", "batch", "method"])
+    if not batched_df.empty:  # each row keeps its own run's baseline, then the newest row per method wins
+        run = ["source", "device", "batch"]
+        base = batched_df[batched_df["method"] == BASELINE].drop_duplicates(run, keep="last")
+        base = base[run + ["vit_ms_per_frame", "prefill_ms_per_frame", "prefill_floor_ms"]].rename(columns={
+            "vit_ms_per_frame": "run_baseline_vit_ms", "prefill_ms_per_frame": "run_baseline_prefill_ms",
+            "prefill_floor_ms": "run_baseline_prefill_floor_ms"})
+        batched_df = _newest(batched_df.merge(base, on=run, how="left"), ["device", "batch", "method"])
     stream_df = pd.DataFrame(stream)
     if not stream_df.empty:
         newest = stream_df.sort_values("date").groupby("device")["source"].last()
@@ -143,26 +147,26 @@ def vit_table(speed: Speed) -> pd.DataFrame:
 
 def prefill_table(speed: Speed) -> pd.DataFrame:
     """StreamBatch per B and method: ViT and prefill per stream-frame, the prefill floor, the change
-    against the baseline of the same B, what the floor model predicts, and the share achieved."""
+    against the baseline of the method's own run (its prefill in "run's baseline"), what the floor
+    model predicts, and the share achieved."""
     _one_device(speed)
     b = speed.batched
     if b.empty:
         return pd.DataFrame()
     rows = []
-    for batch, group in b.groupby("batch", sort=True):
-        base = group[group["method"] == BASELINE]
-        base = base.iloc[0] if len(base) else None
-        for _, r in group.iterrows():
-            change = predicted = share = None
-            if base is not None and r["method"] != BASELINE:
-                change = r["prefill_ms_per_frame"] / base["prefill_ms_per_frame"] - 1
-                predicted = r["prefill_floor_ms"] / base["prefill_floor_ms"] - 1
-                share = change / predicted if predicted < 0 else None
-            rows.append({"B": batch, "method": r["method"], "tokens": r["tokens_per_frame"],
-                         "ViT": r["vit_ms_per_frame"], "prefill": r["prefill_ms_per_frame"],
-                         "prefill floor": r["prefill_floor_ms"], "prefill / floor": r["prefill_ms_per_frame"] / r["prefill_floor_ms"],
-                         "prefill change": change, "floor predicts": predicted, "share of predicted": share,
-                         "commit": r["commit"]})
+    for _, r in b.sort_values(["batch"], kind="stable").iterrows():
+        base_prefill, base_floor = r.get("run_baseline_prefill_ms"), r.get("run_baseline_prefill_floor_ms")
+        change = predicted = share = None
+        if r["method"] != BASELINE and pd.notna(base_prefill):
+            change = r["prefill_ms_per_frame"] / base_prefill - 1
+            predicted = r["prefill_floor_ms"] / base_floor - 1
+            share = change / predicted if predicted < 0 else None
+        rows.append({"B": r["batch"], "method": r["method"], "tokens": r["tokens_per_frame"],
+                     "ViT": r["vit_ms_per_frame"], "prefill": r["prefill_ms_per_frame"],
+                     "prefill floor": r["prefill_floor_ms"], "prefill / floor": r["prefill_ms_per_frame"] / r["prefill_floor_ms"],
+                     "run's baseline": None if r["method"] == BASELINE or pd.isna(base_prefill) else base_prefill,
+                     "prefill change": change, "floor predicts": predicted, "share of predicted": share,
+                     "commit": r["commit"]})
     return pd.DataFrame(rows)
 
 
@@ -197,11 +201,10 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     rows = []
     for _, r in top.iterrows():
         per = r["vit_ms_per_frame"] + r["prefill_ms_per_frame"]
-        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": int(budget_ms // per)})
-    out = pd.DataFrame(rows)
-    base = out.loc[out["method"] == BASELINE, "streams"]
-    out["vs baseline"] = out["streams"] / base.iloc[0] if len(base) else None
-    return out
+        base = r.get("run_baseline_vit_ms", float("nan")) + r.get("run_baseline_prefill_ms", float("nan"))
+        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": int(budget_ms // per),
+                     "vs baseline": (budget_ms // per) / (budget_ms // base) if pd.notna(base) else None})
+    return pd.DataFrame(rows)
 
 
 def _cell(value, column: str) -> str:

@@ -61,14 +61,30 @@ def test_newest_measurement_of_each_setting_wins(files):
                                                           (1, "inductor + kernels + fused MLP"),
                                                           (1, "inductor + kernels + fused MLP + patch GEMM"),
                                                           (1, "inductor + kernels + fused MLP + patch GEMM + fused QKV"), (16, "none")]
-    # every StreamBatch row of one B comes from the newest run of that B: methods meet their own baseline
     at16 = s.batched[s.batched["batch"] == 16]
     assert sorted(at16["method"]) == ["baseline", "pruner"] and set(at16["commit"]) == {"bbbbbbb"}
     assert set(at16["compile"]) == {"inductor"}
+    # a newer run of the baseline alone replaces the baseline's row; the pruner's row stays, and its
+    # change and real-time gain stay against the baseline of its own run (7.2 ms), not the newer 7.0
     write(files[0].parent / "d_newest.json", "2026-04-01T00:00:00+00:00", "ddddddd4",
           batched=[batch_row(16, "baseline", 196, 2.0, 7.0, 4.5)])
-    at16 = speed.load_speed(files + [files[0].parent / "d_newest.json"]).batched.query("batch == 16")
-    assert list(at16["method"]) == ["baseline"] and set(at16["compile"]) == {"none"}
+    s = speed.load_speed(files + [files[0].parent / "d_newest.json"])
+    at16 = s.batched.query("batch == 16").set_index("method")
+    assert at16.loc["baseline", "commit"] == "ddddddd" and at16.loc["pruner", "commit"] == "bbbbbbb"
+    p = speed.prefill_table(s).set_index(["B", "method"])
+    assert p.loc[(16, "pruner"), "prefill change"] == pytest.approx(1.6 / 7.2 - 1)
+    assert p.loc[(16, "pruner"), "floor predicts"] == pytest.approx(0.88 / 4.5 - 1)
+    assert p.loc[(16, "pruner"), "run's baseline"] == 7.2 and pd.isna(p.loc[(16, "baseline"), "run's baseline"])
+    r = speed.realtime_table(s).set_index("method")
+    assert r.loc["baseline", "streams"] == 2000 // 9.0 and r.loc["baseline", "vs baseline"] == pytest.approx(1.0)
+    assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / (2000 // 9.6))
+    # a run without a baseline: its rows show, with no change against anything
+    write(files[0].parent / "e_no_baseline.json", "2026-05-01T00:00:00+00:00", "eeeeeee5",
+          batched=[batch_row(16, "pruner", 49, 2.0, 1.5, 0.88)])
+    s = speed.load_speed(files + [files[0].parent / n for n in ("d_newest.json", "e_no_baseline.json")])
+    p = speed.prefill_table(s).set_index(["B", "method"])
+    assert p.loc[(16, "pruner"), "prefill"] == 1.5 and pd.isna(p.loc[(16, "pruner"), "prefill change"])
+    assert pd.isna(speed.realtime_table(s).set_index("method").loc["pruner", "vs baseline"])
 
 
 def test_derived_columns_against_the_rows(files):
