@@ -145,14 +145,23 @@ def supported_head_dim(head_dim: int) -> bool:
 def plan(batch: int, kv_heads: int, rows: int, slots: int, sms: int) -> dict:
     """Tile sizes and the number of context chunks for `rows` packed query rows per (stream, KV
     head) over a window of `slots`: about one program per SM, and never fewer than two chunks
-    (chunks of at least two key blocks). Chosen from a sweep on the H100 at Qwen2-7B shapes
-    (`scripts/bench_vit_kernels.py --window-attention --window-sweep`): timed in
-    results/latency/h100_window_kernel.json, the plan is within 4% of the sweep's best configuration
-    at every shape but one (49 new tokens at B = 1: 18.0 us against 16.3)."""
+    (chunks of at least two key blocks). Blocks of 128 rows (frames of 196 tokens) take 128 keys per
+    step, and their chunk count is the one of `base` and `base + 1` that fills the last wave of
+    programs best (such a program's tiles fill an SM's shared memory, so one runs per SM). Chosen
+    from sweeps at Qwen2-7B shapes (`scripts/bench_vit_kernels.py --window-attention
+    --window-sweep`): on the H100 (results/latency/h100_window_kernel_sweep.json) the plan for 49
+    new tokens is within 4% of the best configuration but at B = 1 (18.0 us against 16.3); on the
+    H200, 196 new tokens over 12,544 slots take 316 us at B = 4 and 1259 at B = 16 with this plan,
+    against 338 and 1277 with keys 64 at a time in two chunks (h200_window_sweep_*.json)."""
     block_m = 16 if rows <= 16 else 64 if rows <= 512 else 128
-    block_n = 64
+    block_n = 128 if block_m == 128 else 64
     blocks = triton.cdiv(rows, block_m) * batch * kv_heads
-    splits = max(1, min(max(2, round(sms / blocks)), slots // (2 * block_n), 64))
+    cap = max(1, min(slots // (2 * block_n), 64))
+    splits = min(max(2, round(sms / blocks)), cap)
+    if block_m == 128 and splits < cap:
+        def filled(s):  # the share of the last wave's SMs that have a program
+            return blocks * s / (triton.cdiv(blocks * s, sms) * sms)
+        splits = max((splits, splits + 1), key=lambda s: (filled(s), -s))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "splits": splits,
             "num_warps": 4 if block_m <= 64 else 8, "num_stages": 3}
 

@@ -68,7 +68,26 @@ KERNEL_CASES = [  # (streams, heads, kv_heads, new tokens, slots, head dim, used
     (1, 2, 1, 1, 200, 16, [150], None),  # a decoded token
     (3, 4, 4, 20, 128, 16, [128, 64, 20], {"splits": 3, "BLOCK_M": 16, "BLOCK_N": 16}),  # chunks without keys
     (1, 7, 1, 3, 256, 16, [200], {"splits": 7, "BLOCK_M": 16, "BLOCK_N": 16}),  # chunks inside the new tokens
+    (1, 8, 1, 20, 400, 16, [390], {"splits": 3, "BLOCK_M": 128, "BLOCK_N": 128}),  # a frame's tiles; the last chunk empty
 ]
+
+
+def test_window_plan_fills_the_gpu_with_the_swept_tiles():
+    """The plan's tiles at the engine's Qwen2-7B shapes (28 query heads over 4 KV heads, a 15,744-slot
+    window, 132 SMs) are the sweeps' best (results/latency/h200_window_sweep_*.json), and every plan
+    keeps chunks of at least two key blocks."""
+    from stc.window_kernel import plan
+
+    frame = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    for b in (1, 4, 16):  # 196 new tokens: three chunks, 132, 528 and 2112 programs (whole waves)
+        assert plan(b, 4, 7 * 196, 15744, 132) == {**frame, "splits": 3}
+    assert plan(4, 4, 7 * 49, 15744, 132) == {"BLOCK_M": 64, "BLOCK_N": 64, "splits": 2, "num_warps": 4,
+                                              "num_stages": 3}
+    assert plan(1, 4, 7, 15744, 132)["BLOCK_M"] == 16
+    assert plan(2, 4, 7 * 196, 15744, 100)["splits"] == 2  # 88 blocks: 2 and 3 chunks fill their last waves alike, the fewer
+    for b, rows, slots in [(1, 1372, 300), (1, 7, 100), (64, 1372, 15744), (1, 343, 256)]:
+        cfg = plan(b, 4, rows, slots, 132)
+        assert 1 <= cfg["splits"] and (cfg["splits"] == 1 or cfg["splits"] * 2 * cfg["BLOCK_N"] <= slots)
 
 
 def _kernel_inputs(case, dtype, device):
