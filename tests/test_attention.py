@@ -74,8 +74,8 @@ KERNEL_CASES = [  # (streams, heads, kv_heads, new tokens, slots, head dim, used
 
 def test_window_plan_fills_the_gpu_with_the_swept_tiles():
     """The plan's tiles at the engine's Qwen2-7B shapes (28 query heads over 4 KV heads, a 15,744-slot
-    window, 132 SMs) are the sweeps' best (results/latency/h200_window_sweep_*.json), and every plan
-    keeps chunks of at least two key blocks."""
+    window, 132 SMs) are the sweeps' best or within 1% of it (results/latency/h200_window_sweep_*.json),
+    and every plan keeps chunks of at least two key blocks."""
     from stc.window_kernel import plan
 
     frame = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
