@@ -87,6 +87,19 @@ def test_newest_measurement_of_each_setting_wins(files):
     assert pd.isna(speed.realtime_table(s).set_index("method").loc["pruner", "vs baseline"])
 
 
+def test_runs_kept_for_an_ab_comparison_are_not_read(files, tmp_path):
+    # a newer file whose older-code run sits under ab_runs: only its own (top-level) run counts
+    ab = write(tmp_path / "f_ab.json", "2026-09-01T00:00:00+00:00", "fffffff6",
+               batched=[batch_row(16, "baseline", 196, 2.0, 6.0, 4.5), batch_row(16, "pruner", 49, 2.0, 1.4, 0.88)])
+    data = json.loads(ab.read_text())
+    data["ab_runs"] = {"older": {"meta": {**data["meta"], "commit": "0ld0000"},
+                                 "batched": [batch_row(16, "pruner", 49, 2.0, 9.9, 0.88)]}}
+    ab.write_text(json.dumps(data))
+    p = speed.prefill_table(speed.load_speed(files + [ab])).set_index(["B", "method"])
+    assert p.loc[(16, "pruner"), "prefill"] == 1.4 and p.loc[(16, "pruner"), "commit"] == "fffffff"
+    assert p.loc[(16, "pruner"), "prefill change"] == pytest.approx(1.4 / 6.0 - 1)
+
+
 def test_derived_columns_against_the_rows(files):
     s = speed.load_speed(files)
     v = speed.vit_table(s).set_index(["B", "compile"])
