@@ -155,16 +155,17 @@ def prefill_table(speed: Speed) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for _, r in b.sort_values(["batch"], kind="stable").iterrows():
-        base_prefill, base_floor = r.get("run_baseline_prefill_ms"), r.get("run_baseline_prefill_floor_ms")
+        base_prefill = r.get("run_baseline_prefill_ms")
+        compared = r["method"] != BASELINE and pd.notna(base_prefill)
         change = predicted = share = None
-        if r["method"] != BASELINE and pd.notna(base_prefill):
+        if compared:
             change = r["prefill_ms_per_frame"] / base_prefill - 1
-            predicted = r["prefill_floor_ms"] / base_floor - 1
+            predicted = r["prefill_floor_ms"] / r["run_baseline_prefill_floor_ms"] - 1
             share = change / predicted if predicted < 0 else None
         rows.append({"B": r["batch"], "method": r["method"], "tokens": r["tokens_per_frame"],
                      "ViT": r["vit_ms_per_frame"], "prefill": r["prefill_ms_per_frame"],
                      "prefill floor": r["prefill_floor_ms"], "prefill / floor": r["prefill_ms_per_frame"] / r["prefill_floor_ms"],
-                     "run's baseline": None if r["method"] == BASELINE or pd.isna(base_prefill) else base_prefill,
+                     "run's baseline": base_prefill if compared else None,
                      "prefill change": change, "floor predicts": predicted, "share of predicted": share,
                      "commit": r["commit"]})
     return pd.DataFrame(rows)
@@ -201,9 +202,10 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     rows = []
     for _, r in top.iterrows():
         per = r["vit_ms_per_frame"] + r["prefill_ms_per_frame"]
+        streams = int(budget_ms // per)
         base = r.get("run_baseline_vit_ms", float("nan")) + r.get("run_baseline_prefill_ms", float("nan"))
-        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": int(budget_ms // per),
-                     "vs baseline": (budget_ms // per) / (budget_ms // base) if pd.notna(base) else None})
+        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": streams,
+                     "vs baseline": streams / (budget_ms // base) if pd.notna(base) else None})
     return pd.DataFrame(rows)
 
 
