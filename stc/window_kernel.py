@@ -65,7 +65,7 @@ def _attend_chunk(q, qk_scale, acc, m_i, l_i, K, V, stride_kl, stride_vl, lo, hi
 def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kl,
                 stride_vb, stride_vh, stride_vl, stride_ob, stride_on, stride_oh,
-                kv_heads, splits, scale, N,
+                kv_heads, splits, scale, N, SLOTS,
                 G: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -79,7 +79,7 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :],
                 mask=valid[:, None], other=0.0)
 
-    used = tl.load(USED + b)
+    used = tl.minimum(tl.maximum(tl.load(USED + b), 0), SLOTS)  # whatever it holds, no slot outside the window is read
     context = used - N  # slots before the new tokens; query i sees slots <= context + i
     chunk = tl.cdiv(tl.cdiv(used, splits), BLOCK_N) * BLOCK_N
     lo = pid_s * chunk
@@ -170,7 +170,8 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scaling: float | None = None, config: dict | None = None) -> torch.Tensor:
     """query [b, heads, n, d]; key, value [b, kv_heads, L, d] (any strides, last one 1); used:
     integers [b] on the device, n <= used <= L (not checked: reading it would synchronise; the engine
-    guarantees it). Returns [b, n, heads, d] in the query's dtype. config overrides `plan` (BLOCK_M,
+    guarantees it; the kernel clamps it into [0, L], so a wrong value gives wrong rows, never a read
+    outside the window). Returns [b, n, heads, d] in the query's dtype. config overrides `plan` (BLOCK_M,
     BLOCK_N, splits, num_warps, num_stages)."""
     if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
         raise ValueError(f"expected query [b, heads, n, d] and key, value [b, kv_heads, L, d], got "
@@ -202,7 +203,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         lse = torch.empty(splits * b * kv_heads * g * n, dtype=torch.float32, device=query.device)
     _window_fwd[grid](query, key, value, used, out, part, lse,
                       *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-                      kv_heads, splits, scale, n, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                      kv_heads, splits, scale, n, slots, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
                       DIRECT=splits == 1, **cfg)
     if splits > 1:
         merge_m = 64

@@ -189,3 +189,44 @@ def test_window_kernel_refuses_bad_inputs():
         window_attention(q.half(), k, v, used)
     with pytest.raises(ValueError, match="expected query"):
         window_attention(q[0], k, v, used)
+
+
+def _clamp_case(device, dtype):
+    """A window that is a slice of a longer buffer whose slots past the window hold data: a kernel
+    that read past the window would attend to them."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 5, 4, 16, generator=g).to(dtype).to(device).transpose(1, 2)
+    k = torch.randn(2, 2, 96, 16, generator=g).to(dtype).to(device)
+    v = torch.randn(2, 2, 96, 16, generator=g).to(dtype).to(device)
+    return q, k[:, :, :64], v[:, :, :64]
+
+
+def _clamped_pairs(window_attention, device, dtype):
+    q, k, v = _clamp_case(device, dtype)
+    cfg = {"splits": 2, "BLOCK_M": 16, "BLOCK_N": 16}
+    out = []
+    for wrong, right in (([90, 64], [64, 64]), ([-3, 40], [0, 40])):
+        out.append([window_attention(q, k, v, torch.tensor(u, dtype=torch.int32, device=device), config=cfg)
+                    for u in (wrong, right)])
+    return out
+
+
+def test_window_kernel_clamps_used_into_the_window_in_the_triton_interpreter(tmp_path):
+    """`used` is not checked on the host (that would synchronise): the kernel clamps it into [0, slots],
+    so a wrong length never reads outside the window (here a slice of a longer buffer)."""
+    run_in_triton_interpreter(f"""
+        import torch
+        from tests.test_attention import _clamped_pairs
+        from stc.window_kernel import window_attention
+        torch.save(_clamped_pairs(window_attention, "cpu", torch.float32), {str(tmp_path)!r} + "/pairs.pt")
+    """, timeout=120)
+    for wrong, right in torch.load(tmp_path / "pairs.pt"):
+        assert torch.equal(wrong, right)
+
+
+@gpu
+def test_window_kernel_clamps_used_into_the_window_on_gpu():
+    from stc.window_kernel import window_attention
+
+    for wrong, right in _clamped_pairs(window_attention, "cuda", torch.bfloat16):
+        assert torch.equal(wrong, right)
