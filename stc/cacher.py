@@ -152,19 +152,25 @@ def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * t, c).index_select(0, rows).view(b, -1, c)
 
 
-def _scatter(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """A copy of base [B or 1, T, C] (broadcast to `batch` frames) with values [B, k, C] written at rows."""
+def token_positions(idx: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-frame token indices [B, k] -> int64 [B * tokens]: for token t of frame b, its row among the
+    recomputed ones (b * k + j where idx[b, j] == t), or -1 where it is reused. The selective layer
+    merges recomputed rows into cached ones by a gather through it (`_merge`), which a compiler fuses
+    into the pass that writes the merged tensor; `stc.vit_kernel.rank_positions` computes it with the
+    selection."""
+    b, k = idx.shape
+    pos = torch.full((b * tokens,), -1, dtype=torch.int64, device=idx.device)
+    return pos.index_copy_(0, _rows(idx, tokens), torch.arange(b * k, device=idx.device))
+
+
+def _merge(base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """base [B or 1, T, C] (broadcast to `batch` frames) with the rows that `positions` (from
+    `token_positions`) marks taken from values [B, k, C]: a new [B, T, C] tensor."""
     b = batch or base.shape[0]
     t, c = base.shape[1], base.shape[2]
-    out = base.expand(b, t, c).clone(memory_format=torch.contiguous_format)
-    return _scatter_(out, rows, values)
-
-
-def _scatter_(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Write values [B, k, C] into out [B, T, C] (contiguous) at rows from `_rows`, in place."""
-    b, t, c = out.shape
-    out.view(b * t, c).index_copy_(0, rows, values.reshape(-1, c).to(out.dtype))
-    return out
+    pos = positions.view(b, t, 1)
+    picked = values.reshape(-1, c).to(base.dtype)[pos.clamp(min=0).view(b, t)]
+    return torch.where(pos >= 0, picked, base)
 
 
 @dataclass
@@ -292,8 +298,9 @@ def selective_layer(
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
     or [1, T, C]. dynamic: precomputed indices [B, k] (shared selection), else selected here.
-    kernels: select with `stc.vit_kernel` (Triton, a GPU): the cosine by `cosine`, the ranking by
-    `rank_select` (the same tokens as without).
+    kernels: select with `stc.vit_kernel` (Triton, a GPU): the cosine by `cosine`, the ranking and the
+    tokens' positions by `rank_positions` (the same tokens as without). Recomputed rows are merged
+    into the cached ones by a gather (`token_positions`), one pass per merged tensor when compiled.
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
     (the projections that a step computes for the same rows as one GEMM).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
@@ -303,7 +310,7 @@ def selective_layer(
     attn = layer.self_attn
     b, t, _ = x.shape
     h = layer.layer_norm1(x)
-    query_all = value_all = None
+    query_all = value_all = positions = None
     if config.reuse == "mlp":  # full attention for every token: all three projections of every token
         query_all, value_all, key = project(layer, h, "qvk", qvk)
     elif config.selection_feature == "value":
@@ -319,9 +326,11 @@ def selective_layer(
         if kernels:
             sim = (vit_kernel.cosine(feature, ref_feature) if config.metric == "cosine"
                    else token_similarity(feature, ref_feature, config.metric))
-            dynamic = vit_kernel.rank_select(sim, k)
+            dynamic, positions = vit_kernel.rank_positions(sim, k)
         else:
             dynamic = select_dynamic_tokens(feature, ref_feature, k, config.metric, ascending=False)
+    if positions is None:
+        positions = token_positions(dynamic, t)
     rows = _rows(dynamic, t)
 
     if config.reuse == "mlp":
@@ -333,22 +342,21 @@ def selective_layer(
             (q_dyn,), v_dyn = project(layer, h_dyn, "q", qvk), _gather(value_all, rows)
         else:
             q_dyn, v_dyn = project(layer, h_dyn, "qv", qvk)
-        v_full = _scatter(ref.value, rows, v_dyn, batch=b)
+        v_full = _merge(ref.value, positions, v_dyn, batch=b)
         a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn = _gather(x, rows) + a_dyn
             out_dyn = mid_dyn + mlp_forward(layer, layer.layer_norm2(mid_dyn), fused_mlp)
-            out = ((x + ref.attn) + ref.mlp).contiguous()
-            return _scatter_(out, rows, out_dyn), dynamic
-        a_full = _scatter(ref.attn, rows, a_dyn, batch=b)
+            return _merge((x + ref.attn) + ref.mlp, positions, out_dyn), dynamic
+        a_full = _merge(ref.attn, positions, a_dyn, batch=b)
     mid = x + a_full
 
     if config.reuse == "attn":
         m_full = mlp_forward(layer, layer.layer_norm2(mid), fused_mlp)
     else:
         m_dyn = mlp_forward(layer, layer.layer_norm2(_gather(mid, rows)), fused_mlp)
-        m_full = _scatter(ref.mlp, rows, m_dyn, batch=b)
+        m_full = _merge(ref.mlp, positions, m_dyn, batch=b)
     return mid + m_full, dynamic
 
 

@@ -30,7 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _rank_select(SIM, IDX, T, K, stride_sb, BLOCK_I: tl.constexpr, TP: tl.constexpr):
+def _rank_select(SIM, IDX, POS, T, K, stride_sb, BLOCK_I: tl.constexpr, TP: tl.constexpr, WRITE_POS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     j = tl.arange(0, TP)
@@ -41,7 +41,33 @@ def _rank_select(SIM, IDX, T, K, stride_sb, BLOCK_I: tl.constexpr, TP: tl.conste
     s_i = tl.where(s_i != s_i, inf, s_i)
     before = (s_all[None, :] < s_i[:, None]) | ((s_all[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
     rank = tl.sum((before & (j[None, :] < T)).to(tl.int32), axis=1)
-    tl.store(IDX + b * K + rank, i.to(tl.int64), mask=(rank < K) & (i < T))
+    chosen = rank < K
+    tl.store(IDX + b * K + rank, i.to(tl.int64), mask=chosen & (i < T))
+    if WRITE_POS:
+        tl.store(POS + b * T + i, tl.where(chosen, b * K + rank, -1), mask=i < T)
+
+
+def _check_rank_inputs(sim: torch.Tensor, k: int) -> None:
+    if sim.dim() != 2 or not 0 <= k <= sim.shape[1]:
+        raise ValueError(f"rank_select: expected sim [B, T] and 0 <= k <= T, got {tuple(sim.shape)} and k={k}")
+
+
+def _launch_rank(sim: torch.Tensor, k: int, positions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    b, t = sim.shape
+    idx = torch.empty(b, k, dtype=torch.int64, device=sim.device)
+    pos = torch.empty(b * t, dtype=torch.int64, device=sim.device) if positions else None
+    if b == 0 or t == 0:
+        return idx, pos
+    if k == 0:
+        if pos is not None:
+            pos.fill_(-1)
+        return idx, pos
+    sim = sim.contiguous()
+    block_i = 16
+    wrap_triton(_rank_select)[(b, triton.cdiv(t, block_i))](
+        sim, idx, idx if pos is None else pos, t, k, sim.stride(0), BLOCK_I=block_i, TP=triton.next_power_of_2(t),
+        WRITE_POS=positions, num_warps=4)
+    return idx, pos
 
 
 @triton_op("stc::rank_select", mutates_args={})
@@ -49,17 +75,17 @@ def rank_select(sim: torch.Tensor, k: int) -> torch.Tensor:
     """sim [B, T] (any float dtype) -> int64 [B, k]: the k least similar tokens of each frame in
     ascending order of similarity, ties to the lower index, NaN last. Equal to
     ``torch.sort(sim, dim=1, stable=True).indices[:, :k]``."""
-    if sim.dim() != 2 or not 0 <= k <= sim.shape[1]:
-        raise ValueError(f"rank_select: expected sim [B, T] and 0 <= k <= T, got {tuple(sim.shape)} and k={k}")
-    b, t = sim.shape
-    idx = torch.empty(b, k, dtype=torch.int64, device=sim.device)
-    if b == 0 or k == 0:
-        return idx
-    sim = sim.contiguous()
-    block_i = 16
-    wrap_triton(_rank_select)[(b, triton.cdiv(t, block_i))](
-        sim, idx, t, k, sim.stride(0), BLOCK_I=block_i, TP=triton.next_power_of_2(t), num_warps=4)
-    return idx
+    _check_rank_inputs(sim, k)
+    return _launch_rank(sim, k, positions=False)[0]
+
+
+@triton_op("stc::rank_positions", mutates_args={})
+def rank_positions(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rank_select`'s indices [B, k] and, from the same kernel, each token's place among them: int64
+    [B * T], b * k + rank for token t of frame b if it is chosen, else -1 (`stc.cacher.token_positions`
+    of the indices), so that the selective layer merges recomputed rows by a gather."""
+    _check_rank_inputs(sim, k)
+    return _launch_rank(sim, k, positions=True)
 
 
 @triton.jit

@@ -4,11 +4,17 @@ PyTorch's, and the selective layer with the kernels against the layer without th
 import pytest
 import torch
 
-from stc.cacher import CacherConfig, reference_layer, select_dynamic_tokens, selective_layer
+from stc.cacher import CacherConfig, reference_layer, select_dynamic_tokens, selective_layer, token_positions
 from tests.test_cacher import siglip, video
 from tests.triton_interpreter import run_in_triton_interpreter
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a GPU")
+
+
+def positions_of(idx: list[list[int]], tokens: int) -> list[int]:
+    """Brute force: for each frame's tokens in turn, the flat row of the token among the chosen ones, or -1."""
+    k = len(idx[0]) if idx else 0
+    return [b * k + row.index(t) if t in row else -1 for b, row in enumerate(idx) for t in range(tokens)]
 
 
 def ranked(sim: torch.Tensor, k: int) -> list[list[int]]:
@@ -89,6 +95,7 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
         from tests.test_vit_kernel import COSINE_CASES, RANK_CASES, _cosine_inputs, _rank_inputs, layer_cases
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
+               "positions": [vit_kernel.rank_positions(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
                "layers": layer_cases(kernels=True)}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
@@ -97,6 +104,9 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     for i, case in enumerate(RANK_CASES):
         sim, k = _rank_inputs(case, i)
         assert out["rank"][i].dtype == torch.int64 and out["rank"][i].tolist() == ranked(sim, k)
+        idx, pos = out["positions"][i]
+        assert idx.tolist() == ranked(sim, k) and pos.dtype == torch.int64
+        assert pos.tolist() == positions_of(ranked(sim, k), sim.shape[1])
     for i, case in enumerate(COSINE_CASES):
         want = torch.nn.functional.cosine_similarity(*_cosine_inputs(case, i), dim=-1)
         torch.testing.assert_close(out["cosine"][i], want, atol=1e-6, rtol=1e-6)
@@ -117,6 +127,14 @@ def test_pytorch_selection_ranks_ties_to_the_lower_index():
         assert select_dynamic_tokens(feature, torch.ones_like(feature), k, "cosine").tolist() == [sorted(r) for r in ranked(cos, k)]
 
 
+def test_token_positions_equal_brute_force():
+    """What the selective layer merges by when the kernel does not compute the positions."""
+    g = torch.Generator().manual_seed(3)
+    for b, t, k in [(1, 729, 182), (3, 20, 5), (2, 6, 6), (2, 4, 0)]:
+        idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
+        assert token_positions(idx, t).tolist() == positions_of(idx.tolist(), t)
+
+
 def test_bad_inputs_are_refused_before_any_launch():
     vit_kernel = pytest.importorskip("stc.vit_kernel")
     with pytest.raises(ValueError, match="0 <= k <= T"):
@@ -126,6 +144,10 @@ def test_bad_inputs_are_refused_before_any_launch():
     with pytest.raises(ValueError, match=r"sim \[B, T\]"):
         vit_kernel.rank_select(torch.zeros(5), 2)
     assert vit_kernel.rank_select(torch.zeros(2, 5), 0).shape == (2, 0)
+    with pytest.raises(ValueError, match="0 <= k <= T"):
+        vit_kernel.rank_positions(torch.zeros(1, 5), 6)
+    idx, pos = vit_kernel.rank_positions(torch.zeros(2, 5), 0)
+    assert idx.shape == (2, 0) and pos.tolist() == [-1] * 10
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -146,6 +168,9 @@ def test_kernel_equals_brute_force_on_gpu(dtype):
         sim, k = _rank_inputs(case, i)
         sim = sim.to(dtype)
         assert vit_kernel.rank_select(sim.cuda(), k).cpu().tolist() == ranked(sim, k)
+        idx, pos = vit_kernel.rank_positions(sim.cuda(), k)
+        assert idx.cpu().tolist() == ranked(sim, k)
+        assert pos.cpu().tolist() == positions_of(ranked(sim, k), sim.shape[1])
 
 
 @gpu
