@@ -138,3 +138,72 @@ def cosine(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def supported(dtype: torch.dtype) -> bool:
     """Whether the kernels compare and rank features of this dtype (on a CUDA device: `stc.fast.vit_kernels_supported`)."""
     return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _layer_norm(X, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, stride_y, stride_sum,
+                HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    inside = c < C
+    mask = (r < R)[:, None] & inside[None, :]
+    x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+    if HAS_RES:  # the residual sum, rounded to the dtype as the unfused add would, then normalised
+        x = x + tl.load(RES + r[:, None] * stride_res + c[None, :], mask=mask, other=0.0)
+        tl.store(SUM + r[:, None] * stride_sum + c[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(inside[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    w = tl.load(W + c, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + c, mask=inside, other=0.0).to(tl.float32)
+    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + r[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] as rows [R, C] with unit channel stride (a view where the layout allows)."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
+
+
+def _launch_norm(x, residual, weight, bias, eps):
+    if weight.dim() != 1 or bias.dim() != 1 or weight.shape != bias.shape or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"layer_norm: expected x [..., C] and weight, bias [C], got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"layer_norm: the residual must match x, got {tuple(residual.shape)} {residual.dtype} "
+                         f"and {tuple(x.shape)} {x.dtype}")
+    rows = _rows_of(x)
+    r, c = rows.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    if r == 0 or c == 0:
+        return y, total
+    res = _rows_of(residual) if residual is not None else rows
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, min(16, 4096 // block_c))  # a few rows per program where rows are short
+    wrap_triton(_layer_norm)[(triton.cdiv(r, block_r),)](
+        rows, res, weight, bias, y, y if total is None else total, r, c, eps, rows.stride(0), res.stride(0), c, c,
+        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+    return y, total
+
+
+@triton_op("stc::layer_norm", mutates_args={})
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`` for x [..., C], in one pass over
+    the rows (statistics in float32, output in x's dtype)."""
+    return _launch_norm(x, None, weight, bias, eps)[0]
+
+
+@triton_op("stc::add_layer_norm", mutates_args={})
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer_norm(s)) for s = x + residual, both [..., C] of one dtype: the residual add of an
+    encoder layer and the norm after it in one pass (s rounded to the dtype before it is normalised,
+    as the two separate operations do)."""
+    y, total = _launch_norm(x, residual, weight, bias, eps)
+    return total, y

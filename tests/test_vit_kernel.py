@@ -63,6 +63,36 @@ def _cosine_inputs(case, seed, dtype=torch.float32):
 COSINE_CASES = [(2, 37, 100, "same"), (3, 20, 64, "shared"), (2, 9, 1152, "slice"), (2, 5, 33, "zeros"), (1, 1, 1, "same")]
 
 
+NORM_CASES = [(2, 37, 100), (3, 5, 1152), (1, 1, 7), (4, 20, 64), (0, 3, 16)]  # rows of several shapes, ragged channels
+
+
+def _norm_inputs(case, seed, dtype=torch.float32, device="cpu"):
+    b, t, c = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, c, generator=g) * 3 + 1
+    res, w, bias = torch.randn(b, t, c, generator=g), torch.randn(c, generator=g), torch.randn(c, generator=g)
+    return tuple(v.to(dtype).to(device) for v in (x, res, w, bias))
+
+
+def norm_case(case, seed, vit_kernel, dtype=torch.float32, device="cpu"):
+    """The kernels' norm, and their residual add and norm, on rows of `case`."""
+    x, res, w, bias = _norm_inputs(case, seed, dtype, device)
+    return vit_kernel.layer_norm(x, w, bias, 1e-6), vit_kernel.add_layer_norm(x, res, w, bias, 1e-6)
+
+
+def check_norm(case, seed, got, atol, dtype=torch.float32):
+    """Against PyTorch's layer norm in float32 of the same inputs (the sum rounded to the dtype first)."""
+    x, res, w, bias = (v.cpu() for v in _norm_inputs(case, seed, dtype))
+    norm, (total, after) = (got[0].cpu(), (got[1][0].cpu(), got[1][1].cpu()))
+    c = x.shape[-1]
+    want = torch.nn.functional.layer_norm(x.float(), (c,), w.float(), bias.float(), 1e-6)
+    assert norm.dtype == dtype and norm.shape == x.shape
+    torch.testing.assert_close(norm.float(), want, atol=atol, rtol=0)
+    assert torch.equal(total, x + res)  # the sum in the dtype, as the unfused add
+    want = torch.nn.functional.layer_norm(total.float(), (c,), w.float(), bias.float(), 1e-6)
+    torch.testing.assert_close(after.float(), want, atol=atol, rtol=0)
+
+
 LAYER_CONFIGS = [
     CacherConfig(cache_interval=2, reuse_ratio=0.75),
     CacherConfig(cache_interval=2, reuse_ratio=0.5, reuse="attn", selection_feature="value"),
@@ -92,12 +122,13 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_vit_kernel import COSINE_CASES, RANK_CASES, _cosine_inputs, _rank_inputs, layer_cases
+        from tests.test_vit_kernel import COSINE_CASES, NORM_CASES, RANK_CASES, _cosine_inputs, _rank_inputs, layer_cases, norm_case
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "positions": [vit_kernel.rank_positions(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
-               "layers": layer_cases(kernels=True)}}
+               "layers": layer_cases(kernels=True),
+               "norm": [norm_case(case, i, vit_kernel) for i, case in enumerate(NORM_CASES)]}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """, timeout=600)
     out = torch.load(tmp_path / "out.pt")
@@ -110,6 +141,8 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     for i, case in enumerate(COSINE_CASES):
         want = torch.nn.functional.cosine_similarity(*_cosine_inputs(case, i), dim=-1)
         torch.testing.assert_close(out["cosine"][i], want, atol=1e-6, rtol=1e-6)
+    for i, case in enumerate(NORM_CASES):
+        check_norm(case, i, out["norm"][i], atol=1e-5)
     for (got, got_dyn), (want, want_dyn) in zip(out["layers"], layer_cases(kernels=False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got_dyn, want_dyn)  # the same tokens, in the same order
@@ -148,6 +181,10 @@ def test_bad_inputs_are_refused_before_any_launch():
         vit_kernel.rank_positions(torch.zeros(1, 5), 6)
     idx, pos = vit_kernel.rank_positions(torch.zeros(2, 5), 0)
     assert idx.shape == (2, 0) and pos.tolist() == [-1] * 10
+    with pytest.raises(ValueError, match=r"weight, bias \[C\]"):
+        vit_kernel.layer_norm(torch.zeros(2, 5), torch.ones(4), torch.zeros(4), 1e-6)
+    with pytest.raises(ValueError, match="residual must match"):
+        vit_kernel.add_layer_norm(torch.zeros(2, 5), torch.zeros(2, 4), torch.ones(5), torch.zeros(5), 1e-6)
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -171,6 +208,18 @@ def test_kernel_equals_brute_force_on_gpu(dtype):
         idx, pos = vit_kernel.rank_positions(sim.cuda(), k)
         assert idx.cpu().tolist() == ranked(sim, k)
         assert pos.cpu().tolist() == positions_of(ranked(sim, k), sim.shape[1])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_kernel_equals_pytorch_on_gpu(dtype):
+    """Within one rounding of the dtype of PyTorch's float32 norm (atol: a unit of the dtype at the
+    outputs' size, about 4 for these inputs)."""
+    from stc import vit_kernel
+
+    atol = {torch.float32: 1e-5, torch.bfloat16: 0.04, torch.float16: 0.005}[dtype]
+    for i, case in enumerate(NORM_CASES + [(16, 729, 1152), (1, 182, 1152)]):
+        check_norm(case, i, norm_case(case, i, vit_kernel, dtype, "cuda"), atol, dtype)
 
 
 @gpu
