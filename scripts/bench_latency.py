@@ -85,19 +85,20 @@ def graphed_vit_part(model, args, rates):
     floors = vit_floors(vcfg, rates)
     rows = []
     flag = {"auto": None, "0": False, "1": True}
-    settings = [(c == "1", b, flag[m], flag[e], flag[q]) for c in args.vit_compile for b in args.batches for m in args.vit_fused_mlp
-                for e in args.vit_patch_gemm for q in args.vit_fused_qkv]
-    for compile, batch, fused, embed, qkv in settings:
-        both = dict(batch=batch, repeats=args.repeats, compile=compile, fused_mlp=fused, patch_gemm=embed, fused_qkv=qkv)
+    settings = [(c == "1", b, flag[m], flag[e], flag[q], flag[n]) for c in args.vit_compile for b in args.batches
+                for m in args.vit_fused_mlp for e in args.vit_patch_gemm for q in args.vit_fused_qkv for n in args.vit_norm_kernel]
+    for compile, batch, fused, embed, qkv, norm in settings:
+        both = dict(batch=batch, repeats=args.repeats, compile=compile, fused_mlp=fused, patch_gemm=embed, fused_qkv=qkv,
+                    norm_kernel=norm)
         full = measure_graphed_vit(tower, pixels, None, **both)
         for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
             stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], **both)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
                                 kernels=stc["kernels"], fused_mlp=stc["fused_mlp"], patch_gemm=stc["patch_gemm"],
-                                fused_qkv=stc["fused_qkv"]))
+                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"]))
             r = rows[-1]
             print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']} fused_mlp={r['fused_mlp']} "
-                  f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']}: full "
+                  f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']} norm_kernel={r['norm_kernel']}: full "
                   f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
                   f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (FLOP ideal {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows
@@ -164,6 +165,9 @@ def main(argv=None):
                    help="graphed ViT: every method's patch embedding as one GEMM (1) and/or cuDNN's convolution (0); auto: where it applies")
     p.add_argument("--vit-fused-qkv", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                    help="graphed ViT: every method's attention projections as one GEMM (1) or three (0); auto: where they fuse")
+    p.add_argument("--vit-norm-kernel", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: every method's LayerNorms (and the add before the second) by stc.vit_kernel (1) or "
+                        "as compiled (0); auto: where it runs")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")

@@ -221,6 +221,42 @@ def mlp_forward(layer: nn.Module, h: torch.Tensor, fused: bool = False) -> torch
     return fc2(y).view(*h.shape[:-1], fc2.out_features)
 
 
+def norm_kernel_supported(layer: nn.Module, device: torch.device) -> bool:
+    """Whether `layer_norm(..., kernel=True)` can run this layer's norms with `stc.vit_kernel`'s one-pass
+    kernel: both are LayerNorms over the channels with weights and biases, on a CUDA device with Triton."""
+    norms = [getattr(layer, n, None) for n in ("layer_norm1", "layer_norm2")]
+    if torch.device(device).type != "cuda" or not all(
+            isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.weight is not None and m.bias is not None
+            for m in norms):
+        return False
+    try:
+        from stc import vit_kernel
+    except ImportError:
+        return False
+    return vit_kernel.supported(norms[0].weight.dtype)
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+    """norm(x); kernel: by `stc.vit_kernel.layer_norm` (check `norm_kernel_supported`)."""
+    if not kernel:
+        return norm(x)
+    from stc import vit_kernel
+
+    return vit_kernel.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
+def add_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, kernel: bool = False,
+                   rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) for s = x + residual (rows: the rows of x from `_rows` instead, [B * k], for a residual
+    [B, k, C]); kernel: both in one pass by `stc.vit_kernel.add_layer_norm`."""
+    if kernel:
+        from stc import vit_kernel
+
+        return vit_kernel.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, rows)
+    s = (x if rows is None else _gather(x, rows)) + residual
+    return s, norm(s)
+
+
 PROJECTIONS = "qvk"  # the order of `fused_projection_weights`: each contiguous run of it is one GEMM
 
 
@@ -265,21 +301,23 @@ def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Te
 
 
 def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False, fused_mlp: bool = False,
-                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, LayerCache]:
+                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    norm_kernel: bool = False) -> tuple[torch.Tensor, LayerCache]:
     """The full layer forward, decomposed so that K, V and both residual deltas can be cached.
 
     Same operations as the Hugging Face SigLIP/CLIP encoder layer (fused_mlp: the MLP through
     `mlp_forward(fused=True)`; qvk: the layer's `fused_projection_weights`, the three projections as
-    one GEMM). x: [B, T, C].
+    one GEMM; norm_kernel: the norms, and the attention's residual add with the norm after it, by
+    `stc.vit_kernel`). x: [B, T, C].
     Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors (with qvk, K and V are column
     slices of the projections' output).
     """
     attn = layer.self_attn
-    h = layer.layer_norm1(x)
+    h = layer_norm(layer.layer_norm1, x, norm_kernel)
     q, v, k = project(layer, h, "qvk", qvk)
     a = attn.out_proj(_attention(layer, q, k, v))
-    mid = x + a
-    m = mlp_forward(layer, layer.layer_norm2(mid), fused_mlp)
+    mid, h2 = add_layer_norm(layer.layer_norm2, x, a, norm_kernel)
+    m = mlp_forward(layer, h2, fused_mlp)
     return mid + m, LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
 
 
@@ -293,6 +331,7 @@ def selective_layer(
     kernels: bool = False,
     fused_mlp: bool = False,
     qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm_kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
@@ -302,14 +341,15 @@ def selective_layer(
     tokens' positions by `rank_positions` (the same tokens as without). Recomputed rows are merged
     into the cached ones by a gather (`token_positions`), one pass per merged tensor when compiled.
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
-    (the projections that a step computes for the same rows as one GEMM).
+    (the projections that a step computes for the same rows as one GEMM). norm_kernel: the norms (and
+    the residual add before the second) by `stc.vit_kernel` (`add_layer_norm`).
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
     """
     if kernels:
         from stc import vit_kernel  # needs Triton; imported only here
     attn = layer.self_attn
     b, t, _ = x.shape
-    h = layer.layer_norm1(x)
+    h = layer_norm(layer.layer_norm1, x, norm_kernel)
     query_all = value_all = positions = None
     if config.reuse == "mlp":  # full attention for every token: all three projections of every token
         query_all, value_all, key = project(layer, h, "qvk", qvk)
@@ -346,16 +386,16 @@ def selective_layer(
         a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
-            mid_dyn = _gather(x, rows) + a_dyn
-            out_dyn = mid_dyn + mlp_forward(layer, layer.layer_norm2(mid_dyn), fused_mlp)
+            mid_dyn, h_dyn = add_layer_norm(layer.layer_norm2, x, a_dyn, norm_kernel, rows=rows)
+            out_dyn = mid_dyn + mlp_forward(layer, h_dyn, fused_mlp)
             return _merge((x + ref.attn) + ref.mlp, positions, out_dyn), dynamic
         a_full = _merge(ref.attn, positions, a_dyn, batch=b)
-    mid = x + a_full
-
     if config.reuse == "attn":
-        m_full = mlp_forward(layer, layer.layer_norm2(mid), fused_mlp)
+        mid, h_mid = add_layer_norm(layer.layer_norm2, x, a_full, norm_kernel)
+        m_full = mlp_forward(layer, h_mid, fused_mlp)
     else:
-        m_dyn = mlp_forward(layer, layer.layer_norm2(_gather(mid, rows)), fused_mlp)
+        mid = x + a_full
+        m_dyn = mlp_forward(layer, layer_norm(layer.layer_norm2, _gather(mid, rows), norm_kernel), fused_mlp)
         m_full = _merge(ref.mlp, positions, m_dyn, batch=b)
     return mid + m_full, dynamic
 

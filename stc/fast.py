@@ -43,8 +43,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 
 from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
-                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
-                        selective_layer)
+                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, norm_kernel_supported,
+                        reference_layer, selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -59,12 +59,12 @@ def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None =
 
 
 def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False,
-                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp or qvk the
-    same operations as `reference_layer` computes them (its MLP as one GEMM with the GELU, its three
-    projections as one GEMM, as STC's layers)."""
-    if fused_mlp or qvk is not None:
-        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk)[0]
+                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None, norm_kernel: bool = False) -> torch.Tensor:
+    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp, qvk or
+    norm_kernel the same operations as `reference_layer` computes them (its MLP as one GEMM with the
+    GELU, its three projections as one GEMM, its norms by `stc.vit_kernel`, as STC's layers)."""
+    if fused_mlp or qvk is not None or norm_kernel:
+        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk, norm_kernel=norm_kernel)[0]
     return layer(x, None)
 
 
@@ -381,13 +381,17 @@ class GraphedVision:
     layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 0.2 GB for
     SigLIP-so400m in bf16), copied again when a weight is changed in place; None (default): where the
     layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
+    norm_kernel: every method's layers run their LayerNorms, and the attention's residual add with the
+    norm after it, as one pass each (`stc.vit_kernel.layer_norm`, `add_layer_norm`; inductor's norm of
+    1152 channels is a looped reduction); None (default): where it can (`stc.cacher.norm_kernel_supported`:
+    a CUDA device and Triton); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
                  kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
-                 fused_qkv: bool | None = None):
+                 fused_qkv: bool | None = None, norm_kernel: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -411,6 +415,8 @@ class GraphedVision:
                                  f"fused_mlp=True needs a SigLIP MLP (tanh GELU) on a CUDA device, here {self.device}")
         self.patch_gemm = _option(patch_gemm, patch_gemm_supported(tower.embeddings),
                                   "patch_gemm=True needs SigLIP-style patch embeddings (stc.fast.patch_gemm_supported)")
+        self.norm_kernel = _option(norm_kernel, norm_kernel_supported(self.layers[0], self.device),
+                                   f"norm_kernel=True needs LayerNorms with weights and biases, Triton and a CUDA device, here {self.device}")
         run = self.layers[: self.depth]
         self.fused_qkv = _option(fused_qkv, FusedProjections.supported(run),
                                  "fused_qkv=True needs linear query, key and value projections of one shape, with biases, and "
@@ -463,7 +469,7 @@ class GraphedVision:
         x = self._embed()
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
+            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel)
         return x
 
     def _keep_input(self, index: int, x: torch.Tensor) -> None:
@@ -474,7 +480,8 @@ class GraphedVision:
         x = self._embed()
         self.tome.begin(x)
         for i, layer in enumerate(self.layers[: self.depth]):
-            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
+            x = self._tome_layer(layer, x, self.tome.schedule[i], self.tome, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
+                                 norm_kernel=self.norm_kernel)
         return self.tome.in_raster_order(x)
 
     def _reference(self) -> torch.Tensor:
@@ -483,7 +490,8 @@ class GraphedVision:
         caches = []
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i])
+            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
+                                             norm_kernel=self.norm_kernel)
             caches.append(cache)
         self._new_refs = caches
         return x
@@ -502,7 +510,7 @@ class GraphedVision:
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
-                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i])
+                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel)
         return x
 
     def _step(self, kind: str):

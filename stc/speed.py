@@ -34,9 +34,9 @@ import pandas as pd
 
 # GraphedVision's options after compile, as a row's flag and its level's suffix: the Cacher's Triton
 # kernels, the MLP's GELU in its fc1 GEMM, the patch embedding as a GEMM, the attention projections as
-# one GEMM
+# one GEMM, the LayerNorms as one-pass kernels
 _LEVEL_OPTIONS = (("kernels", " + kernels"), ("fused_mlp", " + fused MLP"), ("patch_gemm", " + patch GEMM"),
-                  ("fused_qkv", " + fused QKV"))
+                  ("fused_qkv", " + fused QKV"), ("norm_kernel", " + norm kernel"))
 # compile=False / True, each without and with every option, least optimised first
 COMPILE_LEVELS = tuple(c + "".join(parts) for c in ("none", "inductor")
                        for parts in itertools.product(*(("", suffix) for _, suffix in _LEVEL_OPTIONS)))
@@ -252,7 +252,8 @@ _VIT_NOTE = (
     "\"+ patch GEMM\": both sides embed the patches with one GEMM instead of cuDNN's convolution "
     "(stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention projections of the same rows "
     "as one GEMM (stc.cacher.project; a selective layer fuses only its query and value projections, so the Cacher "
-    "gains less). Since commit c8d5ac6 the Cacher without the kernel ranks "
+    "gains less); \"+ norm kernel\": both sides run their LayerNorms, and the residual add before the second, "
+    "as one pass each (stc.vit_kernel.layer_norm, add_layer_norm). Since commit c8d5ac6 the Cacher without the kernel ranks "
     "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
     "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
     "did not): they overstate the Cacher's saving at B = 1.\n")

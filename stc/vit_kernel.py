@@ -141,13 +141,17 @@ def supported(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _layer_norm(X, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, stride_y, stride_sum,
-                HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _layer_norm(X, IDX, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, stride_y, stride_sum,
+                HAS_RES: tl.constexpr, INDEXED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     inside = c < C
     mask = (r < R)[:, None] & inside[None, :]
-    x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
+    if INDEXED:  # row r of x is row IDX[r] of the tensor
+        xr = tl.load(IDX + r, mask=r < R, other=0).to(tl.int64)
+    else:
+        xr = r
+    x = tl.load(X + xr[:, None] * stride_x + c[None, :], mask=mask, other=0.0)
     if HAS_RES:  # the residual sum, rounded to the dtype as the unfused add would, then normalised
         x = x + tl.load(RES + r[:, None] * stride_res + c[None, :], mask=mask, other=0.0)
         tl.store(SUM + r[:, None] * stride_sum + c[None, :], x, mask=mask)
@@ -170,25 +174,30 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
-def _launch_norm(x, residual, weight, bias, eps):
+def _launch_norm(x, residual, weight, bias, eps, index=None):
     if weight.dim() != 1 or bias.dim() != 1 or weight.shape != bias.shape or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"layer_norm: expected x [..., C] and weight, bias [C], got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"layer_norm: the residual must match x, got {tuple(residual.shape)} {residual.dtype} "
-                         f"and {tuple(x.shape)} {x.dtype}")
+    shape = x.shape if index is None else residual.shape
+    if residual is not None and (residual.shape != shape or residual.dtype != x.dtype):
+        raise ValueError(f"layer_norm: the residual must match x (or its indexed rows), got {tuple(residual.shape)} "
+                         f"{residual.dtype} and {tuple(shape)} {x.dtype}")
     rows = _rows_of(x)
-    r, c = rows.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    total = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    if index is not None and (index.dim() != 1 or index.numel() * x.shape[-1] != residual.numel()):
+        raise ValueError(f"layer_norm: expected one row index per residual row, got {tuple(index.shape)} for "
+                         f"{tuple(residual.shape)}")
+    r, c = (index.numel() if index is not None else rows.shape[0]), rows.shape[1]
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(shape, dtype=x.dtype, device=x.device) if residual is not None else None
     if r == 0 or c == 0:
         return y, total
     res = _rows_of(residual) if residual is not None else rows
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(16, 4096 // block_c))  # a few rows per program where rows are short
     wrap_triton(_layer_norm)[(triton.cdiv(r, block_r),)](
-        rows, res, weight, bias, y, y if total is None else total, r, c, eps, rows.stride(0), res.stride(0), c, c,
-        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+        rows, rows if index is None else index, res, weight, bias, y, y if total is None else total, r, c, eps,
+        rows.stride(0), res.stride(0), c, c, HAS_RES=residual is not None, INDEXED=index is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
     return y, total
 
 
@@ -201,9 +210,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 @triton_op("stc::add_layer_norm", mutates_args={})
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, layer_norm(s)) for s = x + residual, both [..., C] of one dtype: the residual add of an
     encoder layer and the norm after it in one pass (s rounded to the dtype before it is normalised,
-    as the two separate operations do)."""
-    y, total = _launch_norm(x, residual, weight, bias, eps)
+    as the two separate operations do). rows: int64 [R] to add the residual [..., C] (R rows) to those
+    rows of x's flattened rows instead (a gather in the same pass); s and the norm are shaped as the
+    residual."""
+    y, total = _launch_norm(x, residual, weight, bias, eps, rows)
     return total, y

@@ -1,9 +1,12 @@
 """GraphedVision runs the same semantics as stc.cacher (eager here; graphs are compared on a GPU)."""
 
+import importlib.util
+
 import pytest
 import torch
 
-from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
+from stc.cacher import (CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward,
+                        norm_kernel_supported, project)
 from stc.fast import FusedProjections, GraphedVision, patch_embeddings, patch_gemm_supported
 from tests.test_cacher import clip, siglip, video
 
@@ -246,6 +249,21 @@ def test_fused_projections_only_where_they_fuse():
         FusedProjections(frozen.encoder.layers)
 
 
+def test_norm_kernel_only_where_it_runs():
+    """The one-pass norms need Triton and a CUDA device, and LayerNorms with weights and biases."""
+    tower = siglip()
+    layer = tower.encoder.layers[0]
+    assert not norm_kernel_supported(layer, torch.device("cpu"))
+    assert not GraphedVision(tower, use_graphs=False).norm_kernel
+    with pytest.raises(ValueError, match="norm_kernel=True needs LayerNorms"):
+        GraphedVision(tower, use_graphs=False, norm_kernel=True)
+    if importlib.util.find_spec("triton") is not None:
+        assert norm_kernel_supported(layer, torch.device("cuda"))
+        plain = siglip()
+        plain.encoder.layers[0].layer_norm2 = torch.nn.LayerNorm(layer.layer_norm2.normalized_shape, bias=False)
+        assert not norm_kernel_supported(plain.encoder.layers[0], torch.device("cuda"))
+
+
 def test_fused_mlp_only_where_its_gelu_is_the_layers():
     """torch._addmm_activation's GELU is the tanh one on CUDA only (the exact one on a CPU), and only
     SigLIP's MLP uses the tanh GELU (CLIP: quick GELU)."""
@@ -265,10 +283,10 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     tome, cfg = ((2, 2, 2), None) if cfg == "tome" else (None, cfg)
     keep = None if tome else 1  # and the input of layer 1, as for VisionZip
     eager = GraphedVision(tower, cacher=cfg, use_graphs=False, tome=tome, keep_input_of=keep, kernels=False, fused_mlp=False,
-                          patch_gemm=False, fused_qkv=False)
+                          patch_gemm=False, fused_qkv=False, norm_kernel=False)
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
     # the defaults on a GPU
-    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv
+    assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv and graphed.norm_kernel
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay

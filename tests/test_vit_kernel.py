@@ -102,7 +102,8 @@ LAYER_CONFIGS = [
 
 def layer_cases(kernels: bool, device: str = "cpu"):
     """selective_layer on a tiny SigLIP layer (two frames against one reference, and two against
-    their own references): outputs and the tokens chosen."""
+    their own references): outputs and the tokens chosen (kernels: the selection and the norms by
+    stc.vit_kernel)."""
     tower = siglip(layers=1).to(device)
     layer = tower.encoder.layers[0]
     frames = video(5).to(device)
@@ -114,7 +115,8 @@ def layer_cases(kernels: bool, device: str = "cpu"):
         for cfg in LAYER_CONFIGS:
             k = cfg.recomputed_tokens(x.shape[1])
             for ref in (one, own):
-                results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels))
+                results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels, norm_kernel=kernels))
+        results.append((reference_layer(layer, x[3:5], norm_kernel=kernels)[0], torch.zeros(0)))  # a full layer
     return results
 
 

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from stc.cacher import mlp_forward, project
+from stc.cacher import layer_norm, mlp_forward, project
 from stc.patching import LayerPatch, encoder_layers, patch_owner
 
 STATE_KWARG = "tome_state"
@@ -301,23 +301,24 @@ def _attention(layer: nn.Module, x_normed: torch.Tensor, log_size: torch.Tensor 
 
 
 def tome_layer(layer: nn.Module, x: torch.Tensor, r: int, state: ToMeState, fused_mlp: bool = False,
-               qvk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               qvk: tuple[torch.Tensor, torch.Tensor] | None = None, norm_kernel: bool = False) -> torch.Tensor:
     """One SigLIP/CLIP encoder layer with ToMe: attention (proportional), merge r tokens, MLP (fused_mlp:
-    through `stc.cacher.mlp_forward(fused=True)`; qvk: the projections as one GEMM, `stc.cacher.project`).
+    through `stc.cacher.mlp_forward(fused=True)`; qvk: the projections as one GEMM, `stc.cacher.project`;
+    norm_kernel: the norms by `stc.vit_kernel.layer_norm`).
 
     x: [B, T, C]. Returns [B, T - r', C] (r' = r capped); updates state.sizes / assignment.
     """
     # Until a merge happens every size is 1 and log(size) = 0: skip the mask, keep the fast kernel.
     merged_before = x.shape[1] < state.token_counts[0]
     log_size = state.sizes.log() if (state.proportional_attention and merged_before) else None
-    attn_out, metric = _attention(layer, layer.layer_norm1(x), log_size, qvk)
+    attn_out, metric = _attention(layer, layer_norm(layer.layer_norm1, x, norm_kernel), log_size, qvk)
     x = x + attn_out
     if r > 0:
         plan = bipartite_soft_matching(metric, r, class_token=state.class_token)
         if plan.r > 0:
             x, state.sizes = merge_weighted_average(plan, x, state.sizes)
             state.assignment = merge_assignment(plan, state.assignment)
-    return x + mlp_forward(layer, layer.layer_norm2(x), fused_mlp)
+    return x + mlp_forward(layer, layer_norm(layer.layer_norm2, x, norm_kernel), fused_mlp)
 
 
 # ---------------------------------------------------------------------------------------------
