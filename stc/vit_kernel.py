@@ -201,14 +201,22 @@ def _launch_norm(x, residual, weight, bias, eps, index=None):
     return y, total
 
 
-@triton_op("stc::layer_norm", mutates_args={})
+# The norms are custom ops that torch.compile calls as they are, not triton_ops that it traces: traced,
+# each output buffer that the kernel writes was copied once more (a triton_op's kernel is functionalised):
+# 27.8 against 17.7 us for 16 frames' norm on the H200 (results/latency/h200_vit_layer_norm.json).
+@torch.library.custom_op("stc::layer_norm", mutates_args=())
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`` for x [..., C], in one pass over
     the rows (statistics in float32, output in x's dtype)."""
     return _launch_norm(x, None, weight, bias, eps)[0]
 
 
-@triton_op("stc::add_layer_norm", mutates_args={})
+@layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("stc::add_layer_norm", mutates_args=())
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, layer_norm(s)) for s = x + residual, both [..., C] of one dtype: the residual add of an
@@ -218,3 +226,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     residual."""
     y, total = _launch_norm(x, residual, weight, bias, eps, rows)
     return total, y
+
+
+@add_layer_norm.register_fake
+def _(x, residual, weight, bias, eps, rows=None):
+    out = residual if rows is not None else x
+    return (torch.empty_like(out, memory_format=torch.contiguous_format),
+            torch.empty_like(out, memory_format=torch.contiguous_format))

@@ -222,6 +222,11 @@ def test_norm_kernel_equals_pytorch_on_gpu(dtype):
     atol = {torch.float32: 1e-5, torch.bfloat16: 0.04, torch.float16: 0.005}[dtype]
     for i, case in enumerate(NORM_CASES + [(16, 729, 1152), (1, 182, 1152)]):
         check_norm(case, i, norm_case(case, i, vit_kernel, dtype, "cuda"), atol, dtype)
+    x, res, w, bias = _norm_inputs((2, 30, 64), 0, dtype, "cuda")
+    rows = torch.tensor([3, 0, 59, 7], device="cuda")
+    torch.library.opcheck(vit_kernel.layer_norm, (x, w, bias, 1e-6))  # the custom ops' registrations, fake shapes included
+    torch.library.opcheck(vit_kernel.add_layer_norm, (x, res, w, bias, 1e-6))
+    torch.library.opcheck(vit_kernel.add_layer_norm, (x, res[:, :2], w, bias, 1e-6, rows))
 
 
 @gpu
