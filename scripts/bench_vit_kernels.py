@@ -1,6 +1,6 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection (and key similarity), which projections, which patch
-embedding (and, on request, a Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static
+embedding, which LayerNorm kernel (and, on request, a Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static
 KV window). Each variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1
 and 16 frames per step.
 
@@ -393,8 +393,48 @@ def llm_swiglu_rows(m_rows, layers=28, hidden=3584, inter=18944):
     return rows
 
 
+def norm_rows(b, tokens=(729, 182)):
+    """SigLIP's LayerNorm (1152 channels), and the residual add with the norm after it, over b frames of
+    729 and of 182 rows: ATen's kernel (eager), stc.vit_kernel's (called, and inside a compiled function)
+    and inductor's (default, and with its multi-kernel or coordinate-descent options); "TB/s" counts
+    the tensors read and written once. Inductor's default is a looped reduction over 1152 channels."""
+    from stc import vit_kernel
+
+    def ln(x, w, bias):
+        return F.layer_norm(x, (C,), w, bias, 1e-6)
+
+    def add_ln(x, a, w, bias):
+        s = x + a
+        return s, F.layer_norm(s, (C,), w, bias, 1e-6)
+
+    def k_ln(x, w, bias):
+        return vit_kernel.layer_norm(x, w, bias, 1e-6)
+
+    def k_add_ln(x, a, w, bias):
+        return vit_kernel.add_layer_norm(x, a, w, bias, 1e-6)
+
+    options = {"default": {}, "multi_kernel": {"triton.multi_kernel": 1}, "coordinate_descent": {"coordinate_descent_tuning": True}}
+    rows = []
+    for t in tokens:
+        x = torch.randn(b, t, C, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn_like(x)
+        w, bias = (torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for op, args, eager, kernel, tensors in (("norm", (x, w, bias), ln, k_ln, 2), ("add+norm", (x, a, w, bias), add_ln, k_add_ln, 4)):
+            variants = [("aten eager", eager), ("stc kernel", kernel), ("stc kernel compiled", torch.compile(kernel, dynamic=False))]
+            variants += [(f"inductor {name}", torch.compile(eager, dynamic=False, options=opts)) for name, opts in options.items()]
+            want = eager(*args)
+            want = (want[-1] if isinstance(want, tuple) else want).float()
+            for name, fn in variants:
+                got = fn(*args)
+                err = ((got[-1] if isinstance(got, tuple) else got).float() - want).abs().max().item()
+                us = 1e3 * do_bench_cudagraph(lambda fn=fn: fn(*args), rep=50, return_mode="median")
+                rows.append({"op": op, "variant": name, "batch": b, "tokens": t, "us": us, "max_abs_err_vs_aten": err,
+                             "tb_per_s": tensors * x.numel() * 2 / us * 1e-6})
+    return rows
+
+
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
-             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows}
+             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows, "norm": norm_rows}
 
 
 def main(argv=None):
