@@ -221,23 +221,8 @@ def mlp_forward(layer: nn.Module, h: torch.Tensor, fused: bool = False) -> torch
     return fc2(y).view(*h.shape[:-1], fc2.out_features)
 
 
-def norm_kernel_supported(layer: nn.Module, device: torch.device) -> bool:
-    """Whether `layer_norm(..., kernel=True)` can run this layer's norms with `stc.vit_kernel`'s one-pass
-    kernel: both are LayerNorms over the channels with weights and biases, on a CUDA device with Triton."""
-    norms = [getattr(layer, n, None) for n in ("layer_norm1", "layer_norm2")]
-    if torch.device(device).type != "cuda" or not all(
-            isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.weight is not None and m.bias is not None
-            for m in norms):
-        return False
-    try:
-        from stc import vit_kernel
-    except ImportError:
-        return False
-    return vit_kernel.supported(norms[0].weight.dtype)
-
-
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor, kernel: bool = False) -> torch.Tensor:
-    """norm(x); kernel: by `stc.vit_kernel.layer_norm` (check `norm_kernel_supported`)."""
+    """norm(x); kernel: by `stc.vit_kernel.layer_norm` (check `stc.fast.norm_kernel_supported`)."""
     if not kernel:
         return norm(x)
     from stc import vit_kernel

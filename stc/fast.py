@@ -43,8 +43,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 
 from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
-                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, norm_kernel_supported,
-                        reference_layer, selective_layer)
+                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
+                        selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -311,6 +311,17 @@ def vit_kernels_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return vit_kernel.supported(dtype)
 
 
+def norm_kernel_supported(layer: nn.Module, device: torch.device) -> bool:
+    """Whether `stc.cacher.layer_norm(..., kernel=True)` can run this layer's norms with `stc.vit_kernel`'s
+    one-pass kernel: both are LayerNorms over the channels with weights and biases, and the kernels run
+    (`vit_kernels_supported`)."""
+    norms = [getattr(layer, n, None) for n in ("layer_norm1", "layer_norm2")]
+    if not all(isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.weight is not None and m.bias is not None
+               for m in norms):
+        return False
+    return vit_kernels_supported(norms[0].weight.dtype, device)
+
+
 def _option(requested: bool | None, available: bool, refusal: str) -> bool:
     """A GraphedVision option: None -> where available; True where not available raises `refusal`."""
     if requested and not available:
@@ -383,7 +394,7 @@ class GraphedVision:
     layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
     norm_kernel: every method's layers run their LayerNorms, and the attention's residual add with the
     norm after it, as one pass each (`stc.vit_kernel.layer_norm`, `add_layer_norm`; inductor's norm of
-    1152 channels is a looped reduction); None (default): where it can (`stc.cacher.norm_kernel_supported`:
+    1152 channels is a looped reduction); None (default): where it can (`norm_kernel_supported`:
     a CUDA device and Triton); True where it cannot raises.
     """
 

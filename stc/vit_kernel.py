@@ -174,11 +174,7 @@ def _layer_norm(X, IDX, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, s
 
 def _rows_of(t: torch.Tensor) -> torch.Tensor:
     """t [..., C] as rows [R, C] with unit channel stride (a view where the layout allows)."""
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+    return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1])
 
 
 def _launch_norm(x, residual, weight, bias, eps, index=None):

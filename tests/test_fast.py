@@ -5,9 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from stc.cacher import (CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward,
-                        norm_kernel_supported, project)
-from stc.fast import FusedProjections, GraphedVision, patch_embeddings, patch_gemm_supported
+from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
+from stc.fast import FusedProjections, GraphedVision, norm_kernel_supported, patch_embeddings, patch_gemm_supported
 from tests.test_cacher import clip, siglip, video
 
 CUDA = torch.cuda.is_available()
