@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--profile-frames", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--vit-batch", type=int, default=0, help="profile the Cacher's selective ViT step at this batch instead")
+    p.add_argument("--vit-batch", type=int, default=0, help="profile the ViT's steps (full, the Cacher's selective and reference) at this batch instead")
     p.add_argument("--compile", action="store_true", help="with --vit-batch: torch.compile'd layer functions")
     p.add_argument("--sequence", type=int, default=0, help="with --vit-batch or --prefill-batch: also list a step's first kernels in order")
     p.add_argument("--prefill-batch", type=int, default=0,
@@ -110,7 +110,8 @@ def profile_prefill(args):
 
 
 def profile_vit(args):
-    """Kernels of the graphed ViT's selective step (eager, so each kernel is visible) at --vit-batch."""
+    """Kernels of the graphed ViT's steps (uncaptured, so each kernel is visible) at --vit-batch: the
+    baseline's full step, and the Cacher's selective and reference steps."""
     from transformers import SiglipVisionModel
 
     from stc.cacher import CacherConfig
@@ -125,21 +126,24 @@ def profile_vit(args):
     for cfg in (None, CacherConfig(cache_interval=4, reuse_ratio=0.75)):
         runner = GraphedVision(tower, batch=b, cacher=cfg, use_graphs=False, compile=args.compile)
         states = [runner.new_state() for _ in range(b)] if cfg else None
-        steps = [pixels[[(i + s) % n for s in range(b)]] for i in range(4)]
+        steps = [pixels[[(i + s) % n for s in range(b)]] for i in range(6)]
         runner(steps[0], states)  # reference frame (and warm-up)
         runner(steps[1], states)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for x in steps[2:4]:
-                runner(x, states)
+        kinds = ["selective", "reference"] if cfg else ["full"]
+        for kind, todo in zip(kinds, ([steps[2], steps[3]], [steps[4]]) if cfg else ([steps[2], steps[3]],)):
             torch.cuda.synchronize()
-        events = _cuda_events(prof)
-        print(f"ViT B={b} {'cacher selective' if cfg else 'full'}{' compiled' if args.compile else ''}: 2 steps, "
-              f"{len(events) / 2:.0f} kernels and {sum(e.device_time for e in events) / 2e3:.2f} ms of kernel time per step; "
-              f"graph replay {graph_replay_ms(tower, b, cfg, args.compile, pixels[:b], 'selective' if cfg else 'full'):.2f} ms")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
-        if args.sequence:
-            _print_sequence(f"the first {args.sequence} kernels of a step", events[: args.sequence])
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for x in todo:  # with N = 4, frames 2 and 3 are selective, frame 4 a reference
+                    runner(x, states)
+                torch.cuda.synchronize()
+            events = _cuda_events(prof)
+            steps_run = len(todo)
+            print(f"ViT B={b} {'cacher ' + kind if cfg else 'full'}{' compiled' if args.compile else ''}: {steps_run} step(s), "
+                  f"{len(events) / steps_run:.0f} kernels and {sum(e.device_time for e in events) / steps_run / 1e3:.2f} ms of kernel "
+                  f"time per step; graph replay {graph_replay_ms(tower, b, cfg, args.compile, pixels[:b], kind):.2f} ms")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50))
+            if args.sequence:
+                _print_sequence(f"the first {args.sequence} kernels of a step", events[: args.sequence])
 
 
 def graph_replay_ms(tower, batch, cacher, compile, pixels, kind, repeats=50):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -462,7 +463,7 @@ class GraphedVision:
                 for _ in range(self.depth)
             ]
         self._new_refs: list[LayerCache] | None = None
-        self._owners: list[CacherState] | None = None
+        self._owners: list[weakref.ref] | None = None  # the current streams' states (`_load`)
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warmup = warmup
         self._pool = None
@@ -622,15 +623,21 @@ class GraphedVision:
         return out
 
     def _load(self, states: list[CacherState]) -> None:
-        """Make the static buffers hold these streams' caches (a copy only when the streams change)."""
-        if self._owners is not None and len(self._owners) == len(states) and all(a is b for a, b in zip(self._owners, states)):
+        """Make the static buffers hold these streams' caches (a copy only when the streams change).
+
+        The runner holds its current streams' states by weak reference: when they change, the caches of
+        those still alive are saved into their states (one copy of each buffer's rows, each state keeping
+        a view of its row), and a stream that nobody holds any more costs nothing."""
+        owners = None if self._owners is None else [ref() for ref in self._owners]
+        if owners is not None and len(owners) == len(states) and all(a is b for a, b in zip(owners, states)):
             return
-        if self._owners is not None:  # save the previous streams' caches into their states
-            for row, owner in enumerate(self._owners):
-                if owner.frames_seen:
-                    owner._refs = [LayerCache(*(None if getattr(r, f) is None else getattr(r, f)[row : row + 1].clone()
-                                                for f in _FIELDS)) for r in self.refs]
+        alive = [(row, o) for row, o in enumerate(owners or []) if o is not None and o.frames_seen]
+        if alive:  # save before loading: a stream may come back in another row
+            rows = torch.tensor([row for row, _ in alive], device=self.device)
+            saved = [[None if getattr(r, f) is None else getattr(r, f).index_select(0, rows) for f in _FIELDS] for r in self.refs]
+            for i, (_, owner) in enumerate(alive):
+                owner._refs = [LayerCache(*(None if t is None else t[i : i + 1] for t in layer)) for layer in saved]
         for row, s in enumerate(states):
             if s.frames_seen and s._refs[0] is not None:
                 _copy_caches(self.refs, s._refs, row)
-        self._owners = list(states)
+        self._owners = [weakref.ref(s) for s in states]

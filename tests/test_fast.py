@@ -122,6 +122,40 @@ def test_synchronised_streams_in_one_batch():
         runner(torch.stack([a[0], b[0]]), [states[0], runner.new_state()])
 
 
+def test_batches_of_streams_change_and_dropped_streams_are_not_kept():
+    """Streams leave a batch and come back in other rows with their caches (saved when the batch
+    changes); a stream that nobody holds is not kept alive by the runner, nor saved."""
+    import gc
+    import weakref
+
+    tower = siglip()
+    cfg = CacherConfig(cache_interval=3, reuse_ratio=0.75)
+    a, b, c = video(5, seed=1), video(5, seed=2), video(5, seed=3)
+    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False)
+    sa, sb = runner.new_state(), runner.new_state()
+    got_a, got_b = [], []
+    for i in range(2):
+        out = runner(torch.stack([a[i], b[i]]), [sa, sb])
+        got_a.append(out[0])
+        got_b.append(out[1])
+    sc, sd = runner.new_state(), runner.new_state()
+    for i in range(2):  # two other streams in between; the first two are saved
+        runner(torch.stack([c[i], c[i]]), [sc, sd])
+    gone = weakref.ref(sc)
+    del sc, sd
+    gc.collect()
+    assert gone() is None
+    for i in range(2, 5):  # back, in swapped rows
+        out = runner(torch.stack([b[i], a[i]]), [sb, sa])
+        got_b.append(out[0])
+        got_a.append(out[1])
+    torch.testing.assert_close(torch.stack(got_a), reference_stream(tower, a, cfg), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(got_b), reference_stream(tower, b, cfg), atol=1e-5, rtol=1e-5)
+    se, sf = runner.new_state(), runner.new_state()
+    runner(torch.stack([c[0], c[1]]), [se, sf])  # a and b are alive, so they are saved again, as views of one copy
+    assert all(r.key._base is not None for r in sa._refs + sb._refs)
+
+
 def test_bad_inputs():
     tower = siglip()
     runner = GraphedVision(tower, cacher=CacherConfig(), use_graphs=False)
