@@ -242,6 +242,19 @@ def add_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, 
     return s, norm(s)
 
 
+def merge_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, positions: torch.Tensor,
+                     mid: torch.Tensor, delta: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, norm(out)) for a selective layer's output out [B, T, C]: the recomputed tokens' mid + delta
+    ([B, k, C] each) merged through `positions` (`token_positions`) into the reused tokens' (x + attn) + mlp
+    (the cached deltas [B or 1, T, C]); kernel: both in one pass by `stc.vit_kernel.merge_layer_norm`."""
+    if kernel:
+        from stc import vit_kernel
+
+        return vit_kernel.merge_layer_norm(x, attn, mlp, positions, mid, delta, norm.weight, norm.bias, norm.eps)
+    out = _merge((x + attn) + mlp, positions, mid + delta)
+    return out, norm(out)
+
+
 PROJECTIONS = "qvk"  # the order of `fused_projection_weights`: each contiguous run of it is one GEMM
 
 
@@ -286,24 +299,30 @@ def project(layer: nn.Module, h: torch.Tensor, names: str, fused: tuple[torch.Te
 
 
 def reference_layer(layer: nn.Module, x: torch.Tensor, keep_hidden: bool = False, fused_mlp: bool = False,
-                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    norm_kernel: bool = False) -> tuple[torch.Tensor, LayerCache]:
+                    qvk: tuple[torch.Tensor, torch.Tensor] | None = None, norm_kernel: bool = False,
+                    normed: torch.Tensor | None = None, next_norm: nn.LayerNorm | None = None) -> tuple:
     """The full layer forward, decomposed so that K, V and both residual deltas can be cached.
 
     Same operations as the Hugging Face SigLIP/CLIP encoder layer (fused_mlp: the MLP through
     `mlp_forward(fused=True)`; qvk: the layer's `fused_projection_weights`, the three projections as
-    one GEMM; norm_kernel: the norms, and the attention's residual add with the norm after it, by
-    `stc.vit_kernel`). x: [B, T, C].
+    one GEMM; norm_kernel: the norms, and the residual adds with the norms after them, by
+    `stc.vit_kernel`). x: [B, T, C]. normed: this layer's first norm of x, if the layer before computed
+    it (`next_norm`). next_norm: the next layer's first norm, to compute on the output in the pass that
+    writes it.
     Returns the output [B, T, C] and a LayerCache of [B, T, C] tensors (with qvk, K and V are column
-    slices of the projections' output).
+    slices of the projections' output); with next_norm, next_norm of the output as a third element.
     """
     attn = layer.self_attn
-    h = layer_norm(layer.layer_norm1, x, norm_kernel)
+    h = layer_norm(layer.layer_norm1, x, norm_kernel) if normed is None else normed
     q, v, k = project(layer, h, "qvk", qvk)
     a = attn.out_proj(_attention(layer, q, k, v))
     mid, h2 = add_layer_norm(layer.layer_norm2, x, a, norm_kernel)
     m = mlp_forward(layer, h2, fused_mlp)
-    return mid + m, LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
+    cache = LayerCache(key=k, value=v, attn=a, mlp=m, hidden=x if keep_hidden else None)
+    if next_norm is None:
+        return mid + m, cache
+    out, h_next = add_layer_norm(next_norm, mid, m, norm_kernel)
+    return out, cache, h_next
 
 
 def selective_layer(
@@ -317,7 +336,9 @@ def selective_layer(
     fused_mlp: bool = False,
     qvk: tuple[torch.Tensor, torch.Tensor] | None = None,
     norm_kernel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    normed: torch.Tensor | None = None,
+    next_norm: nn.LayerNorm | None = None,
+) -> tuple:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
     x: [B, T, C]; ref: the reference frame's LayerCache, tensors [B, T, C] (one reference per frame)
@@ -327,14 +348,16 @@ def selective_layer(
     into the cached ones by a gather (`token_positions`), one pass per merged tensor when compiled.
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
     (the projections that a step computes for the same rows as one GEMM). norm_kernel: the norms (and
-    the residual add before the second) by `stc.vit_kernel` (`add_layer_norm`).
-    Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order).
+    the residual adds and merges before them) by `stc.vit_kernel` (`add_layer_norm`, `merge_layer_norm`).
+    normed, next_norm: as in `reference_layer`.
+    Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order); with
+    next_norm, next_norm of the output as a third element.
     """
     if kernels:
         from stc import vit_kernel  # needs Triton; imported only here
     attn = layer.self_attn
     b, t, _ = x.shape
-    h = layer_norm(layer.layer_norm1, x, norm_kernel)
+    h = layer_norm(layer.layer_norm1, x, norm_kernel) if normed is None else normed
     query_all = value_all = positions = None
     if config.reuse == "mlp":  # full attention for every token: all three projections of every token
         query_all, value_all, key = project(layer, h, "qvk", qvk)
@@ -372,8 +395,11 @@ def selective_layer(
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn, h_dyn = add_layer_norm(layer.layer_norm2, x, a_dyn, norm_kernel, rows=rows)
-            out_dyn = mid_dyn + mlp_forward(layer, h_dyn, fused_mlp)
-            return _merge((x + ref.attn) + ref.mlp, positions, out_dyn), dynamic
+            m_dyn = mlp_forward(layer, h_dyn, fused_mlp)
+            if next_norm is not None:
+                out, h_next = merge_layer_norm(next_norm, x, ref.attn, ref.mlp, positions, mid_dyn, m_dyn, norm_kernel)
+                return out, dynamic, h_next
+            return _merge((x + ref.attn) + ref.mlp, positions, mid_dyn + m_dyn), dynamic
         a_full = _merge(ref.attn, positions, a_dyn, batch=b)
     if config.reuse == "attn":
         mid, h_mid = add_layer_norm(layer.layer_norm2, x, a_full, norm_kernel)
@@ -382,6 +408,9 @@ def selective_layer(
         mid = x + a_full
         m_dyn = mlp_forward(layer, layer_norm(layer.layer_norm2, _gather(mid, rows), norm_kernel), fused_mlp)
         m_full = _merge(ref.mlp, positions, m_dyn, batch=b)
+    if next_norm is not None:
+        out, h_next = add_layer_norm(next_norm, mid, m_full, norm_kernel)
+        return out, dynamic, h_next
     return mid + m_full, dynamic
 
 

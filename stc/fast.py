@@ -60,12 +60,16 @@ def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None =
 
 
 def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False,
-                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None, norm_kernel: bool = False) -> torch.Tensor:
-    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp, qvk or
-    norm_kernel the same operations as `reference_layer` computes them (its MLP as one GEMM with the
-    GELU, its three projections as one GEMM, its norms by `stc.vit_kernel`, as STC's layers)."""
-    if fused_mlp or qvk is not None or norm_kernel:
-        return reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk, norm_kernel=norm_kernel)[0]
+                  qvk: tuple[torch.Tensor, torch.Tensor] | None = None, norm_kernel: bool = False,
+                  normed: torch.Tensor | None = None, next_norm: nn.LayerNorm | None = None):
+    """The baseline's layer: the unmodified Hugging Face encoder layer, or with fused_mlp, qvk,
+    norm_kernel, normed or next_norm the same operations as `reference_layer` computes them (its MLP as
+    one GEMM with the GELU, its three projections as one GEMM, its norms by `stc.vit_kernel`, the next
+    layer's first norm in the pass of its output, as STC's layers). Returns the output, and with
+    next_norm the pair (output, next_norm of it)."""
+    if fused_mlp or qvk is not None or norm_kernel or normed is not None or next_norm is not None:
+        out = reference_layer(layer, x, fused_mlp=fused_mlp, qvk=qvk, norm_kernel=norm_kernel, normed=normed, next_norm=next_norm)
+        return out[0] if next_norm is None else (out[0], out[2])
     return layer(x, None)
 
 
@@ -477,11 +481,19 @@ class GraphedVision:
         # residual add would pass on to the next layer: make it row-major, as the GEMM's is
         return self.tower.embeddings(self.pixels).contiguous()
 
+    def _next_norm(self, index: int) -> nn.LayerNorm | None:
+        """The next layer's first norm, which layer `index` computes in the pass that writes its output
+        (with the norm kernels; None for the last layer run)."""
+        return self.layers[index + 1].layer_norm1 if self.norm_kernel and index + 1 < self.depth else None
+
     def _full(self) -> torch.Tensor:
-        x = self._embed()
+        x, h = self._embed(), None
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel)
+            nxt = self._next_norm(i)
+            out = self._encoder_layer(layer, x, fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel,
+                                      normed=h, next_norm=nxt)
+            x, h = out if nxt is not None else (out, None)
         return x
 
     def _keep_input(self, index: int, x: torch.Tensor) -> None:
@@ -498,12 +510,13 @@ class GraphedVision:
 
     def _reference(self) -> torch.Tensor:
         """The reference step. Its layers' caches become the runner's (`_adopt`): no copies."""
-        x = self._embed()
+        x, h = self._embed(), None
         caches = []
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
-            x, cache = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
-                                             norm_kernel=self.norm_kernel)
+            x, cache, *h = self._reference_layer(layer, x, keep_hidden=self.keep_hidden, fused_mlp=self.fused_mlp, qvk=self._qvk[i],
+                                                 norm_kernel=self.norm_kernel, normed=h, next_norm=self._next_norm(i))
+            h = h[0] if h else None
             caches.append(cache)
         self._new_refs = caches
         return x
@@ -516,13 +529,15 @@ class GraphedVision:
         self.refs, self._new_refs = self._new_refs, None
 
     def _selective(self) -> torch.Tensor:
-        x = self._embed()
+        x, h = self._embed(), None
         shared = None
         for i, layer in enumerate(self.layers[: self.depth]):
             self._keep_input(i, x)
             reuse = None if self.cacher.per_layer_selection else shared
-            x, shared = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
-                                              fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel)
+            x, shared, *h = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
+                                                  fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel,
+                                                  normed=h, next_norm=self._next_norm(i))
+            h = h[0] if h else None
         return x
 
     def _step(self, kind: str):

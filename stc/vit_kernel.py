@@ -236,3 +236,77 @@ def _(x, residual, weight, bias, eps, rows=None):
     out = residual if rows is not None else x
     return (torch.empty_like(out, memory_format=torch.contiguous_format),
             torch.empty_like(out, memory_format=torch.contiguous_format))
+
+
+@triton.jit
+def _merge_layer_norm(X, A, M, POS, MID, DELTA, W, BIAS, OUT, Y, R, T, C, NEW, eps, stride_xb, stride_xt, stride_ab,
+                      stride_at, stride_mb, stride_mt, stride_new, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    inside = c < C
+    live = r < R
+    mask = live[:, None] & inside[None, :]
+    frame, token = r // T, r % T
+    p = tl.load(POS + r, mask=live, other=-1)
+    new = (p >= 0) & (p < NEW)  # a recomputed token's row among the new ones (a position outside them: reused)
+    p = tl.where(new, p, 0)
+    fresh = mask & new[:, None]
+    kept = mask & ~new[:, None]  # only the reused rows read the input and the cached deltas
+    v = (tl.load(MID + p[:, None] * stride_new + c[None, :], mask=fresh, other=0.0)
+         + tl.load(DELTA + p[:, None] * stride_new + c[None, :], mask=fresh, other=0.0))
+    x = tl.load(X + (frame * stride_xb + token * stride_xt)[:, None] + c[None, :], mask=kept, other=0.0)
+    a = tl.load(A + (frame * stride_ab + token * stride_at)[:, None] + c[None, :], mask=kept, other=0.0)
+    m = tl.load(M + (frame * stride_mb + token * stride_mt)[:, None] + c[None, :], mask=kept, other=0.0)
+    s = tl.where(new[:, None], v, (x + a) + m)  # each sum rounded to the dtype, as the unfused adds
+    tl.store(OUT + r[:, None] * C + c[None, :], s, mask=mask)
+    s = s.to(tl.float32)
+    mean = tl.sum(s, axis=1) / C
+    diff = tl.where(inside[None, :], s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    w = tl.load(W + c, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + c, mask=inside, other=0.0).to(tl.float32)
+    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + r[:, None] * C + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("stc::merge_layer_norm", mutates_args=())
+def merge_layer_norm(x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, positions: torch.Tensor, mid: torch.Tensor,
+                     delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer_norm(s)): a selective layer's output s [B, T, C] and the next layer's first norm of it,
+    in one pass. Token t of frame b is recomputed where p = positions[b * T + t] >= 0 (int64 [B * T],
+    `stc.cacher.token_positions`): s = mid + delta at row p of those ([B, k, C] each: the attention's
+    residual sum and the MLP's output of the recomputed tokens); else it is reused: s = (x + attn) + mlp,
+    its input x [B, T, C] plus the reference frame's cached deltas ([B or 1, T, C], any frame and token
+    strides). Each sum is rounded to the dtype, as the unfused adds; a position past the recomputed rows
+    counts as reused."""
+    b, t, c = x.shape if x.dim() == 3 else (None, None, None)
+    if (x.dim() != 3 or any(v.dim() != 3 or v.shape[0] not in (1, b) or v.shape[1:] != x.shape[1:] for v in (attn, mlp))
+            or mid.shape != delta.shape or mid.shape[-1:] != (c,) or weight.shape != (c,) or bias.shape != (c,)):
+        raise ValueError(f"merge_layer_norm: expected x [B, T, C], attn and mlp [B or 1, T, C], mid and delta [..., C] "
+                         f"and weight, bias [C], got {tuple(x.shape)}, {tuple(attn.shape)}, {tuple(mlp.shape)}, "
+                         f"{tuple(mid.shape)}, {tuple(delta.shape)}, {tuple(weight.shape)} and {tuple(bias.shape)}")
+    if positions.dtype != torch.int64 or positions.shape != (b * t,):
+        raise ValueError(f"merge_layer_norm: expected int64 positions [B * T] = [{b * t}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if len({v.dtype for v in (x, attn, mlp, mid, delta)}) != 1:
+        raise ValueError("merge_layer_norm: x, attn, mlp, mid and delta must share a dtype")
+    out = torch.empty(b, t, c, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(out)
+    if out.numel() == 0:
+        return out, y
+    x, attn, mlp = (v if v.stride(2) == 1 else v.contiguous() for v in (x, attn, mlp))
+    mid, delta = _rows_of(mid).contiguous(), _rows_of(delta).contiguous()
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, min(16, 4096 // block_c))
+    frame_stride = [v.stride(0) if v.shape[0] > 1 else 0 for v in (x, attn, mlp)]
+    wrap_triton(_merge_layer_norm)[(triton.cdiv(b * t, block_r),)](
+        x, attn, mlp, positions.contiguous(), mid, delta, weight, bias, out, y, b * t, t, c, mid.shape[0], eps,
+        frame_stride[0], x.stride(1), frame_stride[1], attn.stride(1), frame_stride[2], mlp.stride(1), c,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+    return out, y
+
+
+@merge_layer_norm.register_fake
+def _(x, attn, mlp, positions, mid, delta, weight, bias, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))

@@ -80,6 +80,51 @@ def norm_case(case, seed, vit_kernel, dtype=torch.float32, device="cpu"):
     return vit_kernel.layer_norm(x, w, bias, 1e-6), vit_kernel.add_layer_norm(x, res, w, bias, 1e-6)
 
 
+# (frames, tokens, channels, k recomputed per frame, cached deltas shared by every frame, x and deltas as column slices)
+MERGE_CASES = [(2, 37, 100, 9, False, False), (3, 20, 64, 5, True, True), (2, 9, 1152, 3, False, True),
+               (2, 5, 7, 0, True, False), (1, 4, 16, 4, False, False)]
+
+
+def _merge_inputs(case, seed, dtype=torch.float32, device="cpu"):
+    """The merge's inputs in the layouts the selective layer passes: x [B, T, C], the cached deltas
+    [B or 1, T, C], positions from chosen tokens, the recomputed rows' mid and delta [B, k, C]."""
+    b, t, c, k, shared, sliced = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(frames, rows):
+        wide = torch.randn(frames, rows, 2 * c if sliced else c, generator=g) * 2 + 0.5
+        return wide[..., c:] if sliced else wide
+
+    x, attn, mlp = rand(b, t), rand(1 if shared else b, t), rand(1 if shared else b, t)
+    idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
+    mid, delta = torch.randn(b, k, c, generator=g), torch.randn(b, k, c, generator=g)
+    w, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    moved = [v.to(dtype).to(device) for v in (x, attn, mlp, mid, delta, w, bias)]
+    return (*moved[:3], token_positions(idx, t).to(device), *moved[3:])
+
+
+def merge_case(case, seed, vit_kernel, dtype=torch.float32, device="cpu"):
+    return vit_kernel.merge_layer_norm(*_merge_inputs(case, seed, dtype, device), 1e-6)
+
+
+def check_merge(case, seed, got, atol, dtype=torch.float32):
+    """Brute force, row by row: a recomputed token's mid + delta, a reused token's (x + attn) + mlp (each
+    sum in the dtype), then PyTorch's float32 norm of the merged rows."""
+    x, attn, mlp, pos, mid, delta, w, bias = _merge_inputs(case, seed, dtype)
+    b, t, c = x.shape
+    want = torch.empty(b, t, c, dtype=dtype)
+    for f in range(b):
+        for tok in range(t):
+            p = int(pos[f * t + tok])
+            a, m = attn[min(f, attn.shape[0] - 1), tok], mlp[min(f, mlp.shape[0] - 1), tok]
+            want[f, tok] = mid.reshape(-1, c)[p] + delta.reshape(-1, c)[p] if p >= 0 else (x[f, tok] + a) + m
+    out, normed = (v.cpu() for v in got)
+    assert out.dtype == normed.dtype == dtype and out.shape == normed.shape == (b, t, c)
+    assert torch.equal(out, want)
+    torch.testing.assert_close(normed.float(), torch.nn.functional.layer_norm(want.float(), (c,), w.float(), bias.float(), 1e-6),
+                               atol=atol, rtol=0)
+
+
 def check_norm(case, seed, got, atol, dtype=torch.float32):
     """Against PyTorch's layer norm in float32 of the same inputs (the sum rounded to the dtype first)."""
     x, res, w, bias = (v.cpu() for v in _norm_inputs(case, seed, dtype))
@@ -97,6 +142,7 @@ LAYER_CONFIGS = [
     CacherConfig(cache_interval=2, reuse_ratio=0.75),
     CacherConfig(cache_interval=2, reuse_ratio=0.5, reuse="attn", selection_feature="value"),
     CacherConfig(cache_interval=2, reuse_ratio=0.6, selection_feature="hidden", metric="l2"),
+    CacherConfig(cache_interval=2, reuse_ratio=0.5, reuse="mlp"),
 ]
 
 
@@ -112,11 +158,18 @@ def layer_cases(kernels: bool, device: str = "cpu"):
         _, one = reference_layer(layer, x[:1], keep_hidden=True)
         _, own = reference_layer(layer, x[1:3], keep_hidden=True)
         results = []
+        nxt = tower.encoder.layers[0].layer_norm2  # a norm with other weights, as the next layer's first
         for cfg in LAYER_CONFIGS:
             k = cfg.recomputed_tokens(x.shape[1])
             for ref in (one, own):
                 results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels, norm_kernel=kernels))
+                # the next layer's norm in the output's pass, and this layer's norm given (as the one before computes it)
+                given = layer.layer_norm1(x[3:5])
+                results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels, norm_kernel=kernels, normed=given,
+                                               next_norm=nxt))
         results.append((reference_layer(layer, x[3:5], norm_kernel=kernels)[0], torch.zeros(0)))  # a full layer
+        out, _, normed = reference_layer(layer, x[3:5], norm_kernel=kernels, next_norm=nxt)
+        results.append((out, torch.zeros(0), normed))
     return results
 
 
@@ -124,13 +177,15 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_vit_kernel import COSINE_CASES, NORM_CASES, RANK_CASES, _cosine_inputs, _rank_inputs, layer_cases, norm_case
+        from tests.test_vit_kernel import (COSINE_CASES, MERGE_CASES, NORM_CASES, RANK_CASES, _cosine_inputs, _rank_inputs,
+                                           layer_cases, merge_case, norm_case)
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "positions": [vit_kernel.rank_positions(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
                "layers": layer_cases(kernels=True),
-               "norm": [norm_case(case, i, vit_kernel) for i, case in enumerate(NORM_CASES)]}}
+               "norm": [norm_case(case, i, vit_kernel) for i, case in enumerate(NORM_CASES)],
+               "merge": [merge_case(case, i, vit_kernel) for i, case in enumerate(MERGE_CASES)]}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """, timeout=600)
     out = torch.load(tmp_path / "out.pt")
@@ -145,9 +200,21 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
         torch.testing.assert_close(out["cosine"][i], want, atol=1e-6, rtol=1e-6)
     for i, case in enumerate(NORM_CASES):
         check_norm(case, i, out["norm"][i], atol=1e-5)
-    for (got, got_dyn), (want, want_dyn) in zip(out["layers"], layer_cases(kernels=False)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert torch.equal(got_dyn, want_dyn)  # the same tokens, in the same order
+    for i, case in enumerate(MERGE_CASES):
+        check_merge(case, i, out["merge"][i], atol=1e-5)
+    check_layers(out["layers"], layer_cases(kernels=False), atol=1e-5)
+
+
+def check_layers(got_all, want_all, atol):
+    """The layers with the kernels against those without; where the next layer's norm came with the
+    output, it equals that norm applied to the output (and the output equals the plain call's)."""
+    for i, (got, want) in enumerate(zip(got_all, want_all, strict=True)):
+        torch.testing.assert_close(got[0], want[0], atol=atol, rtol=atol)
+        assert torch.equal(got[1].cpu(), want[1].cpu())  # the same tokens, in the same order
+        assert len(got) == len(want)
+        if len(got) == 3:
+            torch.testing.assert_close(got[2], want[2], atol=atol, rtol=atol)
+            torch.testing.assert_close(got[0], got_all[i - 1][0], atol=atol, rtol=atol)  # as without the fused norm
 
 
 def test_pytorch_selection_ranks_ties_to_the_lower_index():
@@ -187,6 +254,17 @@ def test_bad_inputs_are_refused_before_any_launch():
         vit_kernel.layer_norm(torch.zeros(2, 5), torch.ones(4), torch.zeros(4), 1e-6)
     with pytest.raises(ValueError, match="residual must match"):
         vit_kernel.add_layer_norm(torch.zeros(2, 5), torch.zeros(2, 4), torch.ones(5), torch.zeros(5), 1e-6)
+    x, attn, mlp, pos, mid, delta, w, bias = _merge_inputs(MERGE_CASES[0], 0)
+    with pytest.raises(ValueError, match=r"attn and mlp \[B or 1, T, C\]"):
+        vit_kernel.merge_layer_norm(x, attn[:, 1:], mlp, pos, mid, delta, w, bias, 1e-6)
+    with pytest.raises(ValueError, match=r"mid and delta"):
+        vit_kernel.merge_layer_norm(x, attn, mlp, pos, mid, delta[:1], w, bias, 1e-6)
+    with pytest.raises(ValueError, match="int64 positions"):
+        vit_kernel.merge_layer_norm(x, attn, mlp, pos.int(), mid, delta, w, bias, 1e-6)
+    with pytest.raises(ValueError, match="int64 positions"):
+        vit_kernel.merge_layer_norm(x, attn, mlp, pos[1:], mid, delta, w, bias, 1e-6)
+    with pytest.raises(ValueError, match="share a dtype"):
+        vit_kernel.merge_layer_norm(x, attn.double(), mlp, pos, mid, delta, w, bias, 1e-6)
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -246,6 +324,16 @@ def test_cosine_kernel_equals_pytorch_on_gpu(dtype):
 
 @gpu
 def test_selective_layer_with_the_kernel_equals_without_on_gpu():
-    for (got, got_dyn), (want, want_dyn) in zip(layer_cases(True, "cuda"), layer_cases(False, "cuda")):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert torch.equal(got_dyn, want_dyn)
+    check_layers(layer_cases(True, "cuda"), layer_cases(False, "cuda"), atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_kernel_equals_brute_force_on_gpu(dtype):
+    """The merged rows exactly, their norm within one rounding of the dtype of PyTorch's float32 norm."""
+    from stc import vit_kernel
+
+    atol = {torch.float32: 1e-5, torch.bfloat16: 0.04, torch.float16: 0.005}[dtype]
+    for i, case in enumerate(MERGE_CASES + [(16, 729, 1152, 182, False, True), (1, 729, 1152, 182, True, False)]):
+        check_merge(case, i, merge_case(case, i, vit_kernel, dtype, "cuda"), atol, dtype)
+    torch.library.opcheck(vit_kernel.merge_layer_norm, (*_merge_inputs(MERGE_CASES[1], 0, dtype, "cuda"), 1e-6))
