@@ -1,6 +1,6 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection (and key similarity), which projections, which patch
-embedding, which LayerNorm kernel (and, on request, a Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static
+embedding, which LayerNorm kernel, LLaVA-OneVision's pooling after the projector (and, on request, a Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static
 KV window). Each variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1
 and 16 frames per step.
 
@@ -433,8 +433,28 @@ def norm_rows(b, tokens=(729, 182)):
     return rows
 
 
+def pooling_rows(b, hidden=3584, size=384, patch=14):
+    """LLaVA-OneVision's 2x2 bilinear pooling of b frames of projected tokens ([b, 729, 3584]): the
+    model's apply_pooling (a contiguous [b, C, 27, 27] copy, then PyTorch's bilinear kernel) against
+    stc.engine.pool_frames (the same interpolation on a channels-last view). The model's config is the
+    tiny one with the 7B's grid (apply_pooling reads only the grid from it)."""
+    from stc.engine import pool_frames
+    from stc.models import build_model
+
+    inner = build_model("tiny", seed=0)[0].model
+    inner.config.vision_config.image_size, inner.config.vision_config.patch_size = size, patch
+    x = torch.randn(b, (size // patch) ** 2, hidden, device="cuda", dtype=torch.bfloat16)
+    want = inner.apply_pooling(x)
+    rows = []
+    for name, fn in (("apply_pooling", inner.apply_pooling), ("stc pool_frames", lambda t: pool_frames(inner, t))):
+        us = 1e3 * do_bench_cudagraph(lambda fn=fn: fn(x), rep=50, return_mode="median")
+        rows.append({"op": "pooling", "variant": name, "batch": b, "us": us, "equal": bool(torch.equal(fn(x), want))})
+    return rows
+
+
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
-             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows, "norm": norm_rows}
+             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows, "norm": norm_rows,
+             "pooling": pooling_rows}
 
 
 def main(argv=None):

@@ -26,8 +26,9 @@ Choices where ReKV leaves room, stated here once:
 - Blocks beyond ``device_blocks`` most recent ones live in CPU memory; their mean keys stay on the
   accelerator for scoring, and retrieved blocks are copied back per question.
 
-No model code is copied: the engine drives the model's own modules (vision tower, projector,
-``apply_pooling``, the Qwen2 decoder, ``lm_head``) through their public forwards, passing its own
+No model code is copied: the engine drives the model's own modules (vision tower, projector, the
+Qwen2 decoder, ``lm_head``) through their public forwards (LLaVA-OneVision's bilinear pooling it runs
+on another memory layout, `pool_frames`; a test holds it to ``apply_pooling``), passing its own
 KV object as the decoder's cache argument (``past_key_values``, ``cache`` from transformers 5.24)
 and a prepared mask.
 """
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
 from stc.cacher import CacherConfig, attach_cacher
@@ -54,6 +56,25 @@ INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_s
 QUESTION_TEMPLATE = "\n{query}<|im_end|><|im_start|>assistant\n"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 GRAPH_BUCKET = 1024  # cuda_graphs: context lengths are rounded up to a multiple of this many slots
+
+
+def pool_frames(inner: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The pooling of `inner.apply_pooling` (`inner`: a LlavaOnevisionModel) on projected frame tokens
+    [F, H * W, C] -> [F, ceil(H / 2) * ceil(W / 2), C]. LLaVA-OneVision's own (bilinear, to half the grid
+    side) runs on a channels-last view of the tokens, with no copies: `apply_pooling` makes them a
+    contiguous [F, C, H, W] tensor, for which PyTorch's CUDA bilinear kernel runs one thread per output
+    pixel over every frame and channel (196 threads at 384 px). A model whose `apply_pooling` is another
+    function is pooled by its own."""
+    if type(inner).apply_pooling is not LlavaOnevisionModel.apply_pooling:
+        return inner.apply_pooling(tokens)
+    vcfg = inner.config.vision_config
+    side = vcfg.image_size // vcfg.patch_size
+    f, t, c = tokens.shape
+    if t != side * side:
+        raise ValueError(f"expected {side * side} tokens per frame ({side} x {side} patches), got {t}")
+    grid = tokens.view(f, side, side, c).permute(0, 3, 1, 2)  # [F, C, H, W] in the channels-last layout
+    pooled = nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(f, -1, c)
 
 
 def _bucketed(slots: int) -> int:
@@ -319,7 +340,7 @@ class StreamingEngine:
         """Vision features [F, T, C] -> LLM tokens: the projector, then LLaVA-OneVision's 2x2 pooling
         (skipped after ToMe: its merged tokens have no grid to pool)."""
         tokens = self.model.model.multi_modal_projector(feats)
-        return tokens if self.tome_schedule is not None else self.model.model.apply_pooling(tokens)
+        return tokens if self.tome_schedule is not None else pool_frames(self.model.model, tokens)
 
     def _graphed_vision(self, batch: int):
         from stc.fast import GraphedVision

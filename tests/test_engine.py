@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stc.cacher import CacherConfig
-from stc.engine import INIT_PROMPT, QUESTION_TEMPLATE, EngineConfig, StreamingEngine
+from stc.engine import INIT_PROMPT, QUESTION_TEMPLATE, EngineConfig, StreamingEngine, pool_frames
 from stc.models import build_model, preprocess_frames
 from stc.pruner import PrunerConfig
 
@@ -71,6 +71,37 @@ def test_streaming_prefill_equals_one_full_forward(tiny):
         stream.push_frames(video[2:], [4, 6, 8, 10])  # chunks of any size
         got = stream.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=1).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA bilinear kernels need a GPU"))])
+@pytest.mark.parametrize("side", [8, 27, 5])
+def test_pooling_equals_the_models_apply_pooling(tiny, side, device):
+    """pool_frames (a channels-last view) against the model's apply_pooling (a contiguous copy), on grids
+    of even and odd sides; a model with another apply_pooling is pooled by it."""
+    inner = tiny[0].model
+    vcfg = inner.config.vision_config
+    before = vcfg.image_size
+    vcfg.image_size = side * vcfg.patch_size  # apply_pooling reads the grid from the config, as pool_frames
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, side * side, 24, dtype=dtype, device=device)
+            assert torch.equal(pool_frames(inner, x), inner.apply_pooling(x))
+        with pytest.raises(ValueError, match="tokens per frame"):
+            pool_frames(inner, torch.randn(1, side * side + 1, 4))
+    finally:
+        vcfg.image_size = before
+
+    class Other(type(inner)):
+        def apply_pooling(self, image_features):
+            return image_features[:, ::2]
+
+    inner.__class__ = Other
+    try:
+        x = torch.randn(2, 64, 8)
+        assert torch.equal(pool_frames(inner, x), x[:, ::2])
+    finally:
+        inner.__class__ = Other.__bases__[0]
 
 
 def test_retrieval_keeping_every_frame_is_exact(tiny):
