@@ -86,7 +86,11 @@ def test_pooling_equals_the_models_apply_pooling(tiny, side, device):
     try:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(3, side * side, 24, dtype=dtype, device=device)
-            assert torch.equal(pool_frames(inner, x), inner.apply_pooling(x))
+            got, want = pool_frames(inner, x), inner.apply_pooling(x)
+            if device == "cuda" and dtype == torch.float32:  # the two CUDA kernels round the weighted sum in another
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # order: 1-2 ulp apart on odd grids (H200)
+            else:
+                assert torch.equal(got, want)
         with pytest.raises(ValueError, match="tokens per frame"):
             pool_frames(inner, torch.randn(1, side * side + 1, 4))
     finally:
