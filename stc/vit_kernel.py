@@ -197,7 +197,7 @@ def _launch_norm(x, residual, weight, bias, eps, index=None):
     res = _rows_of(residual) if residual is not None else rows
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(16, 4096 // block_c))  # a few rows per program where rows are short
-    wrap_triton(_layer_norm)[(triton.cdiv(r, block_r),)](
+    _layer_norm[(triton.cdiv(r, block_r),)](
         rows, rows if index is None else index, res, weight, bias, y, y if total is None else total, r, c, eps,
         rows.stride(0), res.stride(0), c, c, HAS_RES=residual is not None, INDEXED=index is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
@@ -207,6 +207,10 @@ def _launch_norm(x, residual, weight, bias, eps, index=None):
 # The norms are custom ops that torch.compile calls as they are, not triton_ops that it traces: traced
 # into a compiled function, the norm of 16 frames took 27.8 us against 17.7 for the kernel called alone on
 # the H200 (results/latency/h200_vit_layer_norm.json; likely one more copy of an output, not verified).
+# Being opaque, they launch their kernels directly: `wrap_triton`, called outside tracing with a num_warps,
+# wraps the kernel in a new one-config Autotuner on every call and records it in torch's kernel side table
+# (torch/_higher_order_ops/triton_kernel_wrap.py; the Autotuner shows in the H200's traceback in
+# results/latency/h200_capture_failure_b4.txt).
 @torch.library.custom_op("stc::layer_norm", mutates_args=())
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`` for x [..., C], in one pass over
@@ -299,7 +303,7 @@ def merge_layer_norm(x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, pos
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(16, 4096 // block_c))
     frame_stride = [v.stride(0) if v.shape[0] > 1 else 0 for v in (x, attn, mlp)]
-    wrap_triton(_merge_layer_norm)[(triton.cdiv(b * t, block_r),)](
+    _merge_layer_norm[(triton.cdiv(b * t, block_r),)](
         x, attn, mlp, positions.contiguous(), mid, delta, weight, bias, out, y, b * t, t, c, mid.shape[0], eps,
         frame_stride[0], x.stride(1), frame_stride[1], attn.stride(1), frame_stride[2], mlp.stride(1), c,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
