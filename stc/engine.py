@@ -424,7 +424,7 @@ class StreamingEngine:
             graph = None
             capture = self.capture if capture is None else capture and self.capture
             if capture:
-                from stc.fast import compiled_decoder
+                from stc.fast import compiled_decoder, no_gc
 
                 with compiled_decoder(self.lm) if self.compile_llm else contextlib.nullcontext():
                     side = torch.cuda.Stream(self.device)
@@ -438,7 +438,7 @@ class StreamingEngine:
                     # into the window; the pool lives and dies with them
                     if "pool" not in graphs:
                         graphs["pool"] = torch.cuda.graph_pool_handle()
-                    with torch.cuda.graph(graph, pool=graphs["pool"]):
+                    with no_gc(), torch.cuda.graph(graph, pool=graphs["pool"]):
                         inputs["last"] = forward()
             if capture or not self.capture:  # an uncaptured step on a GPU (seen once) is not kept
                 graphs[(n, bucket)] = (graph, inputs, forward)
@@ -528,7 +528,7 @@ class Stream:
         self._n_init = 0
         self._closed = False
         self.last_compressed: Compressed | None = None  # the latest chunk's kept tokens and indices
-        self._member_of: "StreamBatch | None" = None  # a batch member takes frames through its batch
+        self._batched = False  # a batch member takes frames through its batch (a flag, not a reference: no cycle)
 
     # -- encoding --------------------------------------------------------------------------------
 
@@ -587,7 +587,7 @@ class Stream:
     def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
         """Push preprocessed frames [F, 3, S, S] (in time order)."""
         self._check_open()
-        if self._member_of is not None:
+        if self._batched:
             raise ValueError("this stream belongs to a StreamBatch: push frames to the batch")
         e = self.engine
         if pixel_values.dim() != 4:
@@ -817,7 +817,7 @@ class StreamBatch:
         self.vision = e._graphed_vision(size)
         self.streams = [Stream(e) for _ in range(size)]
         for s in self.streams:
-            s._member_of = self
+            s._batched = True
             if e.config.cacher is not None:
                 s.cacher_state = self.vision.new_state()
         n_init = e.init_ids.shape[1]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import sys
 import weakref
 
@@ -57,6 +58,27 @@ def _copy_caches(dst: list[LayerCache], src: list[LayerCache], row: int | None =
             t = getattr(d, f)
             if t is not None:
                 (t if row is None else t[row : row + 1]).copy_(getattr(s, f))
+
+
+@contextlib.contextmanager
+def no_gc():
+    """Python's cyclic garbage collector off for the block (a CUDA graph capture), after one collection.
+
+    Otherwise objects that only reference cycles hold are destroyed inside the capture, whenever Python's
+    allocations set the collector off, and a destructor that releases CUDA resources (another runner's
+    captured graphs; Triton 3.8, unlike the 3.6 measured here, also unloads a freed kernel's module) can invalidate the
+    capture, which then fails at its next launch ("operation failed due to a previous error during
+    capture"). Captures failed so, at random, on the H200 in repeated StreamBatch runs while dropped
+    batches and their runners waited in a reference cycle (results/latency/h200_capture_failure_b4.txt);
+    the cycle is gone too. Whether it was the cause is not yet verified on the GPU."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def encoder_layer(layer: nn.Module, x: torch.Tensor, fused_mlp: bool = False,
@@ -560,7 +582,7 @@ class GraphedVision:
                     fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with no_gc(), torch.cuda.graph(graph, pool=self._pool):
                 out = fn()
             self._pool = graph.pool()
             self._graphs[kind] = (graph, out)

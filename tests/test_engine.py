@@ -407,6 +407,39 @@ def test_captured_graphs_equal_eager_on_gpu(bucket, monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
+def test_dropped_batches_streams_and_engines_are_freed_at_once(tiny):
+    """No reference cycles: a batch (with its vision runner and streams), a stream and a closed engine
+    are freed when the last reference goes, not at some later garbage collection, which may run inside
+    another CUDA graph capture and destroy their graphs there (captures failed at random on the H200 in
+    repeated StreamBatch runs, results/latency/h200_capture_failure_b4.txt)."""
+    import gc
+    import weakref
+
+    model, proc = tiny
+    video = frames(2)
+    gc.collect()
+    gc.disable()
+    try:
+        engine = StreamingEngine(model, proc, EngineConfig(cuda_graphs=True, cacher=CacherConfig(cache_interval=2),
+                                                           pruner=PrunerConfig(keep_ratio=0.5)))
+        batch = engine.open_batch(2)
+        batch.push_frames(video)
+        stream = engine.open_stream()
+        stream.push_frames(video[:1])
+        stream.answer(QUESTION, max_new_tokens=2)
+        refs = {"engine": weakref.ref(engine), "batch": weakref.ref(batch), "vision runner": weakref.ref(batch.vision),
+                "batch stream": weakref.ref(batch.streams[0]), "stream": weakref.ref(stream)}
+        batch.close()
+        stream.close()
+        del batch, stream
+        assert [k for k, r in refs.items() if k != "engine" and r() is not None] == []
+        engine.close()
+        del engine
+        assert refs["engine"]() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("cfg", [
     EngineConfig(retrieve_top_k=2, cuda_graphs=True),
     EngineConfig(retrieve_top_k=2, cuda_graphs=True, cacher=CacherConfig(cache_interval=2), pruner=PrunerConfig(keep_ratio=0.5)),

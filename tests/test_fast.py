@@ -156,6 +156,46 @@ def test_batches_of_streams_change_and_dropped_streams_are_not_kept():
     assert all(r.key._base is not None for r in sa._refs + sb._refs)
 
 
+def test_no_gc_collects_before_and_not_during_the_block():
+    """What a CUDA graph capture runs in: garbage cycles from before are destroyed on entry, cycles that
+    die inside are not destroyed there however much Python allocates, and the collector's state comes
+    back afterwards (also after an error, and off if it was off)."""
+    import gc
+
+    from stc.fast import no_gc
+
+    destroyed = []
+
+    class Node:
+        def __init__(self, name):
+            self.name, self.me = name, self  # a cycle: only the collector frees it
+
+        def __del__(self):
+            destroyed.append(self.name)
+
+    gc.collect()
+    Node("before")
+    with no_gc():
+        assert destroyed == ["before"] and not gc.isenabled()
+        Node("inside")
+        junk = [[i] for i in range(200_000)]  # allocations that would set the collector off
+        del junk
+        assert destroyed == ["before"]
+    assert gc.isenabled()
+    gc.collect()
+    assert destroyed == ["before", "inside"]
+    with pytest.raises(RuntimeError), no_gc():
+        raise RuntimeError("a failed capture")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_bad_inputs():
     tower = siglip()
     runner = GraphedVision(tower, cacher=CacherConfig(), use_graphs=False)
