@@ -117,9 +117,11 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
     if not batched_df.empty:  # each row keeps its own run's baseline, then the newest row per method wins
         run = ["source", "device", "batch"]
         base = batched_df[batched_df["method"] == BASELINE].drop_duplicates(run, keep="last")
-        base = base[run + ["vit_ms_per_frame", "prefill_ms_per_frame", "prefill_floor_ms"]].rename(columns={
+        if "projector_ms_per_frame" not in base:
+            base = base.assign(projector_ms_per_frame=float("nan"))
+        base = base[run + ["vit_ms_per_frame", "prefill_ms_per_frame", "prefill_floor_ms", "projector_ms_per_frame"]].rename(columns={
             "vit_ms_per_frame": "run_baseline_vit_ms", "prefill_ms_per_frame": "run_baseline_prefill_ms",
-            "prefill_floor_ms": "run_baseline_prefill_floor_ms"})
+            "prefill_floor_ms": "run_baseline_prefill_floor_ms", "projector_ms_per_frame": "run_baseline_projector_ms"})
         batched_df = _newest(batched_df.merge(base, on=run, how="left"), ["device", "batch", "method"])
     stream_df = pd.DataFrame(stream)
     if not stream_df.empty:
@@ -192,7 +194,8 @@ def stream_table(speed: Speed) -> pd.DataFrame:
 
 def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     """Streams one GPU serves in real time (ViT + prefill per stream-frame within 1/fps), per method,
-    from the largest B measured (compute only: KV memory is not counted)."""
+    from the largest B measured (compute only: KV memory is not counted); and the same with the
+    projector stage counted too (the projector, LLaVA-OneVision's pooling and a compressor's selection)."""
     _one_device(speed)
     b = speed.batched
     if b.empty:
@@ -204,21 +207,28 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
         per = r["vit_ms_per_frame"] + r["prefill_ms_per_frame"]
         streams = int(budget_ms // per)
         base = r.get("run_baseline_vit_ms", float("nan")) + r.get("run_baseline_prefill_ms", float("nan"))
-        rows.append({"method": r["method"], "B": r["batch"], "ms per stream-frame": per, "streams": streams,
-                     "vs baseline": streams / (budget_ms // base) if pd.notna(base) else None})
+        projector, base_projector = r.get("projector_ms_per_frame", float("nan")), r.get("run_baseline_projector_ms", float("nan"))
+        with_projector = per + projector
+        streams_all = int(budget_ms // with_projector) if pd.notna(with_projector) else None
+        base_all = base + base_projector
+        rows.append({"method": r["method"], "B": r["batch"], "commit": r.get("commit"), "ms per stream-frame": per, "streams": streams,
+                     "vs baseline": streams / (budget_ms // base) if pd.notna(base) else None,
+                     "with projector (ms)": with_projector, "streams with projector": streams_all,
+                     "vs baseline with projector": streams_all / (budget_ms // base_all)
+                     if streams_all is not None and pd.notna(base_all) else None})
     return pd.DataFrame(rows)
 
 
 def _cell(value, column: str) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
-    if isinstance(value, (bool, str)) or column in ("B", "tokens", "streams", "frames"):
+    if isinstance(value, (bool, str)) or column in ("B", "tokens", "frames") or column.startswith("streams"):
         return str(value)
     if column in ("change", "FLOP ideal", "prefill change", "floor predicts"):
         return f"{value:+.0%}"
     if column == "share of predicted":
         return f"{value:.0%}"
-    if "/ floor" in column or column == "vs baseline":
+    if "/ floor" in column or column.startswith("vs baseline"):
         return f"{value:.2f}x"
     return f"{value:.2f}"
 
@@ -253,7 +263,10 @@ _VIT_NOTE = (
     "(stc.fast.patch_embeddings); \"+ fused QKV\": both sides compute the attention projections of the same rows "
     "as one GEMM (stc.cacher.project; a selective layer fuses only its query and value projections, so the Cacher "
     "gains less); \"+ norm kernel\": both sides run their LayerNorms, and the residual add before the second, "
-    "as one pass each (stc.vit_kernel.layer_norm, add_layer_norm). Since commit c8d5ac6 the Cacher without the kernel ranks "
+    "as one pass each (stc.vit_kernel.layer_norm, add_layer_norm; since commit 3a0bda6 a layer's output pass also "
+    "computes the next layer's first norm, merge_layer_norm in a selective layer). Since commit 60920d0 the Cacher's "
+    "runs no longer pay for saving the caches of the previous run's streams, which nobody held (25-30 ms per run of 32 "
+    "steps at B = 16 on the H200). Since commit c8d5ac6 the Cacher without the kernel ranks "
     "with a stable sort (before: top-k). In rows without \"+ patch GEMM\" from before commit 31f5f3e, the baseline's "
     "layers and the Cacher's reference frames ran on the embedding module's transposed layout (its selective frames "
     "did not): they overstate the Cacher's saving at B = 1.\n")
@@ -273,6 +286,9 @@ def report(speed: Speed) -> str:
             "### SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(one)),
             "### StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(one)),
             f"### Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n",
+            "Each row against the baseline of its own run. \"with projector\": the projector stage counted too; before "
+            "commit e39e43f it held LLaVA-OneVision's pooling on a layout that PyTorch's CUDA kernel runs slowly (0.75 ms "
+            "per frame at B = 1 on the H200, 8 us after), so older runs' rows overstate it.\n",
             markdown(realtime_table(one)),
             "### One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n",
             markdown(stream_table(one)),

@@ -116,6 +116,10 @@ def test_derived_columns_against_the_rows(files):
     r = speed.realtime_table(s).set_index("method")
     assert r.loc["baseline", "streams"] == 2000 // (2.4 + 7.2) and r.loc["pruner", "streams"] == 2000 // (2.0 + 1.6)
     assert r.loc["pruner", "vs baseline"] == pytest.approx((2000 // 3.6) / (2000 // 9.6))
+    # the projector stage counted too (0.1 ms per stream-frame in every row here)
+    assert r.loc["pruner", "with projector (ms)"] == pytest.approx(2.0 + 1.6 + 0.1)
+    assert r.loc["pruner", "streams with projector"] == 2000 // 3.7
+    assert r.loc["pruner", "vs baseline with projector"] == pytest.approx((2000 // 3.7) / (2000 // 9.7))
 
 
 def stream_row(method, prefill, floor, qa, qa_floor=None, retrieval=None):
