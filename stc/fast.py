@@ -419,10 +419,11 @@ class GraphedVision:
     layer's query, value and key weights (`FusedProjections`: 3 C^2 values per layer, about 0.2 GB for
     SigLIP-so400m in bf16), copied again when a weight is changed in place; None (default): where the
     layers allow it (`FusedProjections.supported`, on any device); True where they do not raises.
-    norm_kernel: every method's layers run their LayerNorms, and the attention's residual add with the
-    norm after it, as one pass each (`stc.vit_kernel.layer_norm`, `add_layer_norm`; inductor's norm of
-    1152 channels is a looped reduction); None (default): where it can (`norm_kernel_supported`:
-    a CUDA device and Triton); True where it cannot raises.
+    norm_kernel: every method's layers run their LayerNorms, and the residual adds with the norms after
+    them, as one pass each (`stc.vit_kernel.layer_norm`, `add_layer_norm`; inductor's norm of 1152
+    channels is a looped reduction); a layer's output pass also computes the next layer's first norm (a
+    selective layer's merges its recomputed rows too, `merge_layer_norm`; ToMe's layers do not); None
+    (default): where it can (`norm_kernel_supported`: a CUDA device and Triton); True where it cannot raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
