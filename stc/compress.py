@@ -59,4 +59,8 @@ class FrameCompressor(Protocol):
         """A fresh per-stream state (call once per video/stream)."""
 
     def compress(self, tokens: torch.Tensor, state: Any, context: VisionContext | None = None) -> Compressed:
-        """Compress one chunk of one stream; frames in the chunk are in temporal order."""
+        """Compress one chunk of one stream; frames in the chunk are in temporal order.
+
+        A compressor may also define ``compress_streams(tokens [B, N, D], states, contexts)``: one frame of
+        each of B streams at once, entry b of the result for stream b, equal to B `compress` calls.
+        `stc.engine.StreamBatch` uses it where it exists (STC-Pruner's does)."""

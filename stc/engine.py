@@ -858,10 +858,13 @@ class StreamBatch:
             if e.compressor is not None:
                 side = int(math.isqrt(tokens.shape[1]))
                 index, layer_input = self.vision.keep_input_of, self.vision.layer_input
-                kept = [e.compressor.compress(tokens[i : i + 1], s.compressor_state, VisionContext(
-                            grid=(side, side), vision_tower=inner.vision_tower,
-                            layer_inputs={} if index is None else {index: layer_input[i : i + 1]})).tokens[0]
-                        for i, s in enumerate(self.streams)]
+                contexts = [VisionContext(grid=(side, side), vision_tower=inner.vision_tower,
+                                          layer_inputs={} if index is None else {index: layer_input[i : i + 1]})
+                            for i in range(self.size)]
+                states = [s.compressor_state for s in self.streams]
+                together = getattr(e.compressor, "compress_streams", None)  # all streams' frames at once, where offered
+                kept = (together(tokens, states, contexts).tokens if together is not None else
+                        [e.compressor.compress(tokens[i : i + 1], st, ctx).tokens[0] for i, (st, ctx) in enumerate(zip(states, contexts))])
                 if len({k.shape[0] for k in kept}) != 1:
                     raise ValueError("streams in a batch must keep the same number of tokens per frame")
                 tokens = torch.stack(kept)

@@ -119,12 +119,13 @@ class PrunerState:
 def dual_anchor_scores(tokens: torch.Tensor, temporal_anchor: torch.Tensor, alpha: float) -> torch.Tensor:
     """Eq. 9: alpha * (1 - cos(z, a_t)) + (1 - alpha) * (1 - cos(z, a_s)), a_s = the frame mean.
 
-    tokens: [N, D]; temporal_anchor: [D]. Returns float32 [N]; higher = more distinct.
+    tokens: [..., N, D] (a frame, or one frame of each of several streams); temporal_anchor: [..., D].
+    Returns float32 [..., N]; higher = more distinct.
     """
     z = tokens.float()
-    spatial = z.mean(0)
-    cos_t = nn.functional.cosine_similarity(z, temporal_anchor.float()[None], dim=-1)
-    cos_s = nn.functional.cosine_similarity(z, spatial[None], dim=-1)
+    spatial = z.mean(-2)
+    cos_t = nn.functional.cosine_similarity(z, temporal_anchor.float().unsqueeze(-2), dim=-1)
+    cos_s = nn.functional.cosine_similarity(z, spatial.unsqueeze(-2), dim=-1)
     return alpha * (1 - cos_t) + (1 - alpha) * (1 - cos_s)
 
 
@@ -190,6 +191,40 @@ class Pruner:
         """The `FrameCompressor` interface (see stc.compress)."""
         out = self.prune(tokens, state)
         return Compressed(tokens=list(out.tokens), indices=list(out.indices))
+
+    def select_streams(self, tokens: torch.Tensor, states: list[PrunerState]) -> torch.Tensor:
+        """One frame of each of B streams, tokens [B, N, D], the streams' states in the same order: the
+        indices [B, k] that `select(tokens[b : b + 1], states[b])` gives for each b, and the same state
+        updates. The dual anchor scores and ranks every stream's frame at once where the states hold
+        equally many past frames (synchronised streams); otherwise, and for the gaussian strategy, one
+        stream at a time."""
+        if tokens.dim() != 3 or tokens.shape[0] != len(states):
+            raise ValueError(f"expected tokens [streams, tokens, dim] with one state per stream, got {tuple(tokens.shape)} "
+                             f"and {len(states)} states")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("each stream needs its own PrunerState: the same state was given twice")
+        if not all(isinstance(s, PrunerState) for s in states):
+            raise TypeError("states must be PrunerStates from pruner.new_state()")
+        if tokens.shape[1] == 0:
+            raise ValueError(f"expected at least one token, got shape {tuple(tokens.shape)}")
+        if self.config.strategy != "dual_anchor" or len({len(s.frame_means) for s in states}) != 1:
+            return torch.cat([self.select(tokens[b : b + 1], s) for b, s in enumerate(states)])
+        b, n, d = tokens.shape
+        spatial = tokens.float().mean(1)
+        past = len(states[0].frame_means)
+        temporal = (torch.stack([m for s in states for m in s.frame_means]).view(b, past, d).mean(1) if past else spatial)
+        scores = dual_anchor_scores(tokens, temporal, self.config.alpha)
+        for row, s in enumerate(states):
+            s.frame_means.append(spatial[row].detach())
+        return _top_sorted(scores, self.config.kept_tokens(n), largest=True)
+
+    def compress_streams(self, tokens: torch.Tensor, states: list[PrunerState],
+                         contexts: list[VisionContext] | None = None) -> Compressed:
+        """`compress` of one frame of each of B streams at once (`select_streams`): entry b of the result
+        is stream b's frame."""
+        idx = self.select_streams(tokens, states)
+        kept = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return Compressed(tokens=list(kept), indices=list(idx))
 
     def _select_dual_anchor(self, tokens, state, k):
         picks = []

@@ -79,6 +79,50 @@ def test_dual_anchor_chunks_equal_frames():
     assert torch.equal(one, chunked)
 
 
+@pytest.mark.parametrize("strategy", ["dual_anchor", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_streams_at_once_equal_one_stream_at_a_time(strategy, dtype):
+    """select_streams / compress_streams (what StreamBatch calls) against B separate select calls (which
+    test_dual_anchor_matches_numpy holds to NumPy): the same tokens and the same memory, frame after frame,
+    also once the windows are full; streams whose memories differ in length take the one-at-a-time path
+    and still agree."""
+    streams = [random_stream(7, seed=s) for s in range(3)]
+    pruner = Pruner(PrunerConfig(strategy=strategy, keep_ratio=0.25, window=3))
+    together, apart = [pruner.new_state() for _ in streams], [pruner.new_state() for _ in streams]
+    for f in range(7):
+        tokens = torch.stack([torch.tensor(s[f]) for s in streams]).to(dtype)
+        want = torch.cat([pruner.select(tokens[b : b + 1], st) for b, st in enumerate(apart)])
+        out = pruner.compress_streams(tokens, together)
+        got = torch.stack(out.indices)
+        assert torch.equal(got, want)
+        assert all(torch.equal(t, tokens[b, i]) for b, (t, i) in enumerate(zip(out.tokens, out.indices)))
+        for a, b in zip(together, apart):
+            for mine, theirs in ((a.frame_means, b.frame_means), (a.chunk_means, b.chunk_means)):
+                assert len(mine) == len(theirs) and all(torch.equal(x, y) for x, y in zip(mine, theirs))
+    ragged = [pruner.new_state(), pruner.new_state()]
+    pruner.select(torch.tensor(streams[0][0])[None], ragged[0])  # one stream has seen a frame more
+    tokens = torch.stack([torch.tensor(streams[0][1]), torch.tensor(streams[1][0])])
+    copies = [pruner.new_state(), pruner.new_state()]
+    pruner.select(torch.tensor(streams[0][0])[None], copies[0])
+    want = torch.cat([pruner.select(tokens[b : b + 1], st) for b, st in enumerate(copies)])
+    assert torch.equal(pruner.select_streams(tokens, ragged), want)
+
+
+def test_streams_at_once_refuse_bad_input():
+    pruner = Pruner()
+    state = pruner.new_state()
+    with pytest.raises(ValueError, match="one state per stream"):
+        pruner.select_streams(torch.zeros(2, 8, 4), [state])
+    with pytest.raises(ValueError, match="the same state was given twice"):
+        pruner.select_streams(torch.zeros(2, 8, 4), [state, state])
+    with pytest.raises(TypeError, match="PrunerStates"):
+        pruner.select_streams(torch.zeros(1, 8, 4), [object()])
+    with pytest.raises(ValueError, match="at least one token"):
+        pruner.select_streams(torch.zeros(1, 0, 4), [state])
+    with pytest.raises(ValueError, match="one state per stream"):
+        pruner.select_streams(torch.zeros(8, 4), [state])
+
+
 def test_gaussian_matches_numpy():
     rng = np.random.default_rng(1)
     chunks = [rng.normal(size=(f, 49, 24)) for f in (1, 1, 2, 1, 3)]
