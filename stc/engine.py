@@ -863,8 +863,10 @@ class StreamBatch:
                             for i in range(self.size)]
                 states = [s.compressor_state for s in self.streams]
                 together = getattr(e.compressor, "compress_streams", None)  # all streams' frames at once, where offered
-                kept = (together(tokens, states, contexts).tokens if together is not None else
-                        [e.compressor.compress(tokens[i : i + 1], st, ctx).tokens[0] for i, (st, ctx) in enumerate(zip(states, contexts))])
+                if together is not None:
+                    kept = together(tokens, states, contexts).tokens
+                else:
+                    kept = [e.compressor.compress(tokens[i : i + 1], states[i], contexts[i]).tokens[0] for i in range(self.size)]
                 if len({k.shape[0] for k in kept}) != 1:
                     raise ValueError("streams in a batch must keep the same number of tokens per frame")
                 tokens = torch.stack(kept)

@@ -66,11 +66,12 @@ def no_gc():
 
     Otherwise objects that only reference cycles hold are destroyed inside the capture, whenever Python's
     allocations set the collector off, and a destructor that releases CUDA resources (another runner's
-    captured graphs; Triton 3.8, unlike the 3.6 measured here, also unloads a freed kernel's module) can invalidate the
-    capture, which then fails at its next launch ("operation failed due to a previous error during
-    capture"). Captures failed so, at random, on the H200 in repeated StreamBatch runs while dropped
-    batches and their runners waited in a reference cycle (results/latency/h200_capture_failure_b4.txt);
-    the cycle is gone too. Whether it was the cause is not yet verified on the GPU."""
+    captured graphs; Triton 3.8, unlike the 3.6 measured here, also unloads a freed kernel's module)
+    can invalidate the capture, which then fails at its next launch ("operation failed due to a
+    previous error during capture"). Captures failed so, at random, on the H200 in repeated StreamBatch
+    runs while dropped batches and their runners waited in a reference cycle
+    (results/latency/h200_capture_failure_b4.txt); the cycle is gone too. Whether it was the cause is
+    not yet verified on the GPU."""
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
