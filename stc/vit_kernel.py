@@ -149,6 +149,18 @@ def supported(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _normalised(x, c, inside, C, eps, W, BIAS):
+    """Rows x [BLOCK_R, BLOCK_C] in float32 (channel c < C where `inside`) -> their LayerNorm with weight W
+    and bias BIAS (statistics over the C channels), float32."""
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(inside[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    w = tl.load(W + c, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + c, mask=inside, other=0.0).to(tl.float32)
+    return diff * rstd[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
 def _layer_norm(X, IDX, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, stride_y, stride_sum,
                 HAS_RES: tl.constexpr, INDEXED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -163,13 +175,7 @@ def _layer_norm(X, IDX, RES, W, BIAS, Y, SUM, R, C, eps, stride_x, stride_res, s
     if HAS_RES:  # the residual sum, rounded to the dtype as the unfused add would, then normalised
         x = x + tl.load(RES + r[:, None] * stride_res + c[None, :], mask=mask, other=0.0)
         tl.store(SUM + r[:, None] * stride_sum + c[None, :], x, mask=mask)
-    x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    diff = tl.where(inside[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
-    w = tl.load(W + c, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + c, mask=inside, other=0.0).to(tl.float32)
-    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    y = _normalised(x.to(tl.float32), c, inside, C, eps, W, BIAS)
     tl.store(Y + r[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -264,13 +270,7 @@ def _merge_layer_norm(X, A, M, POS, MID, DELTA, W, BIAS, OUT, Y, R, T, C, NEW, e
     m = tl.load(M + (frame * stride_mb + token * stride_mt)[:, None] + c[None, :], mask=kept, other=0.0)
     s = tl.where(new[:, None], v, (x + a) + m)  # each sum rounded to the dtype, as the unfused adds
     tl.store(OUT + r[:, None] * C + c[None, :], s, mask=mask)
-    s = s.to(tl.float32)
-    mean = tl.sum(s, axis=1) / C
-    diff = tl.where(inside[None, :], s - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
-    w = tl.load(W + c, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + c, mask=inside, other=0.0).to(tl.float32)
-    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    y = _normalised(s.to(tl.float32), c, inside, C, eps, W, BIAS)
     tl.store(Y + r[:, None] * C + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
