@@ -142,8 +142,9 @@ def batch_part(model, processor, args, rates, rows, save):
             res["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=args.frames * n, batch=b)
             rows.append(res)
             save()
-            print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  prefill "
-                  f"{res['prefill_ms_per_frame']:.2f} (floor {res['prefill_floor_ms']:.2f}) ms per stream-frame", flush=True)
+            print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  projector "
+                  f"{res['projector_ms_per_frame']:.2f}  prefill {res['prefill_ms_per_frame']:.2f} (floor "
+                  f"{res['prefill_floor_ms']:.2f}) ms per stream-frame", flush=True)
 
 
 def main(argv=None):
