@@ -25,8 +25,8 @@ reduction reads the two at about 1.3 TB/s at B = 16 (40 us per layer); this kern
 norm after it, optionally over gathered rows) and `merge_layer_norm` (``stc::merge_layer_norm``, a selective
 layer's output, its recomputed rows merged into the reused ones, with the next layer's first norm of it)
 are custom ops for every method's encoder layers (`stc.cacher.layer_norm`, `GraphedVision(norm_kernel=...)`):
-one program normalises a few whole rows in one pass. Inductor compiles SigLIP's norm of 1152 channels as a looped reduction, 51.6 us for 16 frames
-on the H200, against 17.7 here (results/latency/h200_vit_layer_norm.json).
+one program normalises a few whole rows in one pass. Inductor compiles SigLIP's norm of 1152 channels as a
+looped reduction, 51.6 us for 16 frames on the H200, against 17.7 here (results/latency/h200_vit_layer_norm.json).
 """
 
 from __future__ import annotations
