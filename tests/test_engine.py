@@ -84,12 +84,15 @@ def test_pooling_equals_the_models_apply_pooling(tiny, side, device):
     before = vcfg.image_size
     vcfg.image_size = side * vcfg.patch_size  # apply_pooling reads the grid from the config, as pool_frames
     try:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if device == "cuda" else ()):
             x = torch.randn(3, side * side, 24, dtype=dtype, device=device)
             got, want = pool_frames(inner, x), inner.apply_pooling(x)
-            if device == "cuda" and dtype == torch.float32:  # the two CUDA kernels round the weighted sum in another
-                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # order: 1-2 ulp apart on odd grids (H200)
-            else:
+            if device == "cuda" and dtype != torch.bfloat16:
+                # the two CUDA kernels sum the weighted pixels in another order: float32 1-2 ulp apart on odd
+                # grids (H200); float16, rounded from those, may then differ by one unit in rare values
+                torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 1e-3,
+                                           rtol=1e-6 if dtype == torch.float32 else 1e-3)
+            else:  # bf16 on the H200 (no value differed over 16 frames of 729 x 3584 either) and the CPU
                 assert torch.equal(got, want)
         with pytest.raises(ValueError, match="tokens per frame"):
             pool_frames(inner, torch.randn(1, side * side + 1, 4))
