@@ -242,6 +242,13 @@ def add_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, 
     return s, norm(s)
 
 
+def _merged_output(x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, positions: torch.Tensor, mid: torch.Tensor,
+                   delta: torch.Tensor) -> torch.Tensor:
+    """A selective layer's output [B, T, C]: the recomputed tokens' mid + delta ([B, k, C] each) merged
+    through `positions` into the reused tokens' (x + attn) + mlp, their input plus the cached deltas."""
+    return _merge((x + attn) + mlp, positions, mid + delta)
+
+
 def merge_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, positions: torch.Tensor,
                      mid: torch.Tensor, delta: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, norm(out)) for a selective layer's output out [B, T, C]: the recomputed tokens' mid + delta
@@ -251,7 +258,7 @@ def merge_layer_norm(norm: nn.LayerNorm, x: torch.Tensor, attn: torch.Tensor, ml
         from stc import vit_kernel
 
         return vit_kernel.merge_layer_norm(x, attn, mlp, positions, mid, delta, norm.weight, norm.bias, norm.eps)
-    out = _merge((x + attn) + mlp, positions, mid + delta)
+    out = _merged_output(x, attn, mlp, positions, mid, delta)
     return out, norm(out)
 
 
@@ -399,7 +406,7 @@ def selective_layer(
             if next_norm is not None:
                 out, h_next = merge_layer_norm(next_norm, x, ref.attn, ref.mlp, positions, mid_dyn, m_dyn, norm_kernel)
                 return out, dynamic, h_next
-            return _merge((x + ref.attn) + ref.mlp, positions, mid_dyn + m_dyn), dynamic
+            return _merged_output(x, ref.attn, ref.mlp, positions, mid_dyn, m_dyn), dynamic
         a_full = _merge(ref.attn, positions, a_dyn, batch=b)
     if config.reuse == "attn":
         mid, h_mid = add_layer_norm(layer.layer_norm2, x, a_full, norm_kernel)
