@@ -184,6 +184,14 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
     return (t if t.stride(-1) == 1 else t.contiguous()).reshape(-1, t.shape[-1])
 
 
+def _norm_tiles(rows: int, c: int) -> tuple[tuple[int], dict]:
+    """The grid and tile settings of a norm kernel over `rows` rows of c channels: whole rows per program,
+    a few of them where rows are short."""
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, min(16, 4096 // block_c))
+    return (triton.cdiv(rows, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+
+
 def _launch_norm(x, residual, weight, bias, eps, index=None):
     if weight.dim() != 1 or bias.dim() != 1 or weight.shape != bias.shape or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"layer_norm: expected x [..., C] and weight, bias [C], got {tuple(x.shape)}, "
@@ -202,12 +210,10 @@ def _launch_norm(x, residual, weight, bias, eps, index=None):
     if r == 0 or c == 0:
         return y, total
     res = _rows_of(residual) if residual is not None else rows
-    block_c = triton.next_power_of_2(c)
-    block_r = max(1, min(16, 4096 // block_c))  # a few rows per program where rows are short
-    _layer_norm[(triton.cdiv(r, block_r),)](
+    grid, tiles = _norm_tiles(r, c)
+    _layer_norm[grid](
         rows, rows if index is None else index, res, weight, bias, y, y if total is None else total, r, c, eps,
-        rows.stride(0), res.stride(0), c, c, HAS_RES=residual is not None, INDEXED=index is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+        rows.stride(0), res.stride(0), c, c, HAS_RES=residual is not None, INDEXED=index is not None, **tiles)
     return y, total
 
 
@@ -301,13 +307,11 @@ def merge_layer_norm(x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, pos
         return out, y
     x, attn, mlp = (v if v.stride(2) == 1 else v.contiguous() for v in (x, attn, mlp))
     mid, delta = _rows_of(mid).contiguous(), _rows_of(delta).contiguous()
-    block_c = triton.next_power_of_2(c)
-    block_r = max(1, min(16, 4096 // block_c))
     frame_stride = [v.stride(0) if v.shape[0] > 1 else 0 for v in (x, attn, mlp)]
-    _merge_layer_norm[(triton.cdiv(b * t, block_r),)](
+    grid, tiles = _norm_tiles(b * t, c)
+    _merge_layer_norm[grid](
         x, attn, mlp, positions.contiguous(), mid, delta, weight, bias, out, y, b * t, t, c, mid.shape[0], eps,
-        frame_stride[0], x.stride(1), frame_stride[1], attn.stride(1), frame_stride[2], mlp.stride(1), c,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 2048 else 8)
+        frame_stride[0], x.stride(1), frame_stride[1], attn.stride(1), frame_stride[2], mlp.stride(1), c, **tiles)
     return out, y
 
 
