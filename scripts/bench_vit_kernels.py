@@ -1,8 +1,8 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection (and key similarity), which projections, which patch
 embedding, which LayerNorm kernel, LLaVA-OneVision's pooling after the projector (and, on request, a
-Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static KV window). Each variant is timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1
-and 16 frames per step.
+Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static KV window). Each variant is
+timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
 """
