@@ -8,6 +8,12 @@ frame every 2 s exactly; on a 29.97 fps video it is every 60th frame (one per 2.
 
 `load_video` decodes the sampled frames of a whole video; `iter_frames` yields them chunk by
 chunk, so a stream never holds more than one chunk of decoded frames.
+
+decord decodes ahead in a worker thread, so an error in a packet *after* the wanted frames can
+surface while decoding them, depending on thread timing: an intact frame just before a corrupt
+region failed in 1 of 40 reads on an idle machine and in 1 of 3 on a loaded one. A failed decode
+is therefore tried again on freshly opened readers (`DECODE_ATTEMPTS` tries in all), and a file
+counts as corrupt at a frame only when every try fails there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+#: Tries, each on a freshly opened reader, before a decoding error is reported (module docstring).
+DECODE_ATTEMPTS = 4
 
 
 class VideoError(ValueError):
@@ -133,7 +142,19 @@ class SampledVideo:
             raise ValueError(f"{self.path} was closed; open a new SampledVideo to decode more frames")
         if not 0 <= start < stop <= len(self.indices):
             raise ValueError(f"frame range [{start}, {stop}) is outside the {len(self.indices)} sampled frames")
-        return _decode(self._reader, self.path, self.indices[start:stop])
+        return self._decode(self.indices[start:stop])
+
+    def _decode(self, indices: np.ndarray) -> np.ndarray:
+        """Decode file frame `indices`, trying DECODE_ATTEMPTS times (see the module docstring)."""
+        for _ in range(DECODE_ATTEMPTS - 1):
+            try:
+                return _decode(self._reader, self.path, indices)
+            except VideoError:
+                self._reader = _open_reader(self.path)[0]  # a reader whose worker failed is not reused
+        try:
+            return _decode(self._reader, self.path, indices)
+        except VideoError as error:
+            raise VideoError(f"{error} (tried {DECODE_ATTEMPTS} times, each on a fresh reader)") from error.__cause__
 
     def close(self) -> None:
         self._reader = None
@@ -154,7 +175,7 @@ def load_video(path: str | Path, sample_fps: float = 0.5, max_time: float | None
     with SampledVideo(path, sample_fps, max_time) as video:
         if len(video) == 0:
             # Decode frame 0 only to learn H and W, so that the empty array still has them.
-            frames = _decode(video._reader, video.path, np.zeros(1, dtype=np.int64))[:0]
+            frames = video._decode(np.zeros(1, dtype=np.int64))[:0]
         else:
             frames = video.decode(0, len(video))
         return Video(

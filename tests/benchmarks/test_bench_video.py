@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from bench_helpers import decoded_index, zero_tail
 
-from stc.video import SampledVideo, Video, VideoError, iter_frames, load_video, sample_indices
+import stc.video
+from stc.video import DECODE_ATTEMPTS, SampledVideo, Video, VideoError, iter_frames, load_video, sample_indices
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,42 @@ def test_sampled_video_knows_times_before_decoding(mp4):
             video.decode(4, 5)
         with pytest.raises(ValueError, match="outside"):
             video.decode(3, 2)
+
+
+class _FlakyReader:
+    """A decord reader whose first `failures[0]` get_batch calls fail, like a worker error."""
+
+    def __init__(self, reader, failures):
+        self.reader, self.failures = reader, failures
+
+    def get_batch(self, indices):
+        if self.failures[0] > 0:
+            self.failures[0] -= 1
+            raise RuntimeError("[worker] Thread worker: Error sending packet.")
+        return self.reader.get_batch(indices)
+
+
+@pytest.mark.parametrize("failures", [1, DECODE_ATTEMPTS - 1, DECODE_ATTEMPTS])
+def test_a_failed_decode_is_tried_again_on_fresh_readers(mp4, monkeypatch, failures):
+    # decord's reader decodes ahead in a worker thread, so an error past the wanted frames can
+    # surface at random; a decode fails only when every one of DECODE_ATTEMPTS tries fails.
+    path = mp4(n_frames=40, fps=4)
+    expected = load_video(path, sample_fps=1.0).frames[2:5]
+    open_reader, opened, left = stc.video._open_reader, [], [failures]
+
+    def flaky_open(path):
+        reader, n_frames, fps = open_reader(path)
+        opened.append(_FlakyReader(reader, left))
+        return opened[-1], n_frames, fps
+
+    monkeypatch.setattr(stc.video, "_open_reader", flaky_open)
+    with SampledVideo(path, sample_fps=1.0) as video:
+        if failures < DECODE_ATTEMPTS:
+            np.testing.assert_array_equal(video.decode(2, 5), expected)
+            assert len(opened) == 1 + failures  # every failed try replaced the reader
+            np.testing.assert_array_equal(video.decode(2, 5), expected)  # the fresh reader is kept
+            assert len(opened) == 1 + failures
+        else:
+            with pytest.raises(VideoError, match=f"cannot decode frames 8..16 .*tried {DECODE_ATTEMPTS} times"):
+                video.decode(2, 5)
+            assert len(opened) == DECODE_ATTEMPTS
