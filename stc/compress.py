@@ -63,4 +63,4 @@ class FrameCompressor(Protocol):
 
         A compressor may also define ``compress_streams(tokens [B, N, D], states, contexts)``: one frame of
         each of B streams at once, entry b of the result for stream b, equal to B `compress` calls.
-        `stc.engine.StreamBatch` uses it where it exists (STC-Pruner's does)."""
+        `stc.engine.StreamBatch` uses it where it exists (STC-Pruner's and VisionZip's do)."""

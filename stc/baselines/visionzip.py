@@ -50,6 +50,11 @@ CONTEXTUAL_SHARE = 10 / 64
 # ---------------------------------------------------------------------------------------------
 
 
+#: Attention probabilities held at once by `attention_received`: frames are scored in groups of at
+#: most this many elements of [frames, heads, T, T] float32 (2**27: 512 MB; 15 SigLIP frames).
+ATTENTION_ELEMENTS = 2**27
+
+
 def attention_received(layer: nn.Module, hidden: torch.Tensor, class_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention each patch receives at one SigLIP/CLIP encoder layer, and the layer's keys.
 
@@ -58,25 +63,25 @@ def attention_received(layer: nn.Module, hidden: torch.Tensor, class_token: bool
     class_token: token 0 is a CLS token: score = its attention to the patches; else the attention
         received averaged over all queries. Both are averaged over heads.
     Returns scores float32 [F, P] and keys averaged over heads [F, P, head_dim], P = T - class_token.
+    Frames are scored in groups whose probabilities fit ATTENTION_ELEMENTS.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden states must be [frames, tokens, dim], got shape {tuple(hidden.shape)}")
     attn = layer.self_attn
-    scores, keys = [], []
-    # One frame at a time: [heads, T, T] probabilities per frame (T = 729 for SigLIP-so400m) is enough.
-    for x in hidden:
-        h = layer.layer_norm1(x)
-        t = h.shape[0]
-        q = attn.q_proj(h).view(t, -1, attn.head_dim).transpose(0, 1).float()
-        k = attn.k_proj(h).view(t, -1, attn.head_dim).transpose(0, 1).float()
-        probs = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1)  # [heads, T, T]
+    f, t, _ = hidden.shape
+    h = layer.layer_norm1(hidden)
+    q = attn.q_proj(h).view(f, t, -1, attn.head_dim).transpose(1, 2).float()  # [F, heads, T, head_dim]
+    k = attn.k_proj(h).view(f, t, -1, attn.head_dim).transpose(1, 2).float()
+    group = max(1, ATTENTION_ELEMENTS // (q.shape[1] * t * t))
+    scores = []
+    for start in range(0, f, group):
+        qg, kg = q[start : start + group], k[start : start + group]
         if class_token:
-            scores.append(probs[:, 0, 1:].mean(0))
-            keys.append(k.mean(0)[1:])
-        else:
-            scores.append(probs.mean(dim=(0, 1)))
-            keys.append(k.mean(0))
-    return torch.stack(scores), torch.stack(keys)
+            qg = qg[:, :, :1]  # only the CLS query's row is needed
+        probs = torch.softmax((qg @ kg.transpose(-1, -2)) * attn.scale, dim=-1)  # [group, heads, queries, T]
+        scores.append(probs[..., 1:].mean(dim=(1, 2)) if class_token else probs.mean(dim=(1, 2)))
+    keys = k.mean(1)
+    return torch.cat(scores), keys[:, 1:] if class_token else keys
 
 
 def pool_to_grid(x: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]) -> torch.Tensor:
@@ -99,14 +104,18 @@ def pool_to_grid(x: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, in
 
 
 def merge_contextual(tokens: torch.Tensor, metric: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """VisionZip's contextual merging of one frame's remaining (non-dominant) tokens.
+    """VisionZip's contextual merging of the remaining (non-dominant) tokens, of one frame or of F at once.
 
-    tokens: [R, D] in spatial order; metric: [R, C] (keys), compared by cosine; contextual: c in [1, R].
-    Targets are positions 0, s, 2s, ... (s = max(1, R // c), the first c of them); every other token
-    joins its most similar target; each group is averaged.
-    Returns merged tokens [c, D], target positions int64 [c], and group sizes int64 [c].
+    tokens: [R, D] or [F, R, D] in spatial order; metric: [R, C] or [F, R, C] (keys), compared by cosine;
+    contextual: c in [1, R]. Targets are positions 0, s, 2s, ... (s = max(1, R // c), the first c of
+    them); every other token joins its most similar target; each group is averaged.
+    Returns merged tokens [(F,) c, D], target positions int64 [c] (the same for every frame), and group
+    sizes int64 [(F,) c].
     """
-    r = tokens.shape[0]
+    single = tokens.dim() == 2
+    if single:
+        tokens, metric = tokens.unsqueeze(0), metric.unsqueeze(0)
+    f, r, d = tokens.shape
     if not 1 <= contextual <= r:
         raise ValueError(f"contextual must be in [1, {r}] (the remaining tokens), got {contextual}")
     step = max(1, r // contextual)
@@ -115,11 +124,12 @@ def merge_contextual(tokens: torch.Tensor, metric: torch.Tensor, contextual: int
     is_target[targets] = True
     others = (~is_target).nonzero().flatten()
     normed = nn.functional.normalize(metric.float(), dim=-1)
-    group = (normed[others] @ normed[targets].T).argmax(dim=-1)  # [R - c], a target slot per token
+    group = (normed[:, others] @ normed[:, targets].transpose(1, 2)).argmax(dim=-1)  # [F, R - c]: a target slot
     acc = torch.promote_types(tokens.dtype, torch.float32)  # average in at least fp32
-    sums = tokens[targets].to(acc).index_add(0, group, tokens[others].to(acc))
-    sizes = torch.ones(contextual, dtype=torch.int64, device=tokens.device).index_add(0, group, torch.ones_like(group))
-    return (sums / sizes.unsqueeze(-1)).to(tokens.dtype), targets, sizes
+    sums = tokens[:, targets].to(acc).scatter_add(1, group.unsqueeze(-1).expand(-1, -1, d), tokens[:, others].to(acc))
+    sizes = torch.ones(f, contextual, dtype=torch.int64, device=tokens.device).scatter_add(1, group, torch.ones_like(group))
+    merged = (sums / sizes.unsqueeze(-1)).to(tokens.dtype)
+    return (merged[0], targets, sizes[0]) if single else (merged, targets, sizes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +205,8 @@ class VisionZip:
     def new_state(self) -> FrameCounter:
         return FrameCounter()
 
-    def scores(self, num_frames: int, num_tokens: int, context: VisionContext | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention scores [F, N] and keys [F, N, head_dim] on the compressor's token grid."""
+    def _attention_input(self, context: VisionContext | None) -> tuple[nn.Module, torch.Tensor]:
+        """The attention layer and its input hidden states [F, T, C], from the context."""
         message = ("VisionZip needs the vision tower and the input of its attention layer (hidden states): pass "
                    "VisionContext(hidden_states=..., vision_tower=..., grid=...) (run the tower with "
                    "output_hidden_states=True) or VisionContext(layer_inputs={layer: input}, vision_tower=..., grid=...)")
@@ -212,47 +222,84 @@ class VisionZip:
             raise ValueError(f"attention_layer {self.attention_layer} is out of range for {n_layers} layers")
         idx = self.attention_layer % n_layers
         if idx in context.layer_inputs:
-            hidden = context.layer_inputs[idx]
-        elif context.hidden_states is None:
+            return layers[idx], context.layer_inputs[idx]
+        if context.hidden_states is None:
             raise ValueError(message)
-        else:
-            if len(context.hidden_states) != n_layers + 1:
-                raise ValueError(
-                    f"expected {n_layers + 1} hidden states (embeddings first, one per layer), got {len(context.hidden_states)}"
-                )
-            hidden = context.hidden_states[idx]  # the input of layer idx
+        if len(context.hidden_states) != n_layers + 1:
+            raise ValueError(
+                f"expected {n_layers + 1} hidden states (embeddings first, one per layer), got {len(context.hidden_states)}"
+            )
+        return layers[idx], context.hidden_states[idx]  # the input of layer idx
+
+    def scores(self, num_frames: int, num_tokens: int, context: VisionContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention scores [F, N] and keys [F, N, head_dim] on the compressor's token grid."""
+        layer, hidden = self._attention_input(context)
+        return self._scores(layer, hidden, num_frames, num_tokens, context)
+
+    def _scores(self, layer: nn.Module, hidden: torch.Tensor, num_frames: int, num_tokens: int,
+                context: VisionContext) -> tuple[torch.Tensor, torch.Tensor]:
         if hidden.shape[0] != num_frames:
             raise ValueError(f"hidden states hold {hidden.shape[0]} frames but tokens hold {num_frames}")
         patches = hidden.shape[1]
-        class_token = type(layers[idx]).__name__.startswith("CLIP")
+        class_token = type(layer).__name__.startswith("CLIP")
         side = math.isqrt(patches - class_token)
         if side * side != patches - class_token:
             raise ValueError(f"{patches} vision tokens per frame do not form a square patch grid")
         with torch.no_grad():
-            scores, keys = attention_received(layers[idx], hidden, class_token=class_token)
+            scores, keys = attention_received(layer, hidden, class_token=class_token)
         grid = token_grid(num_tokens, context)
         return pool_to_grid(scores, (side, side), grid), pool_to_grid(keys, (side, side), grid)
 
     def compress(self, tokens: torch.Tensor, state: FrameCounter, context: VisionContext | None = None) -> Compressed:
         check_tokens(tokens)
-        if not isinstance(state, FrameCounter):
-            raise TypeError(f"state must come from VisionZip.new_state(), got {type(state).__name__}")
-        frames, n, _ = tokens.shape
+        _check_state(state)
+        scores, keys = self.scores(tokens.shape[0], tokens.shape[1], context)
+        state.frames_seen += tokens.shape[0]
+        return self._keep(tokens, scores, keys)
+
+    def compress_streams(self, tokens: torch.Tensor, states: list[FrameCounter],
+                         contexts: list[VisionContext]) -> Compressed:
+        """`compress` of one frame of each of B streams at once (what `stc.engine.StreamBatch` calls):
+        tokens [B, N, D]; states and contexts one per stream, in the same order, the contexts of one
+        vision tower and grid. Entry b of the result is stream b's frame."""
+        check_tokens(tokens)
+        if not len(states) == len(contexts) == tokens.shape[0]:
+            raise ValueError(f"expected one state and one context per stream: tokens hold {tokens.shape[0]} streams, "
+                             f"got {len(states)} states and {len(contexts)} contexts")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("each stream needs its own state: the same state was given twice")
+        for state in states:
+            _check_state(state)
+        inputs = [self._attention_input(c) for c in contexts]
+        if len({id(layer) for layer, _ in inputs}) != 1 or len({c.grid for c in contexts}) != 1:
+            raise ValueError("the streams' contexts must share one vision tower and one grid")
+        if any(hidden.shape[0] != 1 for _, hidden in inputs):
+            raise ValueError("each stream's context must hold the hidden states of its one frame")
+        hidden = torch.cat([hidden for _, hidden in inputs])
+        scores, keys = self._scores(inputs[0][0], hidden, tokens.shape[0], tokens.shape[1], contexts[0])
+        for state in states:
+            state.frames_seen += 1
+        return self._keep(tokens, scores, keys)
+
+    def _keep(self, tokens: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor) -> Compressed:
+        """Dominant and contextual tokens of every frame of tokens [F, N, D], from scores [F, N], keys [F, N, C]."""
+        frames, n, d = tokens.shape
         dominant, contextual = self.split(n)
-        scores, keys = self.scores(frames, n, context)
         scores, keys = scores.to(tokens.device), keys.to(tokens.device)
-        out_tokens, out_indices = [], []
-        for f in range(frames):
-            top = torch.topk(scores[f], dominant).indices.sort().values
-            parts, index_parts = [tokens[f, top]], [top]
-            if contextual:
-                rest_mask = torch.ones(n, dtype=torch.bool, device=tokens.device)
-                rest_mask[top] = False
-                rest = rest_mask.nonzero().flatten()
-                merged, targets, sizes = merge_contextual(tokens[f, rest], keys[f, rest], contextual)
-                parts.append(merged)
-                index_parts.append(torch.where(sizes == 1, rest[targets], torch.full_like(targets, -1)))
-            out_tokens.append(torch.cat(parts))
-            out_indices.append(torch.cat(index_parts))
-        state.frames_seen += frames
-        return Compressed(tokens=out_tokens, indices=out_indices)
+        top = torch.topk(scores, dominant, dim=1).indices.sort(dim=1).values  # [F, dominant], spatial order
+        out_tokens, out_indices = [tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, d))], [top]
+        if contextual:
+            rest_mask = torch.ones(frames, n, dtype=torch.bool, device=tokens.device)
+            rest_mask.scatter_(1, top, False)
+            rest = rest_mask.nonzero()[:, 1].view(frames, n - dominant)  # ascending in each frame
+            merged, targets, sizes = merge_contextual(tokens.gather(1, rest.unsqueeze(-1).expand(-1, -1, d)),
+                                                      keys.gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1])),
+                                                      contextual)
+            out_tokens.append(merged)
+            out_indices.append(torch.where(sizes == 1, rest[:, targets], torch.full_like(sizes, -1)))
+        return Compressed(tokens=list(torch.cat(out_tokens, 1)), indices=list(torch.cat(out_indices, 1)))
+
+
+def _check_state(state) -> None:
+    if not isinstance(state, FrameCounter):
+        raise TypeError(f"state must come from VisionZip.new_state(), got {type(state).__name__}")

@@ -102,6 +102,15 @@ def test_contextual_merging_matches_loop_reference(r, c):
     torch.testing.assert_close(merged, torch.stack(ref_tokens))
     with pytest.raises(ValueError):
         merge_contextual(tokens, metric, r + 1)
+    # Several frames at once: each frame as alone.
+    frames = torch.randn(3, r, 6, generator=g, dtype=torch.float64)
+    metrics = torch.randn(3, r, 4, generator=g, dtype=torch.float64)
+    merged, targets, sizes = merge_contextual(frames, metrics, c)
+    assert merged.shape == (3, c, 6) and sizes.shape == (3, c)
+    for f in range(3):
+        ref_targets, ref_tokens, ref_sizes = brute_force_contextual(frames[f], metrics[f], c)
+        assert targets.tolist() == ref_targets and sizes[f].tolist() == ref_sizes
+        torch.testing.assert_close(merged[f], torch.stack(ref_tokens))
 
 
 def test_invalid_configs_and_inputs(encoded):
@@ -156,3 +165,35 @@ def test_score_mapping_is_llava_onevision_pooling():
     expected = LlavaOnevisionModel.apply_pooling(fake, feats)
     torch.testing.assert_close(pool_to_grid(feats, (27, 27), (14, 14)), expected, atol=0, rtol=0)
     torch.testing.assert_close(pool_to_grid(feats[..., 0], (27, 27), (14, 14)), expected[..., 0], atol=0, rtol=0)
+
+
+def test_compress_streams_equals_one_compress_per_stream(encoded, monkeypatch):
+    """What StreamBatch calls: one frame of each stream at once, against a compress call per stream."""
+    import stc.baselines.visionzip as visionzip
+
+    model, out = encoded
+    n = len(out.hidden_states) - 1
+    hidden = out.hidden_states[n - 1]  # the last layer's input, as the graphed ViT keeps it
+    tokens = torch.randn(3, 16, 8)
+    comp = VisionZip(dominant=5, contextual=3)
+    contexts = [VisionContext(layer_inputs={n - 1: hidden[i : i + 1]}, vision_tower=model, grid=(4, 4)) for i in range(3)]
+    alone = [comp.compress(tokens[i : i + 1], comp.new_state(), contexts[i]) for i in range(3)]
+    monkeypatch.setattr(visionzip, "ATTENTION_ELEMENTS", 1)  # score one frame at a time: the same result
+    states = [comp.new_state() for _ in range(3)]
+    together = comp.compress_streams(tokens, states, contexts)
+    for i, one in enumerate(alone):
+        assert torch.equal(together.indices[i], one.indices[0])
+        torch.testing.assert_close(together.tokens[i], one.tokens[0], rtol=0, atol=0)
+    assert [s.frames_seen for s in states] == [1, 1, 1]
+    with pytest.raises(ValueError, match="one state and one context per stream"):
+        comp.compress_streams(tokens, states[:2], contexts)
+    with pytest.raises(ValueError, match="its own state"):
+        comp.compress_streams(tokens, [states[0], states[0], states[1]], contexts)
+    with pytest.raises(TypeError, match="new_state"):
+        comp.compress_streams(tokens, [object() for _ in range(3)], contexts)
+    with pytest.raises(ValueError, match="one grid"):
+        comp.compress_streams(tokens, states, contexts[:2] + [VisionContext(layer_inputs=contexts[2].layer_inputs,
+                                                                            vision_tower=model, grid=(2, 8))])
+    with pytest.raises(ValueError, match="its one frame"):
+        comp.compress_streams(tokens, states, contexts[:2] + [VisionContext(layer_inputs={n - 1: hidden[:2]},
+                                                                            vision_tower=model, grid=(4, 4))])
