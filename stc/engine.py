@@ -868,7 +868,10 @@ class StreamBatch:
                 else:
                     kept = [e.compressor.compress(tokens[i : i + 1], states[i], contexts[i]).tokens[0] for i in range(self.size)]
                 if len({k.shape[0] for k in kept}) != 1:
-                    raise ValueError("streams in a batch must keep the same number of tokens per frame")
+                    raise ValueError(
+                        f"streams in a batch must keep the same number of tokens per frame, got {[k.shape[0] for k in kept]}: "
+                        f"{type(e.compressor).__name__} budgets frames by their content (as VidCom2 does with period > 1); "
+                        "run such a compressor on separate streams (engine.open_stream())")
                 tokens = torch.stack(kept)
         n = tokens.shape[1]
         e._slide_window(w, self.streams[0]._n_init, n)

@@ -487,6 +487,20 @@ def test_stream_batch_equals_separate_streams(tiny, cfg):
         engine.open_batch(2)
 
 
+def test_stream_batch_rejects_content_dependent_budgets(tiny):
+    """VidCom2 budgets each frame by its content; streams of a batch must keep equal counts."""
+    from stc.baselines.vidcom2 import VidCom2
+
+    model, proc = tiny
+    with StreamingEngine(model, proc, EngineConfig(cuda_graphs=True), compressor=VidCom2(keep_ratio=0.25, temperature=0.001)) as engine:
+        batch = engine.open_batch(2)
+        still = np.full((64, 64, 3), 100, dtype=np.uint8)
+        batch.push_frames(np.stack([still, still]))  # the same content: the same budget
+        noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        with pytest.raises(ValueError, match=r"same number of tokens per frame, got \[\d+, \d+\]: VidCom2 .*separate streams"):
+            batch.push_frames(np.stack([still, noise]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_stream_batch_equals_uncaptured_on_gpu(monkeypatch):
     import stc.engine
