@@ -289,7 +289,8 @@ def report(speed: Speed) -> str:
             "Each row against the baseline of its own run. \"with projector\": the projector stage counted too; before "
             "commit e39e43f it held LLaVA-OneVision's pooling on a layout that PyTorch's CUDA kernel runs slowly (0.75 ms "
             "per frame at B = 1 on the H200, 8 us after), so older runs' rows overstate it. Since commit 2406c65 STC-Pruner "
-            "selects for every stream of a batch at once; the baselines' compressors still run once per stream.\n",
+            "selects for every stream of a batch at once, and VisionZip since commit 6315fe8; in older runs they ran once "
+            "per stream.\n",
             markdown(realtime_table(one)),
             "### One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n",
             markdown(stream_table(one)),
