@@ -46,6 +46,7 @@ from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
+from stc import attention
 from stc.cacher import CacherConfig, attach_cacher
 from stc.compress import Compressed, FrameCompressor, VisionContext
 from stc.flops import head_dim
@@ -254,6 +255,9 @@ class StreamingEngine:
         self._cache_keyword = cache_keyword(self.lm)
         text_cfg = self.lm.config
         attn = text_cfg._attn_implementation
+        if attn == attention.NAME:  # set by an engine with cuda_graphs until its close()
+            raise ValueError("another StreamingEngine with cuda_graphs=True still holds this model: close it "
+                             "(engine.close(), or open it in a with-block) before opening a new one")
         if attn not in SUPPORTED_ATTENTION:
             raise ValueError(f"the language model uses attention {attn!r}; the engine supports {SUPPORTED_ATTENTION}")
         if getattr(text_cfg, "use_sliding_window", False):
@@ -299,8 +303,6 @@ class StreamingEngine:
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
         self._answer_graphs: dict[tuple, tuple] = {}
         if config.cuda_graphs:
-            from stc import attention
-
             from stc.fast import FusedDecoderProjections
 
             self.vision_runner = self._graphed_vision(1)
@@ -393,8 +395,6 @@ class StreamingEngine:
         bucket (with a mask, attention covers the first `bucket` slots, a multiple of GRAPH_BUCKET,
         rather than the whole buffer). `graphs` caches them for this window. capture=False runs the
         same code uncaptured (for token counts seen once); None follows the engine."""
-        from stc import attention
-
         # stc.attention.window_attention over the used slots where it runs (one graph serves every step), else a mask
         mask_free = attention.window_supported(self.dtype, self.device, self.head_dim, n)
         bucket = w.buf.shape[-2] if mask_free else min(w.buf.shape[-2], _bucketed(start + n))
