@@ -10,8 +10,8 @@ frame every 2 s exactly; on a 29.97 fps video it is every 60th frame (one per 2.
 chunk, so a stream never holds more than one chunk of decoded frames.
 
 decord decodes ahead in a worker thread, so an error in a packet *after* the wanted frames can
-surface while decoding them, depending on thread timing: an intact frame just before a corrupt
-region failed in 1 of 40 reads on an idle machine and in 1 of 3 on a loaded one. A failed decode
+surface while decoding them, depending on thread timing: on 2 cores an intact frame just before a
+corrupt region failed in about 1 of 40 reads (1 of 3 with one decoding thread under load). A failed decode
 is therefore tried again on freshly opened readers (`DECODE_ATTEMPTS` tries in all), and a file
 counts as corrupt at a frame only when every try fails there.
 """
