@@ -1,10 +1,10 @@
-"""VisionZip: dominant tokens against the encoder's own attention maps, contextual merging against a
+"""VisionZip: dominant tokens against the encoder's own attention maps (SigLIP and CLIP), contextual merging against a
 loop reference, budgets and bad inputs."""
 
 import pytest
 import torch
 from torch import nn
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from stc.baselines import VisionZip
 from stc.baselines.visionzip import merge_contextual
@@ -51,6 +51,27 @@ def test_dominant_tokens_are_the_most_attended(encoded, layer):
         assert torch.equal(res.tokens[f][:5], tokens[f, dominant])
         contextual = res.indices[f][5:]
         assert not set(contextual.tolist()) & expected  # contextual tokens come from the rest
+
+
+@pytest.mark.parametrize("one_frame_at_a_time", [False, True])
+def test_a_class_token_tower_ranks_by_the_class_tokens_attention(monkeypatch, one_frame_at_a_time):
+    """CLIP has a CLS token: VisionZip's original score, the CLS query's attention to the patches."""
+    import stc.baselines.visionzip as visionzip
+
+    if one_frame_at_a_time:
+        monkeypatch.setattr(visionzip, "ATTENTION_ELEMENTS", 1)
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 112, 112), output_hidden_states=True, output_attentions=True)
+    comp = VisionZip(dominant=5, contextual=0)
+    res = comp.compress(torch.randn(3, 16, 8), comp.new_state(),
+                        VisionContext(hidden_states=out.hidden_states, vision_tower=model, grid=(4, 4)))
+    received = out.attentions[-1][:, :, 0, 1:].mean(1)  # [F, 64]: the CLS query's row, without itself
+    pooled = nn.functional.avg_pool2d(received.view(-1, 1, 8, 8), 2).flatten(1)
+    for f in range(3):
+        assert set(res.indices[f].tolist()) == set(torch.topk(pooled[f], 5).indices.tolist())
 
 
 def test_compress_without_pooling_and_grid_inference(encoded):
