@@ -1,5 +1,5 @@
-"""VisionZip: dominant tokens against the encoder's own attention maps (SigLIP and CLIP), contextual merging against a
-loop reference, budgets and bad inputs."""
+"""VisionZip: dominant tokens against the encoder's own attention maps (SigLIP and CLIP), contextual
+merging against a loop reference, all streams at once against one at a time, budgets and bad inputs."""
 
 import pytest
 import torch
