@@ -219,6 +219,73 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Issue 7's targets
+TARGET_VIT_CHANGE = -0.40  # the Cacher (N=4, R=0.75) against the full ViT, one stream
+TARGET_SHARE = 0.90  # of the prefill reduction the floor model predicts for pruning, at every B
+TARGET_PREFILL_CHANGE = {16: -0.55}  # the Pruner's prefill against the baseline's
+TARGET_FLOOR_MULTIPLE = {1: 3.0, 16: 2.0}  # every stage within this multiple of its floor
+TARGET_REALTIME_GAIN = 2.0  # streams served in real time, STC (Cacher + Pruner) against the baseline
+STC = "cacher+pruner"
+
+
+def _target(target: str, b: int, measured: str, required: str, met: bool) -> dict:
+    return {"target": target, "B": b, "measured": measured, "required": required, "met": "yes" if met else "no"}
+
+
+def _worst(table: pd.DataFrame, column: str, largest: bool) -> pd.Series:
+    values = table[column].astype(float)
+    return table.loc[values.idxmax() if largest else values.idxmin()]
+
+
+def targets_table(speed: Speed) -> pd.DataFrame:
+    """Issue 7's targets against the measurements: one row per target and B, with the measured value (the
+    worst of the methods where a target covers several), what it must be, and whether it is met. The ViT
+    rows take the most optimised path measured at each B; StreamBatch rows compare with their own run's
+    baseline (`prefill_table`, `realtime_table`); the question's time comes from the one-stream rows (B = 1)."""
+    _one_device(speed)
+    rows = []
+    vit = vit_table(speed)
+    if not vit.empty:
+        best = vit.groupby("B", sort=True).tail(1).set_index("B")  # rows run from least to most optimised
+        if 1 in best.index:
+            change = best.loc[1, "change"]
+            rows.append(_target("ViT: Cacher N=4 R=0.75 against full", 1, f"{change:+.0%}", f"<= {TARGET_VIT_CHANGE:+.0%}",
+                                change <= TARGET_VIT_CHANGE))
+        for b, limit in TARGET_FLOOR_MULTIPLE.items():
+            for side in ("full", "Cacher") if b in best.index else ():
+                multiple = best.loc[b, f"{side} / floor"]
+                rows.append(_target(f"ViT {side} / floor", b, f"{multiple:.2f}x", f"<= {limit:g}x", multiple <= limit))
+    prefill = prefill_table(speed)
+    for b, group in prefill.groupby("B", sort=True) if not prefill.empty else ():
+        pruned = group[group["method"].isin(PRUNED) & group["share of predicted"].notna()]
+        if not pruned.empty:
+            worst = _worst(pruned, "share of predicted", largest=False)
+            rows.append(_target("prefill: share of the reduction the floor predicts, pruned", b,
+                                f"{worst['share of predicted']:.0%} ({worst['method']})", f">= {TARGET_SHARE:.0%}",
+                                worst["share of predicted"] >= TARGET_SHARE))
+        pruner = group[(group["method"] == "pruner") & group["prefill change"].notna()]
+        if b in TARGET_PREFILL_CHANGE and not pruner.empty:
+            change, limit = pruner["prefill change"].iloc[0], TARGET_PREFILL_CHANGE[b]
+            rows.append(_target("prefill: Pruner against baseline", b, f"{change:+.0%}", f"<= {limit:+.0%}", change <= limit))
+        if b in TARGET_FLOOR_MULTIPLE:
+            worst, limit = _worst(group, "prefill / floor", largest=True), TARGET_FLOOR_MULTIPLE[b]
+            rows.append(_target("prefill / floor", b, f"{worst['prefill / floor']:.2f}x ({worst['method']})", f"<= {limit:g}x",
+                                worst["prefill / floor"] <= limit))
+    stream = stream_table(speed)
+    answered = stream[stream["answer / floor"].notna()] if not stream.empty else stream
+    if not answered.empty:
+        worst, limit = _worst(answered, "answer / floor", largest=True), TARGET_FLOOR_MULTIPLE[1]
+        rows.append(_target("a question (retrieval + answer) / floor, one stream", 1,
+                            f"{worst['answer / floor']:.2f}x ({worst['method']})", f"<= {limit:g}x", worst["answer / floor"] <= limit))
+    realtime = realtime_table(speed)
+    stc = realtime[realtime["method"] == STC] if not realtime.empty else realtime
+    if not stc.empty and pd.notna(stc["vs baseline"].iloc[0]):
+        gain = stc["vs baseline"].iloc[0]
+        rows.append(_target(f"streams in real time at {REALTIME_FPS} fps: STC against baseline", int(stc["B"].iloc[0]),
+                            f"{gain:.2f}x", f">= {TARGET_REALTIME_GAIN:g}x", gain >= TARGET_REALTIME_GAIN))
+    return pd.DataFrame(rows)
+
+
 def _cell(value, column: str) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
@@ -273,7 +340,7 @@ _VIT_NOTE = (
 
 
 def report(speed: Speed) -> str:
-    """The four tables of each GPU measured (the newest first) as one Markdown document."""
+    """The tables of each GPU measured (the newest first), its targets last, as one Markdown document."""
     parts = ["# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n"]
     if speed.empty:
         return "\n".join(parts + ["Measured: nothing yet.\n", "(no measurements)\n"])
@@ -294,6 +361,9 @@ def report(speed: Speed) -> str:
             markdown(realtime_table(one)),
             "### One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n",
             markdown(stream_table(one)),
+            "### Issue 7's targets\n",
+            "The worst of the methods where a target covers several; the ViT on its most optimised path measured.\n",
+            markdown(targets_table(one)),
         ]
     return "\n".join(parts)
 

@@ -122,6 +122,30 @@ def test_derived_columns_against_the_rows(files):
     assert r.loc["pruner", "vs baseline with projector"] == pytest.approx((2000 // 3.7) / (2000 // 9.7))
 
 
+def test_targets_against_the_rows(files, tmp_path):
+    """Issue 7's targets, each computed by hand from the fixture's newest rows."""
+    t = speed.targets_table(speed.load_speed(files)).set_index(["target", "B"])
+    # the most optimised ViT path at B = 1 (full 2.5, Cacher 1.7 ms; floors 0.8 and 0.4), and the only one at B = 16
+    assert t.loc[("ViT: Cacher N=4 R=0.75 against full", 1)].tolist() == [f"{1.7 / 2.5 - 1:+.0%}", "<= -40%", "no"]
+    assert t.loc[("ViT full / floor", 1), "measured"] == f"{2.5 / 0.8:.2f}x" and t.loc[("ViT full / floor", 1), "met"] == "no"
+    assert t.loc[("ViT Cacher / floor", 16)].tolist() == [f"{1.5 / 0.4:.2f}x", "<= 2x", "no"]
+    share = "prefill: share of the reduction the floor predicts, pruned"
+    share16, share4 = (1.6 / 7.2 - 1) / (0.88 / 4.5 - 1), (3.0 / 8.0 - 1) / (1.15 / 4.47 - 1)
+    assert t.loc[(share, 16)].tolist() == [f"{share16:.0%} (pruner)", ">= 90%", "yes"]
+    assert t.loc[(share, 4)].tolist() == [f"{share4:.0%} (pruner)", ">= 90%", "no"]
+    assert t.loc[("prefill: Pruner against baseline", 16)].tolist() == [f"{1.6 / 7.2 - 1:+.0%}", "<= -55%", "yes"]
+    assert t.loc[("prefill / floor", 16)].tolist() == [f"{1.6 / 0.88:.2f}x (pruner)", "<= 2x", "yes"]  # worse than 7.2 / 4.5
+    assert ("prefill / floor", 4) not in t.index  # no floor target at B = 4
+    assert not any("real time" in target for target, _ in t.index)  # no Cacher+Pruner row measured
+    # STC's real-time gain, from a run with a baseline of its own
+    stc = write(tmp_path / "g_stc.json", "2026-09-01T00:00:00+00:00", "ggggggg7",
+                batched=[batch_row(16, "baseline", 196, 2.0, 8.0, 4.5), batch_row(16, "cacher+pruner", 58, 1.0, 2.0, 1.0)])
+    t = speed.targets_table(speed.load_speed(files + [stc])).set_index(["target", "B"])
+    gain = (2000 // 3.0) / (2000 // 10.0)
+    assert t.loc[("streams in real time at 0.5 fps: STC against baseline", 16)].tolist() == [f"{gain:.2f}x", ">= 2x", "yes"]
+    assert "### Issue 7's targets" in speed.report(speed.load_speed(files + [stc]))
+
+
 def stream_row(method, prefill, floor, qa, qa_floor=None, retrieval=None):
     checkpoints = {"16": {"vit_ms_per_frame": 9.0, "projector_ms_per_frame": 9.0, "prefill_ms_per_frame": 99.0,
                           "prefill_floor_ms": 1.0},
@@ -149,6 +173,8 @@ def test_one_stream_rows_come_from_the_newest_graph_run(files):
     assert t.loc["baseline", "answer / floor"] == pytest.approx(1.8)
     assert t.loc["pruner", "of which retrieval"] == 12.0 and pd.isna(t.loc["baseline", "of which retrieval"])
     assert "| pruner | 64 | 49 |" not in speed.report(s) and "| pruner | 64 | 196 |" in speed.report(s)
+    targets = speed.targets_table(s).set_index(["target", "B"])  # the worse question: 190 / 95 (pruner)
+    assert targets.loc[("a question (retrieval + answer) / floor, one stream", 1)].tolist() == ["2.00x (pruner)", "<= 3x", "yes"]
 
 
 def test_report_and_figure_render_with_and_without_data(files, tmp_path):
