@@ -3,6 +3,7 @@
 #
 #   snakemake all --cores 2 --configfile config/tiny.yaml    # offline, CPU, minutes ("tiny profile - not paper numbers")
 #   snakemake all --cores 8 --resources gpu=1                 # the paper profile on one local GPU
+#   snakemake all --cores 32 --resources gpu=8                # on 8 local GPUs, a GPU per job (stc.gpus)
 #   snakemake all --profile profiles/slurm                    # the paper profile on a SLURM cluster
 #   snakemake all --cores 1 --config compute=false            # tables and figures from committed results/
 #
@@ -36,8 +37,9 @@ layout = wf.Layout.of(config)
 NOTEBOOKS = Path(workflow.basedir) / "notebooks"
 SOURCES = sorted(str(p) for p in (Path(workflow.basedir) / "stc").rglob("*.py"))
 PLOTTING = {"tables.py", "figures.py", "paper_numbers.py", "speed.py"}
-ENGINE_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING | {"analysis.py"}]
-ANALYSIS_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING]
+LAUNCHING = {"gpus.py"}  # picks a job's GPU; changes no result
+ENGINE_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING | LAUNCHING | {"analysis.py"}]
+ANALYSIS_SOURCES = [s for s in SOURCES if Path(s).name not in PLOTTING | LAUNCHING]
 PLOT_SOURCES = [s for s in SOURCES if Path(s).name in PLOTTING or Path(s).name == "workflow.py"]
 
 # The paper profile stops here, before any job, if this machine cannot run it. Dry runs (-n) only plan;
@@ -57,6 +59,9 @@ GPU_JOB, CPU_JOB = config["resources"]["gpu_job"], config["resources"]["cpu_job"
 # Snakefile, and with the Python that runs Snakemake (the project's environment, activated or not).
 ENV = f"STC_ROOT={ROOT} OMP_NUM_THREADS={{threads}}"
 PYTHON = sys.executable
+# GPU jobs start through stc.gpus, which gives each its own GPU(s) on a machine with several (--resources
+# gpu=N only limits how many run at once); with one GPU, or a cluster job's own, the command runs as it is.
+ON_GPUS = f"{PYTHON} -m stc.gpus --count {GPU_JOB['gpu']} -- " if GPU_JOB["gpu"] else ""
 
 wildcard_constraints:
     benchmark="|".join(wf.BENCHMARKS),
@@ -226,7 +231,7 @@ rule evaluate:
             "progress": False,
         }),
     shell:
-        f"{ENV} {PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
+        f"{ENV} {ON_GPUS}{PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
 
 
 if COMPUTE:
@@ -275,7 +280,7 @@ if COMPUTE:
                 "threads": threads,
             }),
         shell:
-            f"{ENV} {PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
+            f"{ENV} {ON_GPUS}{PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
 
     rule analysis:
         """Fig. 2's frame similarity by ViT layer and the token maps of a real video (stc.analysis)."""
@@ -297,7 +302,7 @@ if COMPUTE:
             model=model_parameters(),
             a=config["analysis"],
         shell:
-            f"{ENV} {PYTHON} -m stc.analysis --model {{params.model[model]}} --root {ROOT}"
+            f"{ENV} {ON_GPUS}{PYTHON} -m stc.analysis --model {{params.model[model]}} --root {ROOT}"
             " --cache-dir {params.model[model_cache_dir]} --dtype {params.model[dtype]} --device {params.model[device]}"
             " --similarity-out {output.similarity} --similarity-video {params.a[similarity_video]}"
             " --uniform-frames {params.a[uniform_frames]} --sample-fps {params.a[sample_fps]}"

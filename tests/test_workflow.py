@@ -150,6 +150,19 @@ def test_paper_profile_without_gpu_fails_fast_and_says_what_to_do(tmp_path):
     assert elapsed < 120
 
 
+def test_paper_gpu_jobs_start_on_gpus_of_their_own(tmp_path):
+    """Every GPU job of the paper DAG starts through stc.gpus (a GPU of its own where there are several,
+    tests/test_gpus.py); CPU jobs start as they are."""
+    result = _snakemake(["-n", "-p", "--cores", "8", "--config", f"root={tmp_path}", "--", "all"], tmp_path, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    commands = [line for line in result.stdout.splitlines() if line.startswith("Shell command:")]
+    gpu_jobs = [c for c in commands if any(k in c for k in ("run_benchmark.ipynb", "latency.ipynb", "-m stc.analysis"))]
+    assert len(gpu_jobs) > 100 and len(commands) > len(gpu_jobs)
+    launcher = f"{sys.executable} -m stc.gpus --count 1 -- {sys.executable} -m "
+    assert all(launcher in c for c in gpu_jobs)
+    assert not any("stc.gpus" in c for c in commands if c not in gpu_jobs)
+
+
 def test_bad_config_on_the_command_line_stops_snakemake(tmp_path):
     result = _snakemake(["-n", "--configfile", str(REPO / "config" / "tiny.yaml"), "--config", "methods=[cacherr]",
                          f"root={tmp_path}"], tmp_path, timeout=300)  # fmt: skip

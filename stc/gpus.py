@@ -1,0 +1,113 @@
+"""Give a command GPUs of its own on a machine with several: ``python -m stc.gpus [--count N] -- CMD ...``.
+
+Snakemake's ``--resources gpu=N`` only limits how many GPU jobs run at once: every job would still run
+on the first GPU. The workflow's GPU rules therefore start their command through this module. It picks
+`count` GPUs that no other job holds, sets CUDA_VISIBLE_DEVICES to them and replaces itself with the
+command (exec), so signals and the exit status are the command's own. A GPU is held by an exclusive
+lock on a file, one per GPU in the lock folder, which the command's process keeps open: the GPU is
+given back when the command ends, however it ends (killed too). When every GPU is held, it waits.
+
+The GPUs to choose from: those CUDA_VISIBLE_DEVICES names where it is set (a cluster's allocation, or
+the user's choice), else every GPU that ``nvidia-smi -L`` lists. Where there are no more than `count`
+of them (one GPU, a cluster job's own GPUs, or none), the command runs as it is, without locks.
+
+Locks are per user (the default folder is in the temporary directory, named after the user), so they
+keep one user's jobs apart, not different users'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import getpass
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def default_lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"stc-gpu-locks-{getpass.getuser()}"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a job may use: the entries of CUDA_VISIBLE_DEVICES where it is set (empty: none), else
+    the indices `nvidia-smi -L` lists (none where it is missing or fails)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [gpu.strip() for gpu in given.split(",") if gpu.strip()]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if listed.returncode != 0:
+        return []
+    return re.findall(r"^GPU (\d+):", listed.stdout, flags=re.MULTILINE)
+
+
+def _lock_file(lock_dir: Path, gpu: str) -> Path:
+    return lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', gpu)}.lock"
+
+
+def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0) -> list[tuple[str, int]]:
+    """Lock `count` of `gpus` that no other process holds, waiting (polling every `poll` s) until
+    there are. Returns (gpu, open file descriptor holding its lock) pairs; the locks last as long as
+    the descriptors stay open in some process."""
+    if not 1 <= count <= len(gpus):
+        raise ValueError(f"cannot hold {count} of the {len(gpus)} GPUs {gpus}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        held = []
+        for gpu in gpus:
+            fd = os.open(_lock_file(lock_dir, gpu), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            held.append((gpu, fd))
+            if len(held) == count:
+                return held
+        for _, fd in held:  # not enough free: give back the partial set and wait
+            os.close(fd)
+        if not told:
+            print(f"stc.gpus: all of GPUs {','.join(gpus)} are held by other jobs (locks in {lock_dir}); waiting",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stc.gpus", description=__doc__.split("\n\n")[0],
+                                     usage="python -m stc.gpus [--count N] [--lock-dir DIR] -- COMMAND [ARG ...]")
+    parser.add_argument("--count", type=int, default=1, help="GPUs the command needs (default 1)")
+    parser.add_argument("--lock-dir", type=Path, default=None, help=f"lock folder (default {default_lock_dir()})")
+    parser.add_argument("--poll", type=float, default=2.0, help="seconds between tries while every GPU is held")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --, e.g. python -m stc.gpus -- python -m papermill in.ipynb out.ipynb")
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, got {args.count}")
+    gpus = visible_gpus()
+    if len(gpus) > args.count:
+        held = acquire(gpus, args.count, args.lock_dir or default_lock_dir(), args.poll)
+        for _, fd in held:
+            os.set_inheritable(fd, True)  # the command's process keeps the locks
+        chosen = ",".join(gpu for gpu, _ in held)
+        os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+        print(f"stc.gpus: GPU {chosen} of {','.join(gpus)} for: {' '.join(command)[:200]}", file=sys.stderr, flush=True)
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:
+        print(f"stc.gpus: cannot run {command[0]!r}: {error}", file=sys.stderr)
+        sys.exit(127)
+
+
+if __name__ == "__main__":
+    main()
