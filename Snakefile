@@ -61,7 +61,9 @@ ENV = f"STC_ROOT={ROOT} OMP_NUM_THREADS={{threads}}"
 PYTHON = sys.executable
 # GPU jobs start through stc.gpus, which gives each its own GPU(s) on a machine with several (--resources
 # gpu=N only limits how many run at once); with one GPU, or a cluster job's own, the command runs as it is.
-ON_GPUS = f"{PYTHON} -m stc.gpus --count {GPU_JOB['gpu']} -- " if GPU_JOB["gpu"] else ""
+# The latency job runs alone (--exclusive): other jobs on the machine's other GPUs would perturb its timing.
+ON_GPUS, ALONE_ON_GPUS = (f"{PYTHON} -m stc.gpus --count {GPU_JOB['gpu']}{flag} -- " if GPU_JOB["gpu"] else ""
+                          for flag in ("", " --exclusive"))
 
 wildcard_constraints:
     benchmark="|".join(wf.BENCHMARKS),
@@ -280,7 +282,7 @@ if COMPUTE:
                 "threads": threads,
             }),
         shell:
-            f"{ENV} {ON_GPUS}{PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
+            f"{ENV} {ALONE_ON_GPUS}{PYTHON} -m papermill {{input.notebook}} {{output.notebook}} -k python3 {{params.papermill}} &> {{log}}"
 
     rule analysis:
         """Fig. 2's frame similarity by ViT layer and the token maps of a real video (stc.analysis)."""

@@ -11,6 +11,9 @@ The GPUs to choose from: those CUDA_VISIBLE_DEVICES names where it is set (a clu
 the user's choice), else every GPU that ``nvidia-smi -L`` lists. Where there are no more than `count`
 of them (one GPU, a cluster job's own GPUs, or none), the command runs as it is, without locks.
 
+With --exclusive a job runs alone, for timing: it waits until no other job holds a GPU, holds all of
+them while it runs (new jobs wait for it), and sees the first `count` as its own.
+
 Locks are per user (the default folder is in the temporary directory, named after the user), so they
 keep one user's jobs apart, not different users'.
 """
@@ -52,31 +55,50 @@ def _lock_file(lock_dir: Path, gpu: str) -> Path:
     return lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9._-]', '_', gpu)}.lock"
 
 
-def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0) -> list[tuple[str, int]]:
-    """Lock `count` of `gpus` that no other process holds, waiting (polling every `poll` s) until
-    there are. Returns (gpu, open file descriptor holding its lock) pairs; the locks last as long as
-    the descriptors stay open in some process."""
+def _try_lock(path: Path, mode: int) -> int | None:
+    """An open descriptor of path holding a flock of `mode` (LOCK_EX or LOCK_SH), or None where another
+    process holds a conflicting one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0,
+            exclusive: bool = False) -> tuple[list[str], list[int]]:
+    """Lock `count` of `gpus` that no other process holds (exclusive: all of them, and the gate that keeps
+    new jobs waiting), waiting (polling every `poll` s) until they are free. Returns the chosen GPUs and
+    the open file descriptors holding the locks, which last as long as the descriptors stay open in some
+    process: ([gpu, ...], [fd, ...])."""
     if not 1 <= count <= len(gpus):
         raise ValueError(f"cannot hold {count} of the {len(gpus)} GPUs {gpus}")
     lock_dir.mkdir(parents=True, exist_ok=True)
-    told = False
+    gate = lock_dir / "gate.lock"
+    told, gate_fd = False, None
     while True:
+        if exclusive and gate_fd is None:
+            gate_fd = _try_lock(gate, fcntl.LOCK_EX)  # from here on, new jobs wait
+        if not exclusive:  # pass only while no exclusive job holds or waits at the gate
+            passing = _try_lock(gate, fcntl.LOCK_SH)
+            if passing is not None:
+                os.close(passing)
+        open_gate = gate_fd is not None if exclusive else passing is not None
         held = []
-        for gpu in gpus:
-            fd = os.open(_lock_file(lock_dir, gpu), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            held.append((gpu, fd))
-            if len(held) == count:
-                return held
-        for _, fd in held:  # not enough free: give back the partial set and wait
+        for gpu in gpus if open_gate else ():
+            fd = _try_lock(_lock_file(lock_dir, gpu), fcntl.LOCK_EX)
+            if fd is not None:
+                held.append((gpu, fd))
+            if len(held) == (len(gpus) if exclusive else count):
+                chosen = [g for g, _ in held][:count]
+                return chosen, [fd for _, fd in held] + ([gate_fd] if exclusive else [])
+        for _, fd in held:  # not all needed are free: give back the partial set and wait
             os.close(fd)
         if not told:
-            print(f"stc.gpus: all of GPUs {','.join(gpus)} are held by other jobs (locks in {lock_dir}); waiting",
-                  file=sys.stderr, flush=True)
+            what = "an exclusive job holds or waits for them" if not open_gate else "other jobs hold them"
+            print(f"stc.gpus: waiting for GPUs {','.join(gpus)}: {what} (locks in {lock_dir})", file=sys.stderr, flush=True)
             told = True
         time.sleep(poll)
 
@@ -87,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1, help="GPUs the command needs (default 1)")
     parser.add_argument("--lock-dir", type=Path, default=None, help=f"lock folder (default {default_lock_dir()})")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between tries while every GPU is held")
+    parser.add_argument("--exclusive", action="store_true", help="run alone: hold every GPU, wait for the others' jobs")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -96,12 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--count must be at least 1, got {args.count}")
     gpus = visible_gpus()
     if len(gpus) > args.count:
-        held = acquire(gpus, args.count, args.lock_dir or default_lock_dir(), args.poll)
-        for _, fd in held:
+        chosen, fds = acquire(gpus, args.count, args.lock_dir or default_lock_dir(), args.poll, args.exclusive)
+        for fd in fds:
             os.set_inheritable(fd, True)  # the command's process keeps the locks
-        chosen = ",".join(gpu for gpu, _ in held)
-        os.environ["CUDA_VISIBLE_DEVICES"] = chosen
-        print(f"stc.gpus: GPU {chosen} of {','.join(gpus)} for: {' '.join(command)[:200]}", file=sys.stderr, flush=True)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+        alone = ", alone (every GPU held)" if args.exclusive else ""
+        print(f"stc.gpus: GPU {','.join(chosen)} of {','.join(gpus)}{alone} for: {' '.join(command)[:200]}",
+              file=sys.stderr, flush=True)
     try:
         os.execvp(command[0], command)
     except OSError as error:

@@ -18,7 +18,7 @@ JOB = ("import json, os, time; start = time.time(); time.sleep({seconds}); "
        "print(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), start, time.time()]))")
 
 
-def start(tmp_path, seconds=0.5, visible="3,5", count=1, path=None):
+def start(tmp_path, seconds=0.5, visible="3,5", count=1, path=None, exclusive=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if visible is not None:
@@ -26,7 +26,7 @@ def start(tmp_path, seconds=0.5, visible="3,5", count=1, path=None):
     if path is not None:
         env["PATH"] = path
     command = [sys.executable, "-m", "stc.gpus", "--count", str(count), "--lock-dir", str(tmp_path / "locks"),
-               "--poll", "0.05", "--", sys.executable, "-c", JOB.format(seconds=seconds)]
+               "--poll", "0.05", *(["--exclusive"] if exclusive else []), "--", sys.executable, "-c", JOB.format(seconds=seconds)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -49,41 +49,65 @@ def test_jobs_started_at_once_get_gpus_of_their_own(tmp_path):
     assert first_end <= second_start  # 3 GPUs hold one pair at a time
 
 
-def wait_until_held(lock_dir, gpus, timeout=60):
-    """Until another process holds the lock of every GPU in gpus."""
+def held_gpus(lock_dir):
+    """The GPUs whose lock another process holds now."""
+    held = []
+    for path in sorted(lock_dir.glob("gpu-*.lock")) if lock_dir.exists() else []:
+        with open(path) as handle:  # closing the file gives a probe's lock back
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(path.name[len("gpu-") : -len(".lock")])
+    return held
+
+
+def gate_closed(lock_dir):
+    """Whether an exclusive job holds the gate (new jobs wait)."""
+    gate = lock_dir / "gate.lock"
+    if not gate.exists():
+        return False
+    with open(gate) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def wait_until(condition, timeout=60):
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        free = []
-        for gpu in gpus:
-            path = lock_dir / f"gpu-{gpu}.lock"
-            if not path.exists():
-                free.append(gpu)
-                continue
-            with open(path) as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    free.append(gpu)  # closing the file gives the probe's lock back
-                except BlockingIOError:
-                    pass
-        if not free:
-            return
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"not reached within {timeout} s")
         time.sleep(0.05)
-    raise AssertionError(f"GPUs {gpus} were not all held within {timeout} s")
 
 
 def test_a_killed_job_gives_its_gpu_back(tmp_path):
     holder = start(tmp_path, seconds=60, visible="0,1")
     other = start(tmp_path, seconds=60, visible="0,1")
-    wait_until_held(tmp_path / "locks", ["0", "1"])
+    wait_until(lambda: held_gpus(tmp_path / "locks") == ["0", "1"])
     waiting = start(tmp_path, seconds=0, visible="0,1")
     time.sleep(0.5)
     assert waiting.poll() is None  # waits while every GPU is held
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     (gpu, _, _), err = finish(waiting, with_stderr=True)
-    assert gpu in ("0", "1") and "are held by other jobs" in err and "waiting" in err
+    assert gpu in ("0", "1") and "waiting for GPUs 0,1: other jobs hold them" in err
     other.kill()
     other.wait()
+
+
+def test_an_exclusive_job_runs_alone(tmp_path):
+    """For timing: it waits for the running jobs, and jobs started after it wait until it ends."""
+    before = [start(tmp_path, seconds=1.0, visible="0,1,2") for _ in range(2)]
+    wait_until(lambda: len(held_gpus(tmp_path / "locks")) == 2)
+    alone = start(tmp_path, seconds=1.0, visible="0,1,2", exclusive=True)
+    wait_until(lambda: gate_closed(tmp_path / "locks"))  # it holds the gate while it waits for GPUs 0 and 1
+    after = [start(tmp_path, seconds=0.3, visible="0,1,2") for _ in range(3)]
+    (gpu, alone_start, alone_end), err = finish(alone, with_stderr=True)
+    assert gpu == "0" and "alone (every GPU held)" in err and "other jobs hold them" in err
+    assert all(end <= alone_start for _, _, end in map(finish, before))
+    assert all(begin >= alone_end for _, begin, _ in map(finish, after))  # GPU 2 was free, yet they waited
 
 
 @pytest.mark.parametrize("visible", ["7", ""])
