@@ -79,13 +79,15 @@ def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0,
     gate = lock_dir / "gate.lock"
     told, gate_fd = False, None
     while True:
-        if exclusive and gate_fd is None:
-            gate_fd = _try_lock(gate, fcntl.LOCK_EX)  # from here on, new jobs wait
-        if not exclusive:  # pass only while no exclusive job holds or waits at the gate
+        if exclusive:
+            if gate_fd is None:
+                gate_fd = _try_lock(gate, fcntl.LOCK_EX)  # from here on, new jobs wait
+            open_gate = gate_fd is not None
+        else:  # pass only while no exclusive job holds the gate
             passing = _try_lock(gate, fcntl.LOCK_SH)
-            if passing is not None:
+            open_gate = passing is not None
+            if open_gate:
                 os.close(passing)
-        open_gate = gate_fd is not None if exclusive else passing is not None
         held = []
         for gpu in gpus if open_gate else ():
             fd = _try_lock(_lock_file(lock_dir, gpu), fcntl.LOCK_EX)
@@ -105,7 +107,7 @@ def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stc.gpus", description=__doc__.split("\n\n")[0],
-                                     usage="python -m stc.gpus [--count N] [--lock-dir DIR] -- COMMAND [ARG ...]")
+                                     usage="python -m stc.gpus [--count N] [--exclusive] [--lock-dir DIR] -- COMMAND [ARG ...]")
     parser.add_argument("--count", type=int, default=1, help="GPUs the command needs (default 1)")
     parser.add_argument("--lock-dir", type=Path, default=None, help=f"lock folder (default {default_lock_dir()})")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between tries while every GPU is held")
