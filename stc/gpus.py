@@ -106,8 +106,8 @@ def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stc.gpus", description=__doc__.split("\n\n")[0],
-                                     usage="python -m stc.gpus [--count N] [--exclusive] [--lock-dir DIR] -- COMMAND [ARG ...]")
+    parser = argparse.ArgumentParser(prog="python -m stc.gpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, usage="python -m stc.gpus [--count N] [--exclusive] [--lock-dir DIR] -- COMMAND [ARG ...]")
     parser.add_argument("--count", type=int, default=1, help="GPUs the command needs (default 1)")
     parser.add_argument("--lock-dir", type=Path, default=None, help=f"lock folder (default {default_lock_dir()})")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between tries while every GPU is held")
