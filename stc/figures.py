@@ -140,9 +140,11 @@ def _bar_pair(ax, labels: Sequence[str], paper: Sequence[float], ours: Sequence[
     ax.bar(x + 0.2, np.nan_to_num(ours), 0.4, color=OURS_COLOUR, label=ours_name)
     top = np.nanmax(np.concatenate([paper, ours, [0.0]]))
     ax.set_ylim(0, max(top * 1.1, 10.0))
-    for xi, value in zip(x, ours):
+    for xi, value in zip(x, ours):  # a bar of no height: missing ("n/a") or measured as 0 ("0")
         if math.isnan(value):
             ax.text(xi + 0.2, 0.5, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
+        elif value == 0:
+            ax.text(xi + 0.2, 0.5, "0", ha="center", va="bottom", fontsize=7, color=OURS_COLOUR)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
 
 

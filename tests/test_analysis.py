@@ -107,3 +107,6 @@ def test_figures_draw_with_and_without_data():
         assert any("not paper numbers" in t.get_text() for t in fig.texts)
         fig.canvas.draw()
     assert not math.isnan(shares["32 frames"][0])
+    # a bar of no height says whether it is missing or measured as 0
+    ablations = figures.plot_ablations({}, {"feature-key": 10.0, "metric-l1": 0.0, "tome": None})
+    assert sorted(t.get_text() for t in ablations.axes[0].texts) == ["0", "n/a"]

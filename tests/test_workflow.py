@@ -118,6 +118,23 @@ def test_merged_shards_equal_one_run(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["summary"]["overall"] == record["summary"]["overall"]
 
 
+def test_a_setting_the_model_cannot_run_is_recorded_unavailable(tmp_path, monkeypatch):
+    """ToMe's token budget is out of reach of the tiny model's two ViT layers: the evaluation notebook
+    records the shard as unavailable, with the reason, instead of failing the workflow (methods=all on the
+    tiny profile); its table rows then show as missing."""
+    import papermill
+
+    monkeypatch.setenv("STC_ROOT", str(tmp_path))
+    answers, status = tmp_path / "answers.jsonl", tmp_path / "status.json"
+    papermill.execute_notebook(str(REPO / "notebooks" / "run_benchmark.ipynb"), str(tmp_path / "run.ipynb"),
+                               kernel_name="python3", progress_bar=False,
+                               parameters={"method": "tome", "out_path": str(answers), "status_path": str(status),
+                                           "progress": False})
+    record = json.loads(status.read_text())
+    assert record["status"] == "unavailable" and record["reason"].startswith("tome: ToMe cannot reduce")
+    assert answers.read_text() == "" and record["answered"] == 0
+
+
 def test_unavailable_shard_makes_the_result_missing(tmp_path):
     answer, status = tmp_path / "s.jsonl", tmp_path / "s.status.json"
     answer.write_text("")
