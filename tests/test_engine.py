@@ -339,11 +339,10 @@ def test_close_restores_the_model(tiny):
     assert "forward" not in tower.encoder.layers[0].__dict__
     assert all(not layer.self_attn._forward_pre_hooks for layer in model.model.language_model.layers)
     # An engine with CUDA graphs holds the model until it is closed: a second one says so.
-    held = StreamingEngine(model, proc, EngineConfig(cuda_graphs=True))
-    with pytest.raises(ValueError, match="another StreamingEngine with cuda_graphs=True still holds this model"):
-        StreamingEngine(model, proc, EngineConfig())
-    held.close()
-    StreamingEngine(model, proc, EngineConfig(cuda_graphs=True)).close()
+    with StreamingEngine(model, proc, EngineConfig(cuda_graphs=True)):
+        with pytest.raises(ValueError, match="another StreamingEngine with cuda_graphs=True still holds this model"):
+            StreamingEngine(model, proc, EngineConfig())
+    StreamingEngine(model, proc, EngineConfig(cuda_graphs=True)).close()  # closed: the model is free again
 
 
 @pytest.mark.parametrize("cfg", [
