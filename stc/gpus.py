@@ -93,6 +93,10 @@ def acquire(gpus: list[str], count: int, lock_dir: Path, poll: float = 2.0,
             fd = _try_lock(_lock_file(lock_dir, gpu), fcntl.LOCK_EX)
             if fd is not None:
                 held.append((gpu, fd))
+                # Who holds it, for people; writing also keeps the file new, so that a cleaner of old files
+                # in the temporary directory never deletes a held lock (a new job would lock a new file).
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             if len(held) == (len(gpus) if exclusive else count):
                 chosen = [g for g, _ in held][:count]
                 return chosen, [fd for _, fd in held] + ([gate_fd] if exclusive else [])

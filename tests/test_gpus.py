@@ -86,6 +86,12 @@ def test_a_killed_job_gives_its_gpu_back(tmp_path):
     holder = start(tmp_path, seconds=60, visible="0,1")
     other = start(tmp_path, seconds=60, visible="0,1")
     wait_until(lambda: held_gpus(tmp_path / "locks") == ["0", "1"])
+
+    def holders():  # each lock file says who holds it
+        texts = [(tmp_path / "locks" / f"gpu-{gpu}.lock").read_text() for gpu in "01"]
+        return {int(text.split()[1]) for text in texts if text.startswith("pid ")}
+
+    wait_until(lambda: holders() == {holder.pid, other.pid})
     waiting = start(tmp_path, seconds=0, visible="0,1")
     time.sleep(0.5)
     assert waiting.poll() is None  # waits while every GPU is held
