@@ -64,3 +64,13 @@ class FrameCompressor(Protocol):
         A compressor may also define ``compress_streams(tokens [B, N, D], states, contexts)``: one frame of
         each of B streams at once, entry b of the result for stream b, equal to B `compress` calls.
         `stc.engine.StreamBatch` uses it where it exists (STC-Pruner's and VisionZip's do)."""
+
+
+def take_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` [F, k] of each frame of tokens [F, N, D] -> [F, k, D]."""
+    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def gather_frames(tokens: torch.Tensor, indices: torch.Tensor) -> Compressed:
+    """Keep indices [F, k] (ascending) of tokens [F, N, D] as a Compressed."""
+    return Compressed(tokens=list(take_tokens(tokens, indices).unbind(0)), indices=list(indices.unbind(0)))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from stc.compress import Compressed, VisionContext
+from stc.compress import Compressed, VisionContext, gather_frames, take_tokens
 
 STRATEGIES = ("dual_anchor", "gaussian")
 GAUSSIAN_BANDWIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -184,8 +184,7 @@ class Pruner:
     def prune(self, tokens: torch.Tensor, state: PrunerState) -> PruneOutput:
         """Keep the selected tokens of each frame of one chunk [F, N, D]; updates state."""
         idx = self.select(tokens, state)
-        kept = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return PruneOutput(tokens=kept, indices=idx)
+        return PruneOutput(tokens=take_tokens(tokens, idx), indices=idx)
 
     def compress(self, tokens: torch.Tensor, state: PrunerState, context: VisionContext | None = None) -> Compressed:
         """The `FrameCompressor` interface (see stc.compress)."""
@@ -222,9 +221,7 @@ class Pruner:
                          contexts: list[VisionContext] | None = None) -> Compressed:
         """`compress` of one frame of each of B streams at once (`select_streams`): entry b of the result
         is stream b's frame."""
-        idx = self.select_streams(tokens, states)
-        kept = torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return Compressed(tokens=list(kept), indices=list(idx))
+        return gather_frames(tokens, self.select_streams(tokens, states))
 
     def _select_dual_anchor(self, tokens, state, k):
         picks = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stc.compress import Compressed, VisionContext
+from stc.compress import Compressed, VisionContext, gather_frames
 
 DEFAULT_KEEP_RATIO = 0.25
 
@@ -91,12 +91,6 @@ def token_grid(num_tokens: int, context: VisionContext | None) -> tuple[int, int
             f"{num_tokens} tokens per frame is not a square grid; pass VisionContext(grid=(height, width))"
         )
     return side, side
-
-
-def gather_frames(tokens: torch.Tensor, indices: torch.Tensor) -> Compressed:
-    """Keep indices [F, k] (ascending) of tokens [F, N, D] as a Compressed."""
-    kept = torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    return Compressed(tokens=list(kept.unbind(0)), indices=list(indices.unbind(0)))
 
 
 def uniform_grid_indices(height: int, width: int, k: int) -> torch.Tensor:

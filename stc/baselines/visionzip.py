@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from stc.baselines.simple import FrameCounter, check_budget, check_tokens, kept_tokens, token_grid
-from stc.compress import Compressed, VisionContext
+from stc.compress import Compressed, VisionContext, take_tokens
 
 # VisionZip's contextual share: 10 of 64 (= 20 of 128 = 30 of 192).
 CONTEXTUAL_SHARE = 10 / 64
@@ -283,18 +283,16 @@ class VisionZip:
 
     def _keep(self, tokens: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor) -> Compressed:
         """Dominant and contextual tokens of every frame of tokens [F, N, D], from scores [F, N], keys [F, N, C]."""
-        frames, n, d = tokens.shape
+        frames, n, _ = tokens.shape
         dominant, contextual = self.split(n)
         scores, keys = scores.to(tokens.device), keys.to(tokens.device)
         top = torch.topk(scores, dominant, dim=1).indices.sort(dim=1).values  # [F, dominant], spatial order
-        out_tokens, out_indices = [tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, d))], [top]
+        out_tokens, out_indices = [take_tokens(tokens, top)], [top]
         if contextual:
             rest_mask = torch.ones(frames, n, dtype=torch.bool, device=tokens.device)
             rest_mask.scatter_(1, top, False)
             rest = rest_mask.nonzero()[:, 1].view(frames, n - dominant)  # ascending in each frame
-            merged, targets, sizes = merge_contextual(tokens.gather(1, rest.unsqueeze(-1).expand(-1, -1, d)),
-                                                      keys.gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1])),
-                                                      contextual)
+            merged, targets, sizes = merge_contextual(take_tokens(tokens, rest), take_tokens(keys, rest), contextual)
             out_tokens.append(merged)
             out_indices.append(torch.where(sizes == 1, rest[:, targets], torch.full_like(sizes, -1)))
         return Compressed(tokens=list(torch.cat(out_tokens, 1)), indices=list(torch.cat(out_indices, 1)))
