@@ -142,9 +142,9 @@ class SampledVideo:
             raise ValueError(f"{self.path} was closed; open a new SampledVideo to decode more frames")
         if not 0 <= start < stop <= len(self.indices):
             raise ValueError(f"frame range [{start}, {stop}) is outside the {len(self.indices)} sampled frames")
-        return self._decode(self.indices[start:stop])
+        return self._decode_retrying(self.indices[start:stop])
 
-    def _decode(self, indices: np.ndarray) -> np.ndarray:
+    def _decode_retrying(self, indices: np.ndarray) -> np.ndarray:
         """Decode file frame `indices`, trying DECODE_ATTEMPTS times (see the module docstring)."""
         for _ in range(DECODE_ATTEMPTS - 1):
             try:
@@ -175,7 +175,7 @@ def load_video(path: str | Path, sample_fps: float = 0.5, max_time: float | None
     with SampledVideo(path, sample_fps, max_time) as video:
         if len(video) == 0:
             # Decode frame 0 only to learn H and W, so that the empty array still has them.
-            frames = video._decode(np.zeros(1, dtype=np.int64))[:0]
+            frames = video._decode_retrying(np.zeros(1, dtype=np.int64))[:0]
         else:
             frames = video.decode(0, len(video))
         return Video(
