@@ -298,13 +298,14 @@ def _window_configs(plan, n):
                         yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "splits": sp}
 
 
-def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512):
+def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512, blas=("default",)):
     """Qwen2-7B's projections as in a decoder step: `layers` distinct weights (one per layer, so each
     is read from HBM, not from L2 as when one weight is timed again and again), each applied once per
     replay to x [M, K]; microseconds per layer. The query, key and value projections with their bias
     in the GEMM's epilogue ("qkv+bias", what F.linear(x, W, b) runs) and without ("qkv"; the bias
     added by a later kernel), and the output, gate|up and down projections. floor_us: the weight
-    bytes at the bandwidth of a device copy."""
+    bytes at the bandwidth of a device copy. blas: PyTorch's preferred BLAS library for the capture
+    ("default" leaves it as it is; "cublas", "cublaslt"), each timed in turn."""
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = {"qkv+bias": (hidden + 2 * kv, hidden, True), "qkv": (hidden + 2 * kv, hidden, False),
               "o": (hidden, hidden, False), "gate|up": (2 * inter, hidden, False), "down": (hidden, inter, False)}
@@ -320,8 +321,16 @@ def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512):
                 for w, b in zip(ws, bs):
                     F.linear(x, w, b)
 
-            us = 1e3 * do_bench_cudagraph(stack, rep=50, return_mode="median") / layers
-            rows.append({"op": "llm_projection", "variant": op, "M": m, "us": us, "floor_us": n * k * 2 / bw * 1e6})
+            for library in blas:
+                before = torch.backends.cuda.preferred_blas_library()
+                if library != "default":
+                    torch.backends.cuda.preferred_blas_library(library)
+                try:
+                    us = 1e3 * do_bench_cudagraph(stack, rep=50, return_mode="median") / layers
+                finally:
+                    torch.backends.cuda.preferred_blas_library(before)
+                rows.append({"op": "llm_projection", "variant": op, "M": m, "blas": library, "us": us,
+                             "floor_us": n * k * 2 / bw * 1e6})
         del ws, bs
         torch.cuda.empty_cache()
     return rows
@@ -472,6 +481,8 @@ def main(argv=None):
                    help="with --window-attention: only these (streams, new tokens, used slots), e.g. 4,49,3136")
     p.add_argument("--llm-projections", type=int, nargs="*", default=[],
                    help="also time Qwen2-7B's projections at these row counts, weights cold (one per layer)")
+    p.add_argument("--llm-blas", nargs="+", default=["default"], choices=["default", "cublas", "cublaslt"],
+                   help="with --llm-projections: PyTorch's preferred BLAS library, each in turn")
     p.add_argument("--llm-swiglu", type=int, nargs="*", default=[],
                    help="also time the Qwen2-7B MLP's SiLU(gate) * up at these row counts: inductor, eager, a Triton kernel")
     p.add_argument("--commit", default=None)
@@ -480,7 +491,7 @@ def main(argv=None):
     rows = llm_mlp_rows(args.llm_rows, names=args.llm_variants) if args.llm_rows else []
     shapes = [tuple(int(v) for v in t.split(",")) for t in args.window_shapes] if args.window_shapes else None
     rows += window_attention_rows(sweep=args.window_sweep, shapes=shapes) if args.window_attention else []
-    rows += llm_projection_rows(args.llm_projections) if args.llm_projections else []
+    rows += llm_projection_rows(args.llm_projections, blas=args.llm_blas) if args.llm_projections else []
     rows += llm_swiglu_rows(args.llm_swiglu) if args.llm_swiglu else []
     for b in [] if args.skip_vit else args.batches:
         for part in args.vit_parts:
