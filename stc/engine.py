@@ -303,12 +303,11 @@ class StreamingEngine:
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
         self._answer_graphs: dict[tuple, tuple] = {}
         if config.cuda_graphs:
-            from stc.fast import DOWN_SPLIT, FusedDecoderProjections
+            from stc.fast import FusedDecoderProjections
 
             self.vision_runner = self._graphed_vision(1)
             if FusedDecoderProjections.supported(self.lm):
-                sixteen_bit = self.lm.layers[0].mlp.down_proj.weight.dtype in (torch.bfloat16, torch.float16)
-                self._fused_decoder = FusedDecoderProjections(self.lm, DOWN_SPLIT if self.capture and sixteen_bit else None)
+                self._fused_decoder = FusedDecoderProjections(self.lm)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config
