@@ -1,7 +1,8 @@
 """Time the pieces of one SigLIP-so400m layer step on a GPU, at the shapes of the streaming ViT: which
 attention backend, which token selection (and key similarity), which projections, which patch
 embedding, which LayerNorm kernel, LLaVA-OneVision's pooling after the projector (and, on request, a
-Qwen2-7B MLP, its SiLU * up step, and the LLM's attention over a static KV window). Each variant is
+Qwen2-7B MLP, its projections, its SiLU * up step, its down projection split over its input features,
+and the LLM's attention over a static KV window). Each variant is
 timed as CUDA-graph replays (median, triton's do_bench_cudagraph), at B = 1 and 16 frames per step.
 
     python scripts/bench_vit_kernels.py --out results/latency/h100_vit_kernels.json
@@ -336,6 +337,38 @@ def llm_projection_rows(m_rows, layers=28, hidden=3584, inter=18944, kv=512, bla
     return rows
 
 
+def llm_down_split_rows(m_rows, splits=(2, 4), layers=28, hidden=3584, inter=18944):
+    """Qwen2-7B's down projection with the residual add after it, as in a compiled decoder layer
+    (inductor, shapes static), with `layers` distinct weights (cold, as in a decoder step): cuBLAS's
+    GEMM (F.linear) against `stc.fast.split_k_linear` at each split count, us per layer, and each
+    one's relative error against float32. floor_us: the weight bytes at the bandwidth of a device copy
+    or the FLOPs at the matmul rate, whichever is larger (both from `stc.latency.device_rates`)."""
+    from stc.fast import split_k_linear
+    from stc.latency import device_rates
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rates = device_rates(torch.device("cuda"))
+    bw, rate = rates["copy_bytes_per_s"], rates["matmul_flops"]
+    ws = [torch.randn(hidden, inter, device="cuda", dtype=torch.bfloat16, generator=g) / inter**0.5 for _ in range(layers)]
+    variants = {"cublas": lambda h, w, r: r + F.linear(h, w)}
+    variants.update({f"split {n}": (lambda n: lambda h, w, r: r + split_k_linear(h, w, n))(n) for n in splits})
+    rows = []
+    for m in m_rows:
+        h = torch.randn(m, inter, device="cuda", dtype=torch.bfloat16, generator=g)
+        res = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+        want = res.float() + h.float() @ ws[0].float().T
+        floor_us = max(hidden * inter * 2 / bw, 2 * m * hidden * inter / rate) * 1e6
+        for name, fn in variants.items():
+            fn = torch.compile(fn, dynamic=False)
+            err = ((fn(h, ws[0], res).float() - want).norm() / want.norm()).item()
+            us = 1e3 * do_bench_cudagraph(lambda: [fn(h, w, res) for w in ws], rep=50, return_mode="median") / layers
+            rows.append({"op": "llm_down", "variant": name, "M": m, "us": us, "rel_err": err, "floor_us": floor_us})
+        torch._dynamo.reset()
+    del ws
+    torch.cuda.empty_cache()
+    return rows
+
+
 @triton.jit
 def _swiglu_kernel(GU, OUT, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
     """OUT[m, j] = silu(GU[m, j]) * GU[m, inter + j], one row and BLOCK columns per program."""
@@ -485,6 +518,9 @@ def main(argv=None):
                    help="with --llm-projections: PyTorch's preferred BLAS library, each in turn")
     p.add_argument("--llm-swiglu", type=int, nargs="*", default=[],
                    help="also time the Qwen2-7B MLP's SiLU(gate) * up at these row counts: inductor, eager, a Triton kernel")
+    p.add_argument("--llm-down-split", type=int, nargs="*", default=[],
+                   help="also time Qwen2-7B's down projection (and residual add) at these row counts: cuBLAS against "
+                        "stc.fast.split_k_linear")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -493,6 +529,7 @@ def main(argv=None):
     rows += window_attention_rows(sweep=args.window_sweep, shapes=shapes) if args.window_attention else []
     rows += llm_projection_rows(args.llm_projections, blas=args.llm_blas) if args.llm_projections else []
     rows += llm_swiglu_rows(args.llm_swiglu) if args.llm_swiglu else []
+    rows += llm_down_split_rows(args.llm_down_split) if args.llm_down_split else []
     for b in [] if args.skip_vit else args.batches:
         for part in args.vit_parts:
             rows += VIT_PARTS[part](b)

@@ -102,8 +102,9 @@ class EngineConfig:
         CUDA graphs (`stc.fast.GraphedVision`; the Cacher ranks its tokens with `stc.vit_kernel`
         where Triton runs, and every method's SigLIP MLP runs its GELU in the fc1 GEMM, its patch
         embedding and its attention projections each as one GEMM; every decoder layer's query, key
-        and value projections, and its gate and up projections, each as one GEMM,
-        `stc.fast.FusedDecoderProjections`, undone by `close()`), each stream's KV window is one
+        and value projections, and its gate and up projections, each as one GEMM, and on a GPU with
+        16-bit weights its down projection split in two over its inputs for up to 392 rows
+        (`stc.fast.FusedDecoderProjections`, `stc.fast.DOWN_SPLIT`; undone by `close()`), each stream's KV window is one
         static buffer written in place, every frame's prefill is a captured graph (per token count)
         attending to the window's used slots (`stc.attention.window_attention`; where it cannot run,
         to the whole buffer through a mask), and attention packs grouped query heads instead of
@@ -303,11 +304,13 @@ class StreamingEngine:
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
         self._answer_graphs: dict[tuple, tuple] = {}
         if config.cuda_graphs:
-            from stc.fast import FusedDecoderProjections
+            from stc.fast import DOWN_SPLIT, FusedDecoderProjections
 
             self.vision_runner = self._graphed_vision(1)
             if FusedDecoderProjections.supported(self.lm):
-                self._fused_decoder = FusedDecoderProjections(self.lm)
+                sixteen_bit = self.lm.layers[0].mlp.down_proj.weight.dtype in (torch.bfloat16, torch.float16)
+                split = DOWN_SPLIT if self.capture and sixteen_bit else None
+                self._fused_decoder = FusedDecoderProjections(self.lm, split)
             self._attn_before = text_cfg._attn_implementation
             text_cfg._attn_implementation = attention.NAME
             vcfg = model.config.vision_config

@@ -33,6 +33,7 @@ are inputs), so compiling costs seconds, once per process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import sys
@@ -226,13 +227,70 @@ class _FusedQwen2Attention(Qwen2Attention):
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitK:
+    """A projection computed as `splits` GEMMs over equal slices of its input features, run as one
+    batched GEMM with float32 outputs and summed after (`split_k_linear`), for inputs of `rows[0]` to
+    `rows[1]` rows; other row counts run the plain GEMM.
+
+    For Qwen2-7B's down projection (18,944 input features) with its weights read from HBM, two splits
+    beat cuBLAS from 1 to 392 rows and lose at 784, us per layer with the residual add after it
+    (results/latency/h200_llm_down_split.json, H200, commit 8ce5531): 38.7 -> 38.0 (1 row), 40.3 ->
+    35.9 (4), 43.0 -> 38.3 (49), 47.1 -> 40.2 (98), 56.4 -> 53.0 (196), 77.4 -> 71.1 (294), 95.7 -> 90.1
+    (392), 176.1 -> 180.7 (784). In a compiled decoder layer the sum fuses with that residual add.
+    """
+
+    splits: int = 2
+    rows: tuple[int, int] = (1, 1 << 30)
+
+    def __post_init__(self):
+        if self.splits < 2 or not 1 <= self.rows[0] <= self.rows[1]:
+            raise ValueError(f"SplitK needs splits >= 2 and 1 <= rows[0] <= rows[1], got {self}")
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `split_k_linear` runs for x @ weight.T: the row count in range, the input features
+        a multiple of the splits."""
+        rows = x.numel() // x.shape[-1]
+        return self.rows[0] <= rows <= self.rows[1] and weight.shape[1] % self.splits == 0
+
+
+DOWN_SPLIT = SplitK(splits=2, rows=(1, 392))
+"""The engine's split of Qwen2's down projection on a GPU, where two splits beat cuBLAS (`SplitK`).
+End to end on the H200, off and on in turn in one process (results/latency/h200_bf16_down_split_ab.json),
+prefill ms per stream-frame, the mean of two pairs: the Pruner 1.717 -> 1.654 at B = 4 and 5.39 -> 5.25
+at B = 1, the baseline 7.45 -> 7.25 at B = 1 (its pairs -0.2% and +5%: noisy). The B = 4 baseline
+(784 rows) is out of range."""
+
+
+def split_k_linear(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """x @ weight.T as `splits` products over equal slices of the input features, one batched GEMM
+    (views of x and weight, no copies) whose float32 partial products are summed in float32 and
+    rounded once to x's dtype. The input features must be a multiple of `splits`."""
+    *lead, k = x.shape
+    n = weight.shape[0]
+    if k % splits:
+        raise ValueError(f"split_k_linear: {k} input features are not a multiple of {splits} splits")
+    parts = x.reshape(-1, splits, k // splits).transpose(0, 1)  # [splits, rows, k / splits]
+    w = weight.view(n, splits, k // splits).permute(1, 2, 0)  # [splits, k / splits, n]
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        partial = torch.bmm(parts, w, out_dtype=torch.float32)
+    else:
+        partial = torch.bmm(parts.float(), w.float())
+    return partial.sum(0).to(x.dtype).view(*lead, n)
+
+
 class _FusedQwen2MLP(Qwen2MLP):
     """A Qwen2 MLP, down(act(gate(x)) * up(x)), with gate and up as one GEMM over `stc_gate_up_weight`,
-    the rows [Wgate; Wup]."""
+    the rows [Wgate; Wup], and the down projection as `split_k_linear` where `stc_down_split` (a
+    `SplitK` or None) applies."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.stc_gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        hidden = self.act_fn(gate) * up
+        split = self.stc_down_split
+        if split is not None and split.applies(hidden, self.down_proj.weight):
+            return split_k_linear(hidden, self.down_proj.weight, split.splits)
+        return self.down_proj(hidden)
 
 
 class FusedDecoderProjections:
@@ -254,9 +312,12 @@ class FusedDecoderProjections:
     projections take 19.8 us per layer as one GEMM against 29.4 us as three (15.8 + 2 x 6.8), the gate
     and up projections 104 against 121 us (results/latency/h100_profile_prefill_b4_pruner_compiled.txt,
     h100_profile_prefill_b4_pruner.txt: profiles of the fused and unfused steps).
+
+    down_split: the down projections run as `split_k_linear` where it applies (`SplitK`); None: plain
+    GEMMs. The engine passes `DOWN_SPLIT` on a GPU with 16-bit weights.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, down_split: SplitK | None = None):
         if not self.supported(lm):
             raise ValueError("FusedDecoderProjections needs transformers' Qwen2 decoder layers (Qwen2Attention, "
                              "Qwen2MLP) with same-dtype, same-device projections and no per-module hooks of accelerate")
@@ -274,6 +335,7 @@ class FusedDecoderProjections:
                 attn.register_buffer("stc_qkv_bias", self._rehome(qkv, "bias") if attn.q_proj.bias is not None else None,
                                      persistent=False)
                 mlp.register_buffer("stc_gate_up_weight", self._rehome(gate_up, "weight"), persistent=False)
+                mlp.stc_down_split = down_split
                 self._groups += [(attn, type(attn), qkv), (mlp, type(mlp), gate_up)]
                 attn.__class__, mlp.__class__ = _FusedQwen2Attention, _FusedQwen2MLP
 
@@ -320,6 +382,7 @@ class FusedDecoderProjections:
                 module.__class__ = cls
                 for name in ("stc_qkv_weight", "stc_qkv_bias", "stc_gate_up_weight"):
                     module._buffers.pop(name, None)
+                vars(module).pop("stc_down_split", None)
                 for m in linears:
                     for name in ("weight", "bias"):
                         p = getattr(m, name)

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
 from stc.fast import FusedProjections, GraphedVision, norm_kernel_supported, patch_embeddings, patch_gemm_supported
@@ -477,6 +478,69 @@ def test_fused_decoder_projections_equal_the_model(bias):
     assert not torch.allclose(got_changed, want, atol=1e-3)
     lm.load_state_dict(before)
     torch.testing.assert_close(_decoder_run(lm, x), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                          reason="needs CUDA"))])
+def test_split_k_linear_equals_the_gemm(device):
+    """split_k_linear against float64 x @ w.T: float32 on the CPU to 1e-5, bf16 on a GPU (float32
+    partial sums, one rounding) no further from float64 than cuBLAS's own bf16 GEMM, plus one bf16
+    rounding of the result; leading dimensions kept; input features not a multiple of the splits refused."""
+    from stc.fast import split_k_linear
+
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x = torch.randn(2, 7, 96, generator=g).to(device, dtype)
+    w = (torch.randn(40, 96, generator=g) / 96**0.5).to(device, dtype)
+    want = x.double() @ w.double().T
+    for splits in (1, 2, 3, 4, 8):
+        got = split_k_linear(x, w, splits)
+        assert got.shape == (2, 7, 40) and got.dtype == dtype
+        if device == "cpu":
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        else:
+            gemm_err = (F.linear(x, w).double() - want).abs().max().item()
+            assert (got.double() - want).abs().max().item() <= gemm_err + want.abs().max().item() * 2**-8
+    with pytest.raises(ValueError, match="multiple"):
+        split_k_linear(x, w, 5)
+
+
+def test_split_k_settings_refuse_bad_values_and_apply_by_rows():
+    from stc.fast import DOWN_SPLIT, SplitK
+
+    for bad in ({"splits": 1}, {"rows": (0, 4)}, {"rows": (8, 4)}):
+        with pytest.raises(ValueError, match="SplitK"):
+            SplitK(**bad)
+    split = SplitK(splits=4, rows=(8, 12))
+    w = torch.zeros(3, 16)
+    assert [split.applies(torch.zeros(1, n, 16), w) for n in (7, 8, 12, 13)] == [False, True, True, False]
+    assert split.applies(torch.zeros(2, 5, 16), w)  # rows over every leading dimension
+    assert not split.applies(torch.zeros(10, 15), torch.zeros(3, 15))  # 15 features, 4 splits
+    assert DOWN_SPLIT.splits >= 2 and 18944 % DOWN_SPLIT.splits == 0  # Qwen2-7B's intermediate size
+
+
+def test_fused_decoder_down_split_equals_the_model(monkeypatch):
+    """With a SplitK for the down projections, the prefill (10 rows, in range) runs split_k_linear in
+    every layer and the one-token steps (2 rows, out of range) the plain GEMM; the hidden states equal
+    the model's own (float32, CPU)."""
+    import stc.fast
+    from stc.fast import FusedDecoderProjections, SplitK
+    from stc.models import build_model
+
+    lm = build_model("tiny", seed=0)[0].model.language_model.float()
+    x = torch.randn(2, 5, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = _decoder_run(lm, x)
+    calls = []
+    plain = stc.fast.split_k_linear
+    monkeypatch.setattr(stc.fast, "split_k_linear", lambda h, w, n: calls.append((tuple(h.shape), n)) or plain(h, w, n))
+    fused = FusedDecoderProjections(lm, SplitK(splits=2, rows=(8, 12)))
+    try:
+        got = _decoder_run(lm, x)
+    finally:
+        fused.close()
+    assert calls == [((2, 5, lm.config.intermediate_size), 2)] * len(lm.layers)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any("stc_down_split" in vars(layer.mlp) for layer in lm.layers)
 
 
 def test_fused_decoder_weights_have_static_shapes_in_compiled_layers():
