@@ -258,7 +258,7 @@ DOWN_SPLIT = SplitK(splits=2, rows=(1, 392))
 """The engine's split of Qwen2's down projection on a GPU, where two splits beat cuBLAS (`SplitK`).
 End to end on the H200, off and on in turn in one process (results/latency/h200_bf16_down_split_ab.json),
 prefill ms per stream-frame, the mean of two pairs: the Pruner 1.717 -> 1.654 at B = 4 and 5.39 -> 5.25
-at B = 1, the baseline 7.45 -> 7.25 at B = 1 (its pairs -0.2% and +5%: noisy). The B = 4 baseline
+at B = 1, the baseline 7.45 -> 7.25 at B = 1 (its pairs +0.2% and -5.3%: noisy). The B = 4 baseline
 (784 rows) is out of range."""
 
 
