@@ -237,7 +237,8 @@ class SplitK:
     beat cuBLAS from 1 to 392 rows and lose at 784, us per layer with the residual add after it
     (results/latency/h200_llm_down_split.json, H200, commit 8ce5531): 38.7 -> 38.0 (1 row), 40.3 ->
     35.9 (4), 43.0 -> 38.3 (49), 47.1 -> 40.2 (98), 56.4 -> 53.0 (196), 77.4 -> 71.1 (294), 95.7 -> 90.1
-    (392), 176.1 -> 180.7 (784). In a compiled decoder layer the sum fuses with that residual add.
+    (392), 176.1 -> 180.7 (784); each timed as one compiled function with the add, as in a compiled
+    decoder layer, where inductor can fuse the sum with the add (not profiled in the layer).
     """
 
     splits: int = 2
