@@ -53,6 +53,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from stc.cacher import layer_norm, mlp_forward, project
+from stc.compress import take_tokens
 from stc.patching import LayerPatch, encoder_layers, patch_owner
 
 STATE_KWARG = "tome_state"
@@ -141,10 +142,10 @@ def merge_tokens(plan: MergePlan, x: torch.Tensor, reduce: str = "sum") -> torch
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     a, bset = x[:, ::2], x[:, 1::2]
     c = x.shape[-1]
-    kept = a.gather(1, plan.unmerged.unsqueeze(-1).expand(-1, -1, c))
+    kept = take_tokens(a, plan.unmerged)
     if plan.r == 0:
         return torch.cat([kept, bset], dim=1)
-    moving = a.gather(1, plan.src.unsqueeze(-1).expand(-1, -1, c))
+    moving = take_tokens(a, plan.src)
     bset = bset.scatter_reduce(1, plan.dst.unsqueeze(-1).expand(-1, -1, c), moving, reduce=reduce, include_self=True)
     return torch.cat([kept, bset], dim=1)
 
