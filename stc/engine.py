@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
-from transformers.models.qwen2.modeling_qwen2 import rotate_half
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, rotate_half
 
 from stc import attention
 from stc.cacher import CacherConfig, attach_cacher
@@ -107,16 +107,17 @@ class EngineConfig:
         (`stc.fast.FusedDecoderProjections`, `stc.fast.DOWN_SPLIT`; undone by `close()`), each stream's KV window is one
         static buffer written in place, every frame's prefill is a captured graph (per token count)
         attending to the window's used slots (`stc.attention.window_attention`; where it cannot run,
-        to the whole buffer through a mask), and attention packs grouped query heads instead of
-        repeating K/V.
+        to the whole buffer through a mask) after one kernel that applies RoPE and writes the keys and
+        values into the window (`stc.rope_kernel`, where Triton runs), and attention packs grouped
+        query heads instead of repeating K/V.
         On a CPU the same static-shape code runs without capture (that is how it is tested).
     compile_vision: with cuda_graphs on a GPU, the vision step's layer functions go through
         torch.compile (inductor) before capture, for the baseline and STC alike (it fuses the small
         kernels a one-frame step is bound by; compiling costs seconds once per process).
     compile_llm: with cuda_graphs on a GPU, captured prefill and decode steps run the decoder's own
         layer forwards through torch.compile (`stc.fast.compiled_decoder`), for every method alike: it
-        fuses RMSNorm, RoPE, SiLU * up and the residual adds around the GEMMs (the KV write and the
-        attention kernel stay as they are). Uncaptured steps run eager.
+        fuses RMSNorm, SiLU * up and the residual adds around the GEMMs, and RoPE where the RoPE and
+        KV-write kernel cannot run (the KV write and the attention kernel stay as they are). Uncaptured steps run eager.
     timing: record per-stage times.
     """
 
@@ -190,6 +191,14 @@ class _KV:
         self.pending = n
         return self.buf[layer_idx, 0, :, :end][None], self.buf[layer_idx, 1, :, :end][None]
 
+    def rope_update(self, query, key, value, cos, sin, layer_idx):
+        """transformers' RoPE on query [b, heads, n, d] and key [b, kv_heads, n, d], then `update`:
+        the step between projections and attention of `stc.fast.FusedDecoderProjections`' attention.
+        Returns the rotated queries and the keys and values to attend to."""
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key, value = self.update(key, value, layer_idx)
+        return query, key, value
+
     def commit(self) -> None:
         self.length += self.pending
         self.pending = 0
@@ -202,7 +211,7 @@ class _StaticKV(_KV):
     def __init__(self, buf: torch.Tensor, length: int):
         super().__init__(buf, length)
         self.index: torch.Tensor | None = None
-        self.visible = buf.shape[3]  # slots attended to: a bucket covering the context, not the whole buffer
+        self.visible = buf.shape[-2]  # slots attended to: a bucket covering the context, not the whole buffer
 
     @torch.compiler.disable  # a graph break in compiled decoder layers (stc.fast.compiled_decoder)
     def update(self, key, value, layer_idx, *args, **kwargs):
@@ -215,6 +224,37 @@ class _StaticKV(_KV):
         self.buf[layer_idx, 0].index_copy_(1, self.index, key[0])
         self.buf[layer_idx, 1].index_copy_(1, self.index, value[0])
         return self.buf[layer_idx, 0, :, : self.visible][None], self.buf[layer_idx, 1, :, : self.visible][None]
+
+    def _windows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole K and V buffers as [B, kvh, cap, d] (B = 1 for one stream)."""
+        if self.buf.dim() == 6:
+            return self.buf[layer_idx, 0], self.buf[layer_idx, 1]
+        return self.buf[layer_idx, 0][None], self.buf[layer_idx, 1][None]
+
+    @torch.compiler.disable  # a graph break in compiled decoder layers, as `update`
+    def rope_update(self, query, key, value, cos, sin, layer_idx):
+        """With `index` set and on a GPU where `stc.rope_kernel` runs, RoPE and the KV write are one
+        kernel (the queries rotated as inductor would: in float32, rounded once); else
+        `_KV.rope_update`."""
+        if self.index is None or not rope_kernel_supported(query.dtype, query.device, query.shape[-1]):
+            return super().rope_update(query, key, value, cos, sin, layer_idx)
+        from stc.rope_kernel import rope_write
+
+        kw, vw = self._windows(layer_idx)
+        query = rope_write(query, key, value, cos, sin, kw, vw, self.index)
+        return query, kw[:, :, : self.visible], vw[:, :, : self.visible]
+
+
+def rope_kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether `stc.rope_kernel` can run: Triton installed, a CUDA device, a 16-bit dtype and a head
+    size it tiles."""
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from stc import rope_kernel
+    except ImportError:
+        return False
+    return rope_kernel.supported_head_dim(head_dim)
 
 
 def cache_keyword(lm: nn.Module) -> str:
