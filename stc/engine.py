@@ -401,7 +401,7 @@ class StreamingEngine:
         drop = max(0, w.length - n_init - self.config.n_local)
         if drop:
             keep = w.buf[..., n_init + drop : w.length, :].clone()
-            delta = torch.full((keep.shape[-2],), -drop, dtype=torch.long)
+            delta = torch.full((keep.shape[-2],), -drop, dtype=torch.long, device=keep.device)
             keep[:, 0] = self._rotate(keep[:, 0], delta)
             w.buf[..., n_init : n_init + keep.shape[-2], :] = keep
             w.length -= drop
@@ -411,8 +411,10 @@ class StreamingEngine:
     def _mean_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """A block's retrieval key: the mean over its tokens of the keys before RoPE, float32.
 
-        keys: [..., n, d], stored after RoPE at positions start..start+n-1. Returns [..., d]."""
-        pos = torch.arange(start, start + keys.shape[-2])
+        keys: [..., n, d], stored after RoPE at positions start..start+n-1. Returns [..., d]. The
+        positions are made on the keys' device: a copy from the host would wait for the GPU (the
+        frame's captured step) and leave the GPU idle while the kernels after it are launched."""
+        pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
         return self._rotate(keys.float(), -pos).mean(dim=-2)
 
     def _decoder(self, embeds: torch.Tensor, kv: _KV, mask: torch.Tensor | None) -> torch.Tensor:

@@ -307,6 +307,24 @@ def test_rotation_composes_like_rope(tiny):
         torch.testing.assert_close(twice, engine._rotate(x, torch.tensor([8, 0, 12, 2, 0])), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
+def test_block_mean_keys_do_not_wait_for_the_gpu():
+    """A frame's retrieval key is computed without a host synchronisation (which would wait for the
+    frame's captured step and leave the GPU idle while the kernels after it are launched), and equals
+    the mean of the keys rotated back to position 0, computed on the CPU."""
+    model, proc = build_model("tiny", seed=0, device="cuda")
+    with StreamingEngine(model, proc) as engine:
+        keys = torch.randn(2, 3, 5, engine.head_dim, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = engine._mean_keys(keys, 7)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = engine._rotate(keys.cpu(), -torch.arange(7, 12)).mean(dim=-2)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_errors(tiny):
     model, proc = tiny
     with StreamingEngine(model, proc) as engine:
