@@ -122,7 +122,8 @@ def merge_contextual(tokens: torch.Tensor, metric: torch.Tensor, contextual: int
     targets = torch.arange(0, r, step, device=tokens.device)[:contextual]
     is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device)
     is_target[targets] = True
-    others = (~is_target).nonzero().flatten()
+    # the others in ascending order: a stable sort puts the False entries first (no host sync, unlike nonzero)
+    others = torch.argsort(is_target.to(torch.uint8), stable=True)[: r - contextual]
     normed = nn.functional.normalize(metric.float(), dim=-1)
     group = (normed[:, others] @ normed[:, targets].transpose(1, 2)).argmax(dim=-1)  # [F, R - c]: a target slot
     acc = torch.promote_types(tokens.dtype, torch.float32)  # average in at least fp32
@@ -291,7 +292,8 @@ class VisionZip:
         if contextual:
             rest_mask = torch.ones(frames, n, dtype=torch.bool, device=tokens.device)
             rest_mask.scatter_(1, top, False)
-            rest = rest_mask.nonzero()[:, 1].view(frames, n - dominant)  # ascending in each frame
+            # ascending in each frame: a stable sort puts the kept (False) entries last (no host sync, unlike nonzero)
+            rest = torch.argsort((~rest_mask).to(torch.uint8), dim=1, stable=True)[:, : n - dominant]
             merged, targets, sizes = merge_contextual(take_tokens(tokens, rest), take_tokens(keys, rest), contextual)
             out_tokens.append(merged)
             out_indices.append(torch.where(sizes == 1, rest[:, targets], torch.full_like(sizes, -1)))

@@ -134,6 +134,46 @@ def test_contextual_merging_matches_loop_reference(r, c):
         torch.testing.assert_close(merged[f], torch.stack(ref_tokens))
 
 
+def test_kept_tokens_match_a_brute_force_selection():
+    """Every frame keeps its top-scored tokens in spatial order, then the contextual merge of all the
+    other tokens (ascending), with a token's index where its group is itself alone and -1 otherwise."""
+    g = torch.Generator().manual_seed(3)
+    frames, n, dominant, contextual = 3, 16, 5, 3
+    tokens = torch.randn(frames, n, 6, generator=g, dtype=torch.float64)
+    keys = torch.randn(frames, n, 4, generator=g, dtype=torch.float64)
+    scores = torch.randn(frames, n, generator=g, dtype=torch.float64)
+    comp = VisionZip(dominant=dominant, contextual=contextual)
+    assert comp.split(n) == (dominant, contextual)
+    res = comp._keep(tokens, scores, keys)
+    for f in range(frames):
+        top = sorted(torch.topk(scores[f], dominant).indices.tolist())
+        rest = [i for i in range(n) if i not in top]
+        targets, merged, sizes = brute_force_contextual(tokens[f, rest], keys[f, rest], contextual)
+        want = torch.cat([tokens[f, top], torch.stack(merged)])
+        torch.testing.assert_close(res.tokens[f], want)
+        assert res.indices[f].tolist() == top + [rest[t] if size == 1 else -1 for t, size in zip(targets, sizes)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
+def test_selection_does_not_wait_for_the_gpu():
+    """Choosing and merging the kept tokens needs no host synchronisation (a streaming step's GPU would
+    idle while the host waits), and gives the CPU's result."""
+    g = torch.Generator().manual_seed(4)
+    tokens, keys, scores = torch.randn(2, 196, 8, generator=g), torch.randn(2, 196, 4, generator=g), torch.randn(2, 196, generator=g)
+    comp = VisionZip()
+    want = comp._keep(tokens, scores, keys)
+    cuda = [t.cuda() for t in (tokens, scores, keys)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = comp._keep(*cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b, i, j in zip(got.tokens, want.tokens, got.indices, want.indices):
+        torch.testing.assert_close(a.cpu(), b)
+        assert torch.equal(i.cpu(), j)
+
+
 def test_invalid_configs_and_inputs(encoded):
     model, out = encoded
     for kwargs in [dict(dominant=5, keep_ratio=0.3), dict(dominant=-1), dict(contextual=1.5), dict(dominant=0, contextual=0),
