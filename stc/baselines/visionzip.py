@@ -120,8 +120,9 @@ def merge_contextual(tokens: torch.Tensor, metric: torch.Tensor, contextual: int
         raise ValueError(f"contextual must be in [1, {r}] (the remaining tokens), got {contextual}")
     step = max(1, r // contextual)
     targets = torch.arange(0, r, step, device=tokens.device)[:contextual]
-    is_target = torch.zeros(r, dtype=torch.bool, device=tokens.device)
-    is_target[targets] = True
+    # is_target by arithmetic: an index assignment of a Python scalar copies it from the host
+    pos = torch.arange(r, device=tokens.device)
+    is_target = (pos % step == 0) & (pos < contextual * step)
     # the others in ascending order: a stable sort puts the False entries first (no host sync, unlike nonzero)
     others = torch.argsort(is_target.to(torch.uint8), stable=True)[: r - contextual]
     normed = nn.functional.normalize(metric.float(), dim=-1)
