@@ -34,6 +34,7 @@ decides per chunk; in the ReKV setting a chunk is one frame and both agree.)
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 
@@ -76,12 +77,12 @@ class CacherConfig:
 
     def __post_init__(self):
         n = self.cache_interval
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or math.isnan(n):
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or math.isnan(n):
             raise ValueError(f"cache_interval must be an integer >= 1 or math.inf, got {n!r}")
         if n < 1 or (not math.isinf(n) and n != int(n)):
             raise ValueError(f"cache_interval must be an integer >= 1 or math.inf, got {n!r}")
         r = self.reuse_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r < 1.0:
             raise ValueError(
                 f"reuse_ratio must be in [0, 1) (the fraction of tokens reused), got {r!r}; "
                 "use cache_interval=1 to recompute every frame fully"
@@ -92,9 +93,16 @@ class CacherConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
     def recomputed_tokens(self, num_tokens: int) -> int:
-        """k = floor(T * (1 - R)), the dynamic tokens per non-reference frame and layer."""
+        """k = floor(T * (1 - R)), the dynamic tokens per non-reference frame and layer.
+
+        Raises ValueError where k would be 0 (R >= 1 - 1/T): a selective layer needs a token to recompute."""
         # round() first so that e.g. 729 * 0.25 is not floored to 182.2499... -> 182 by accident
-        return math.floor(round(num_tokens * (1.0 - self.reuse_ratio), 9))
+        k = math.floor(round(num_tokens * (1.0 - self.reuse_ratio), 9))
+        if k < 1:
+            raise ValueError(
+                f"reuse_ratio={self.reuse_ratio} leaves no token to recompute in frames of {num_tokens} tokens "
+                f"(k = floor(T * (1 - R)) = 0); use reuse_ratio <= {1 - 1 / num_tokens:.6g}")
+        return k
 
     def is_reference(self, frame_index: int) -> bool:
         if math.isinf(self.cache_interval):
@@ -520,7 +528,7 @@ class Cacher(LayerPatch):
             state._chunk = {
                 "indices": indices,
                 "is_ref": torch.tensor([cfg.is_reference(i) for i in indices]),
-                "k": cfg.recomputed_tokens(tokens),
+                "k": None,
                 "refs": [None] * self.num_layers,
                 "recomputed": [[tokens] * self.num_layers for _ in indices],
                 "dynamic": [[None] * self.num_layers for _ in indices],
@@ -542,6 +550,8 @@ class Cacher(LayerPatch):
             new_ref = cache
         dyn_pos = (~is_ref).nonzero().flatten().tolist()
         if dyn_pos:
+            if k is None:  # only where a frame is selective: a chunk of reference frames needs no k
+                k = chunk["k"] = cfg.recomputed_tokens(tokens)
             ref = self._references_for(state, idx, dyn_pos, ref_pos, new_ref)
             shared = chunk["shared"]
             dynamic = None if (cfg.per_layer_selection or shared is None or idx == 0) else shared
@@ -556,7 +566,8 @@ class Cacher(LayerPatch):
         if new_ref is not None:
             last = len(ref_pos) - 1
             chunk["refs"][idx] = LayerCache(
-                *(None if t is None else t[last : last + 1].detach() for t in (
+                # clone: a slice would be a view that keeps the whole chunk's tensors alive
+                *(None if t is None else t[last : last + 1].detach().clone() for t in (
                     new_ref.key, new_ref.value, new_ref.attn, new_ref.mlp, new_ref.hidden))
             )
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,17 +136,17 @@ class EngineConfig:
     timing: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.n_local, int) or self.n_local < 0:
+        if not _is_int(self.n_local) or self.n_local < 0:
             raise ValueError(f"n_local must be an integer >= 0, got {self.n_local!r}")
-        if self.retrieve_top_k is not None and (not isinstance(self.retrieve_top_k, int) or self.retrieve_top_k < 1):
+        if self.retrieve_top_k is not None and (not _is_int(self.retrieve_top_k) or self.retrieve_top_k < 1):
             raise ValueError(f"retrieve_top_k must be an integer >= 1 or None, got {self.retrieve_top_k!r}")
-        if self.device_blocks is not None and (not isinstance(self.device_blocks, int) or self.device_blocks < 0):
+        if self.device_blocks is not None and (not _is_int(self.device_blocks) or self.device_blocks < 0):
             raise ValueError(f"device_blocks must be an integer >= 0 or None, got {self.device_blocks!r}")
         if self.tome_tokens_per_frame is not None and (
-            not isinstance(self.tome_tokens_per_frame, int) or self.tome_tokens_per_frame < 1 or self.cacher is not None
+            not _is_int(self.tome_tokens_per_frame) or self.tome_tokens_per_frame < 1 or self.cacher is not None
         ):
             raise ValueError(f"tome_tokens_per_frame must be an integer >= 1 and excludes the cacher, got {self.tome_tokens_per_frame!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 
 
@@ -171,6 +172,11 @@ class Answer:
     retrieved: list[list[int]] | None  # per layer, frame indices retrieved (None without retrieval)
     logits: torch.Tensor  # [vocab] float32 on the CPU: the scores of the first answer token
     context_tokens: int = 0  # tokens the answer attended to before its prompt: init + retrieved (per layer)
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class _KV:
@@ -272,6 +278,15 @@ def _causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
     return mask[None, None]
 
 
+def check_model(model: nn.Module) -> None:
+    """TypeError unless `model` is what the engine runs: a transformers 5.x LlavaOnevisionForConditionalGeneration."""
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector", "language_model", "apply_pooling")) or not hasattr(model, "lm_head"):
+        raise TypeError(
+            f"StreamingEngine needs a transformers 5.x LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
+        )
+
+
 class StreamingEngine:
     """ReKV on a LLaVA-OneVision model, shared by any number of streams.
 
@@ -285,11 +300,8 @@ class StreamingEngine:
 
     def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None, compressor: FrameCompressor | None = None):
         self.config = config = config or EngineConfig()
-        inner = getattr(model, "model", None)
-        if not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector", "language_model", "apply_pooling")) or not hasattr(model, "lm_head"):
-            raise TypeError(
-                f"StreamingEngine needs a transformers 5.x LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
-            )
+        check_model(model)
+        inner = model.model
         self.model, self.processor = model, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.lm = inner.language_model
@@ -321,45 +333,55 @@ class StreamingEngine:
         self.compressor = compressor if compressor is not None else (Pruner(config.pruner) if config.pruner else None)
         # a compressor that reads one encoder layer's input (VisionZip) names it; the graphed step keeps it
         self.vision_layer_input = getattr(self.compressor, "vision_layer_input", None)
-        # With cuda_graphs the GraphedVision runner below runs the cacher's tensor functions itself.
-        self.cacher = attach_cacher(inner.vision_tower, config.cacher) if config.cacher and not config.cuda_graphs else None
-        self.tome = self.tome_schedule = None
-        if config.tome_tokens_per_frame is not None:
-            from stc.baselines.tome import attach_tome, tome_r_for_budget
-
-            vcfg = model.config.vision_config
-            patches = (vcfg.image_size // vcfg.patch_size) ** 2
-            self.tome_schedule = tome_r_for_budget(patches, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
-            # With cuda_graphs the GraphedVision runner runs ToMe's layer function itself.
-            self.tome = None if config.cuda_graphs else attach_tome(inner.vision_tower, self.tome_schedule)
-        self._hooks = [
-            layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
-        ]
-        self.capture = config.cuda_graphs and self.device.type == "cuda"
-        self.compile_vision = self.capture and config.compile_vision
-        self.compile_llm = self.capture and config.compile_llm
+        # What close() undoes, set before anything is patched: a failure below undoes what was done.
+        self.cacher = self.tome = self.tome_schedule = None
+        self._hooks: list = []
         self._attn_before = None
         self._fused_decoder = None
-        self.vision_runner = None
         self._answer: _StaticKV | None = None  # cuda_graphs: the answering window, and its graphs
         self._answer_graphs: dict[tuple, tuple] = {}
-        if config.cuda_graphs:
-            from stc.fast import DOWN_SPLIT, FusedDecoderProjections
+        try:
+            # With cuda_graphs the GraphedVision runner below runs the cacher's tensor functions itself.
+            if config.cacher and not config.cuda_graphs:
+                self.cacher = attach_cacher(inner.vision_tower, config.cacher)
+                self.cacher.hold()  # shared with another engine of this config: detached when the last one closes
+            if config.tome_tokens_per_frame is not None:
+                from stc.baselines.tome import attach_tome, tome_r_for_budget
 
-            self.vision_runner = self._graphed_vision(1)
-            if FusedDecoderProjections.supported(self.lm):
-                sixteen_bit = self.lm.layers[0].mlp.down_proj.weight.dtype in (torch.bfloat16, torch.float16)
-                split = DOWN_SPLIT if self.capture and sixteen_bit else None
-                self._fused_decoder = FusedDecoderProjections(self.lm, split)
-            self._attn_before = text_cfg._attn_implementation
-            text_cfg._attn_implementation = attention.NAME
-            vcfg = model.config.vision_config
-            self.max_frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
-        self.init_ids = self._ids(config.init_prompt)
-        self.eos_ids = {
-            i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id)
-            if isinstance(i, int) and i >= 0
-        }
+                vcfg = model.config.vision_config
+                patches = (vcfg.image_size // vcfg.patch_size) ** 2
+                self.tome_schedule = tome_r_for_budget(patches, vcfg.num_hidden_layers, config.tome_tokens_per_frame)
+                # With cuda_graphs the GraphedVision runner runs ToMe's layer function itself.
+                if not config.cuda_graphs:
+                    self.tome = attach_tome(inner.vision_tower, self.tome_schedule)
+                    self.tome.hold()
+            self._hooks = [
+                layer.self_attn.register_forward_pre_hook(self._query_hook, with_kwargs=True) for layer in self.lm.layers
+            ]
+            self.capture = config.cuda_graphs and self.device.type == "cuda"
+            self.compile_vision = self.capture and config.compile_vision
+            self.compile_llm = self.capture and config.compile_llm
+            self.vision_runner = None
+            if config.cuda_graphs:
+                from stc.fast import DOWN_SPLIT, FusedDecoderProjections
+
+                self.vision_runner = self._graphed_vision(1)
+                if FusedDecoderProjections.supported(self.lm):
+                    sixteen_bit = self.lm.layers[0].mlp.down_proj.weight.dtype in (torch.bfloat16, torch.float16)
+                    split = DOWN_SPLIT if self.capture and sixteen_bit else None
+                    self._fused_decoder = FusedDecoderProjections(self.lm, split)
+                self._attn_before = text_cfg._attn_implementation
+                text_cfg._attn_implementation = attention.NAME
+                vcfg = model.config.vision_config
+                self.max_frame_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
+            self.init_ids = self._ids(config.init_prompt)
+            self.eos_ids = {
+                i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id)
+                if isinstance(i, int) and i >= 0
+            }
+        except BaseException:
+            self.close()
+            raise
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -530,15 +552,25 @@ class StreamingEngine:
             stream.cacher_state = self.cacher.new_state(record_indices=True)
         return stream
 
+    def _check_patches(self) -> None:
+        """The cacher (or ToMe) this engine runs must still be attached: a model running without it would
+        silently give the baseline's features."""
+        for patch in (self.cacher, self.tome):
+            if patch is not None and not patch.attached:
+                raise RuntimeError(f"{patch.name} was detached from the vision tower while this engine holds it "
+                                   "(a direct detach()?): open a new engine")
+
     def close(self) -> None:
         """Remove the hooks and detach the cacher. Streams of this engine are unusable afterwards."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if self.cacher is not None:
-            self.cacher.detach()
+            self.cacher.release()
+            self.cacher = None
         if self.tome is not None:
-            self.tome.detach()
+            self.tome.release()
+            self.tome = None
         if self._attn_before is not None:
             self.lm.config._attn_implementation = self._attn_before
             self._attn_before = None
@@ -639,6 +671,9 @@ class Stream:
             raise ValueError(f"expected pixel values [frames, 3, H, W], got shape {tuple(pixel_values.shape)}")
         f = pixel_values.shape[0]
         times = self._times(timestamps, f)
+        if f == 0:
+            return
+        e._check_patches()
         if self._window is None:
             self._start()
         inner = e.model.model
@@ -786,7 +821,11 @@ class Stream:
         e = self.engine
         if not self.blocks:
             raise ValueError("no frame has been pushed to this stream yet: push frames before asking")
-        max_new = max_new_tokens or e.config.max_new_tokens
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"the question must be a non-empty string, got {query!r}")
+        if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 or None (the config's), got {max_new_tokens!r}")
+        max_new = e.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         prompt = e._ids(QUESTION_TEMPLATE.format(query=query) + answer_prefix)
         top_k = e.config.retrieve_top_k
         with self.timer.stage("retrieval"):

@@ -538,7 +538,8 @@ class GraphedVision:
         self.pixels = torch.zeros(batch, cfg.num_channels, self.size, self.size, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             self.tokens = tower.embeddings(self.pixels).shape[1]
-        self.k = cacher.recomputed_tokens(self.tokens) if cacher else None
+        # k only where some frame is selective (cache_interval 1 makes every frame a reference frame)
+        self.k = cacher.recomputed_tokens(self.tokens) if cacher and cacher.cache_interval != 1 else None
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from stc.cacher import CacherConfig
-from stc.engine import EngineConfig, StreamingEngine
+from stc.engine import EngineConfig, StreamingEngine, check_model
 from stc.pruner import PrunerConfig
 
 
@@ -110,6 +110,7 @@ def build_engine(model, processor, name: str, base: EngineConfig | None = None) 
     """The streaming engine for a named method (see METHODS). MethodUnavailable if this model cannot
     run it (e.g. ToMe on an encoder too shallow to reach the token budget)."""
     method = get_method(name)
+    check_model(model)
     compressor = make_compressor(method) if method.compressor else None
     vcfg = model.config.vision_config
     pooled = math.ceil(vcfg.image_size // vcfg.patch_size / 2) ** 2

@@ -59,6 +59,7 @@ class LayerPatch:
         self.vision_tower = vision_tower
         self.layers = encoder_layers(vision_tower, self.name)
         self.attached = False
+        self._holders = 0  # engines sharing this patch (hold / release)
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +80,19 @@ class LayerPatch:
             if patch_owner(layer) is self:
                 del layer.forward
         self.attached = False
+        self._holders = 0
+
+    def hold(self) -> None:
+        """Mark one more user (an engine) of this attached patch; `release()` detaches after the last one."""
+        if not self.attached:
+            raise RuntimeError(f"{self.name} is not attached")
+        self._holders += 1
+
+    def release(self) -> None:
+        """Give back one `hold()`; the last release detaches the patch."""
+        self._holders = max(0, self._holders - 1)
+        if self._holders == 0:
+            self.detach()
 
     def __enter__(self):
         return self

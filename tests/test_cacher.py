@@ -335,6 +335,37 @@ def test_recomputed_token_count_follows_the_paper():
     assert CacherConfig(reuse_ratio=0.0).recomputed_tokens(729) == 729
 
 
+def test_settings_accept_numpy_numbers():
+    cfg = CacherConfig(cache_interval=np.int64(4), reuse_ratio=np.float32(0.75))
+    assert cfg.recomputed_tokens(729) == 182
+
+
+def test_no_token_to_recompute_is_a_clear_error():
+    """R >= 1 - 1/T would leave k = 0: refused when a selective frame comes, with the largest R that works."""
+    assert CacherConfig(reuse_ratio=0.97).recomputed_tokens(36) == 1
+    with pytest.raises(ValueError, match="leaves no token to recompute"):
+        CacherConfig(reuse_ratio=0.98).recomputed_tokens(36)
+    tower, frames = siglip(), video(3)
+    with attach_cacher(tower, CacherConfig(cache_interval=1, reuse_ratio=0.99)) as cacher:
+        run_stream(tower, frames, cacher.new_state())  # every frame a reference frame: no k needed
+    with attach_cacher(tower, CacherConfig(cache_interval=4, reuse_ratio=0.99)) as cacher:
+        state = cacher.new_state()
+        with pytest.raises(ValueError, match=r"use reuse_ratio <= 0\.972222"):
+            run_stream(tower, frames, state)
+
+
+def test_stored_reference_does_not_keep_the_chunk_alive():
+    """The reference cache holds one frame's rows in storage of its own, not views into the chunk's tensors."""
+    tower, frames = siglip(), video(8)
+    with attach_cacher(tower, CacherConfig(cache_interval=2)) as cacher:
+        state = cacher.new_state()
+        run_stream(tower, frames, state, chunk=8)
+        for cache in state._refs:
+            for t in (cache.key, cache.value, cache.attn, cache.mlp):
+                assert t.shape[0] == 1
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_reports_count_the_work():
     tower, frames = siglip(), video(8)
     with attach_cacher(tower, CacherConfig(cache_interval=4, reuse_ratio=0.75)) as cacher:
