@@ -25,6 +25,7 @@ Kept tokens stay in spatial order and their indices are returned. The budget is 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -70,10 +71,12 @@ class PrunerConfig:
                 "give one token budget: keep_ratio (e.g. 0.25) or tokens_per_frame (e.g. 49), not both; "
                 f"got keep_ratio={self.keep_ratio!r}, tokens_per_frame={self.tokens_per_frame!r}"
             )
-        if self.keep_ratio is not None and not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
+        if self.keep_ratio is not None and not (
+            isinstance(self.keep_ratio, numbers.Real) and not isinstance(self.keep_ratio, bool) and 0 < self.keep_ratio <= 1
+        ):
             raise ValueError(f"keep_ratio must be in (0, 1] (1 - R_Pruner), got {self.keep_ratio!r}")
         if self.tokens_per_frame is not None and (
-            isinstance(self.tokens_per_frame, bool) or not isinstance(self.tokens_per_frame, int) or self.tokens_per_frame < 1
+            isinstance(self.tokens_per_frame, bool) or not isinstance(self.tokens_per_frame, numbers.Integral) or self.tokens_per_frame < 1
         ):
             raise ValueError(f"tokens_per_frame must be an integer >= 1, got {self.tokens_per_frame!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -96,7 +99,7 @@ class PrunerState:
 
     window: int
     frame_means: deque = field(default=None)  # dual_anchor: the last W spatial anchors, [dim] each
-    chunk_means: list = field(default_factory=list)  # gaussian: every chunk mean so far, [dim'] each
+    chunk_means: list = field(default_factory=list)  # gaussian: every frame's mean so far (a one-frame chunk), [dim'] each
 
     def __post_init__(self):
         if self.frame_means is None:
@@ -234,13 +237,16 @@ class Pruner:
         return torch.stack(picks)
 
     def _select_gaussian(self, tokens, state, k):
-        f, n, d = tokens.shape
-        flat = tokens.reshape(f * n, d)
-        channels = lowest_variance_channels(flat, self.config.channel_fraction)
-        feats = tokens.float()[..., channels]
-        state.chunk_means.append(feats.mean(dim=(0, 1)).detach())
-        memory = nn.functional.normalize(torch.stack(state.chunk_means).mean(0), dim=-1)
-        normed = nn.functional.normalize(feats, dim=-1)
-        frame_anchor = normed.mean(dim=1, keepdim=True)
-        scores = gaussian_kernel(normed, memory.view(1, 1, -1)) + gaussian_kernel(normed, frame_anchor)
-        return _top_sorted(scores, k, largest=False)
+        # One frame at a time, as the public code's one-frame encode chunks (ReKV's protocol): the channels
+        # and the memory come from this frame and the ones before it, never from later frames of a push.
+        picks = []
+        for frame in tokens:
+            channels = lowest_variance_channels(frame, self.config.channel_fraction)
+            feats = frame.float()[:, channels]
+            state.chunk_means.append(feats.mean(dim=0).detach())
+            memory = nn.functional.normalize(torch.stack(state.chunk_means).mean(0), dim=-1)
+            normed = nn.functional.normalize(feats, dim=-1)
+            frame_anchor = normed.mean(dim=0, keepdim=True)
+            scores = gaussian_kernel(normed, memory.view(1, -1)) + gaussian_kernel(normed, frame_anchor)
+            picks.append(_top_sorted(scores, k, largest=False))
+        return torch.stack(picks)

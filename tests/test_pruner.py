@@ -27,9 +27,10 @@ def np_dual_anchor(frames, k, alpha, window):
 
 
 def np_gaussian(chunks, k, fraction=0.5):
-    """chunks: list of [F, N, D] arrays. Returns kept indices per frame."""
+    """chunks: list of [F, N, D] arrays. Returns kept indices per frame. Each frame is its own encode
+    chunk (ReKV's one frame per chunk), however the frames were pushed: nothing looks at a later frame."""
     memory, out = [], []
-    for c in chunks:
+    for c in (frame[None] for chunk in chunks for frame in chunk):
         f, n, d = c.shape
         var = c.reshape(f * n, d).var(axis=0)
         ch = np.argsort(var, kind="stable")[: int(d * fraction)]
@@ -136,6 +137,20 @@ def test_gaussian_matches_numpy():
 
 
 @pytest.mark.parametrize("strategy", ["dual_anchor", "gaussian"])
+def test_causal_whatever_the_push_size(strategy):
+    """Frames pushed together keep what they keep pushed one by one, and later frames change nothing before them."""
+    pruner = Pruner(PrunerConfig(strategy=strategy, tokens_per_frame=15))
+    frames = torch.tensor(np.random.default_rng(2).normal(size=(6, 49, 24)))
+    together = pruner.select(frames, pruner.new_state())
+    state = pruner.new_state()
+    one_by_one = torch.cat([pruner.select(frames[i : i + 1], state) for i in range(6)])
+    assert torch.equal(together, one_by_one)
+    changed = frames.clone()
+    changed[3:] = torch.randn(3, 49, 24, dtype=changed.dtype)
+    assert torch.equal(pruner.select(changed, pruner.new_state())[:3], together[:3])
+
+
+@pytest.mark.parametrize("strategy", ["dual_anchor", "gaussian"])
 @pytest.mark.parametrize("budget, k", [(dict(keep_ratio=0.25), 49), (dict(keep_ratio=0.3), 58), (dict(tokens_per_frame=64), 64)])
 def test_exact_k_and_spatial_order(strategy, budget, k):
     pruner = Pruner(PrunerConfig(strategy=strategy, **budget))
@@ -194,6 +209,7 @@ def test_implements_frame_compressor():
         (dict(strategy="topk"), "strategy must be one of"),
         (dict(keep_ratio=0.0), "keep_ratio must be in"),
         (dict(keep_ratio=1.5), "keep_ratio must be in"),
+        (dict(keep_ratio=True), "keep_ratio must be in"),
         (dict(keep_ratio=0.5, tokens_per_frame=10), "not both"),
         (dict(tokens_per_frame=0), "tokens_per_frame"),
         (dict(tokens_per_frame=2.5), "tokens_per_frame"),
