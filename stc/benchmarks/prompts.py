@@ -96,7 +96,10 @@ def parse_mc(response: str) -> str:
 
 
 def parse_yesno(response: str) -> str:
-    """OVO-Bench's rule -> "Yes", "No" or "" (neither, or both words present)."""
+    """The answer a yes/no response gives, for the results' `parsed` field: "Y"/"N" exactly, else the one of
+    "Yes" and "No" it contains; "" where it contains neither or both. Scoring does not read this: it applies
+    OVO-Bench's rule (`stc.benchmarks.scoring.is_correct`), under which a response containing both words
+    counts as correct for either answer."""
     text = response.strip()
     if text == "Y":
         return "Yes"

@@ -191,6 +191,8 @@ class MC:
 
 def _choice(rng: np.random.Generator, question: str, correct: str, distractors: list[str], n_options: int) -> MC:
     pool = [d for d in dict.fromkeys(distractors) if d != correct]
+    if len(pool) < n_options - 1:
+        raise ValueError(f"{question!r}: {len(pool)} distinct distractors for {n_options} options")
     picked = [pool[i] for i in rng.permutation(len(pool))[: n_options - 1]]
     options = [correct, *picked]
     order = rng.permutation(len(options))
@@ -202,8 +204,11 @@ def _colour_distractors(correct: str) -> list[str]:
     return [c for c in COLOUR_NAMES if c != correct]
 
 
-def _numbers_near(value: int, low: int = 0) -> list[str]:
-    return [str(v) for v in range(max(low, value - 3), value + 4) if v != value]
+def _numbers_near(value: int, low: int = 0, count: int = 6) -> list[str]:
+    """The `count` integers >= low nearest to value (value excluded), as text: enough for any option count."""
+    near = sorted((v for v in range(max(low, value - count), value + count + 1) if v != value),
+                  key=lambda v: (abs(v - value), v))  # fmt: skip
+    return [str(v) for v in near[:count]]
 
 
 def _segment_mid(segment: Segment) -> int:
@@ -228,10 +233,17 @@ def t_number_now(script: Script, rng, n: int):
 
 
 def t_side_now(script: Script, rng, n: int):
+    """n options (at most 4): the square is always in exactly one of the left and right halves."""
     segment = script.segments[int(rng.integers(len(script.segments)))]
     q = _choice(rng, "In which half of the frame is the square right now?", f"the {segment.side} half",
-                ["the left half", "the right half"], 2)  # fmt: skip
+                ["the left half", "the right half", "in neither half: it is not in the frame",
+                 "in both halves at once"], min(n, 4))  # fmt: skip
     return q, _segment_mid(segment)
+
+
+def t_side_now_two(script: Script, rng, n: int):
+    """t_side_now with its two real answers only (OVO-Bench has questions of two options)."""
+    return t_side_now(script, rng, 2)
 
 
 def t_direction_now(script: Script, rng, n: int):
@@ -301,6 +313,11 @@ def t_order(script: Script, rng, n: int):
     correct = " -> ".join(colours)
     distractors = [" -> ".join(colours[i] for i in rng.permutation(len(colours))) for _ in range(12)]
     distractors += [" -> ".join(reversed(colours))]
+    # with few segments there are few orders: also sequences where one colour is swapped for one never shown
+    unseen = [c for c in COLOUR_NAMES if c not in colours]
+    for i in rng.permutation(len(colours)):
+        for other in unseen[:2]:
+            distractors.append(" -> ".join(other if j == i else c for j, c in enumerate(colours)))
     return _choice(rng, "In which order did the square take its colours?", correct, distractors, n), None
 
 
@@ -390,7 +407,7 @@ def _write_streamingbench(folder: Path, rng, n_videos: int, make: Callable[[Path
 
 
 OVO_MC_TEMPLATES = (
-    ("OCR", t_number_now), ("ACR", t_direction_now), ("ATR", t_colour_now), ("STU", t_side_now),
+    ("OCR", t_number_now), ("ACR", t_direction_now), ("ATR", t_colour_now), ("STU", t_side_now_two),
     ("FPD", t_next_move), ("OJR", t_object_now),
     ("EPM", t_first_colour), ("ASI", t_previous_colour), ("HLD", t_absent_object),
 )  # fmt: skip

@@ -64,6 +64,27 @@ def test_every_loader_reads_the_suite_and_every_video_decodes(suite):
     assert {q.kind for q in ovo} == {"mc", "yesno", "count"}
 
 
+# The option counts of the real schemas (docs/benchmarks.md): OVO-Bench has 2 to 5.
+OPTION_COUNTS = {"streamingbench": {4}, "egoschema": {5}, "mlvu": {4}, "videomme": {4}, "ovobench": {2, 3, 4, 5}}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_COUNTS))
+def test_option_counts_follow_the_real_schemas(name, tmp_path):
+    """Over many seeds (annotations only: scripts without their videos), every multiple-choice question has
+    the option count of the benchmark's real schema, with distinct options and the gold among them."""
+    from stc.benchmarks.synthetic import _WRITERS, _rng
+
+    seen = set()
+    for seed in range(20):
+        rng = _rng(seed, name)
+        path = _WRITERS[name](tmp_path / f"{seed}", rng, 12, lambda _path: make_script(rng, 16, 4, 64))
+        for q in load_benchmark(name, path):
+            if q.kind == "mc":
+                seen.add(len(q.options))
+                assert len(set(q.options)) == len(q.options), q
+    assert seen <= OPTION_COUNTS[name] and seen
+
+
 def test_same_seed_same_suite_other_seed_other_suite(suite, tmp_path):
     _, annotations = suite
     again = make_synthetic_suite(tmp_path / "again", seed=0, n_videos=N_VIDEOS, duration_s=16,
