@@ -187,6 +187,15 @@ def main(argv=None):
         get_method(name)
 
     device = torch.device(args.device)
+    if device.type != "cuda":  # fail before anything is measured or written (--out may be a committed GPU result)
+        gpu_only = [flag for flag, on in (("--graphs", args.graphs), ("--stream-batches", bool(args.stream_batches))) if on]
+        if gpu_only:
+            p.error(f"{' and '.join(gpu_only)} need a CUDA device, got --device {args.device}")
+        if args.vit_only and args.skip_eager_vit:
+            p.error(f"nothing to measure on {args.device}: the graph-captured ViT needs a CUDA device and "
+                    "--skip-eager-vit skips the eager one")
+        if not args.skip_graphed_vit:
+            print(f"note: the graph-captured ViT needs a CUDA device; on {args.device} only the eager parts run", flush=True)
     if args.vit_only:  # only the vision tower: the 7B's fp32 CPU copy would not fit a small machine
         from transformers import SiglipVisionModel
 

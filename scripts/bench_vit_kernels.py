@@ -524,6 +524,8 @@ def main(argv=None):
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this script times CUDA-graph replays: it needs a CUDA GPU, and none is visible here")
     rows = llm_mlp_rows(args.llm_rows, names=args.llm_variants) if args.llm_rows else []
     shapes = [tuple(int(v) for v in t.split(",")) for t in args.window_shapes] if args.window_shapes else None
     rows += window_attention_rows(sweep=args.window_sweep, shapes=shapes) if args.window_attention else []

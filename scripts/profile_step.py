@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--prefill-batch", type=int, default=0,
                    help="profile one StreamBatch prefill step of this many streams (after --frames frames) instead")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this script profiles CUDA kernels: it needs a CUDA GPU, and none is visible here")
     if args.vit_batch:
         return profile_vit(args)
     if args.prefill_batch:

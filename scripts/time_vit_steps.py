@@ -30,6 +30,8 @@ def main(argv=None):
     p.add_argument("--arch", default="llava-ov-7b")
     p.add_argument("--frames", type=int, default=32)
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this script times graph replays: it needs a CUDA GPU, and none is visible here")
     b, n = args.batch, args.frames
     with torch.device("cuda"):
         tower = SiglipVisionModel(architecture_config(args.arch).vision_config).to(torch.bfloat16).eval()
