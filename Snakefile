@@ -3,7 +3,7 @@
 #
 #   snakemake all --cores 2 --configfile config/tiny.yaml    # offline, CPU, minutes ("tiny profile - not paper numbers")
 #   snakemake all --cores 8 --resources gpu=1                 # the paper profile on one local GPU
-#   snakemake all --cores 32 --resources gpu=8                # on 8 local GPUs, a GPU per job (stc.gpus)
+#   snakemake all --cores 64 --resources gpu=8                # on 8 local GPUs, a GPU per job (stc.gpus), 8 threads each
 #   snakemake all --profile profiles/slurm                    # the paper profile on a SLURM cluster
 #   snakemake all --cores 1 --config compute=false            # tables and figures from committed results/
 #

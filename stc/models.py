@@ -9,7 +9,7 @@ Nothing here needs the network except `download_checkpoint` / `load_model` of a 
     pixels = preprocess_frames(processor, frames)                # [F, H, W, 3] uint8 -> [F, 3, S, S]
 
 Command line:
-    python -m stc.models download llava-hf/llava-onevision-qwen2-7b-ov-hf [--cache-dir DIR]
+    python -m stc.models download llava-hf/llava-onevision-qwen2-7b-ov-hf [--cache-dir DIR]   # default data/models/hf
     python -m stc.models save-tiny PATH [--seed N]
 """
 
@@ -45,6 +45,8 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+from stc.paths import Paths
 
 __all__ = [
     "ARCHITECTURES",
@@ -688,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="download a hub checkpoint into the cache (resumable)")
     download.add_argument("name", help=f"hub id, e.g. {next(iter(KNOWN_CHECKPOINTS))}")
-    download.add_argument("--cache-dir", default=None, help="cache folder (default: the Hugging Face cache)")
+    download.add_argument("--cache-dir", default=None,
+                          help="cache folder (default: data/models/hf under STC_ROOT or the repository, where the workflow looks)")
     save_tiny = commands.add_parser("save-tiny", help="save the offline tiny checkpoint to a folder")
     save_tiny.add_argument("path")
     save_tiny.add_argument("--seed", type=int, default=0)
@@ -698,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         if not _looks_like_hub_id(args.name):
             parser.error(f"{args.name!r} is not a hub id 'owner/name'; known: {', '.join(KNOWN_CHECKPOINTS)}")
         try:
-            folder = download_checkpoint(args.name, cache_dir=args.cache_dir)
+            cache_dir = args.cache_dir if args.cache_dir is not None else Paths().hf_cache
+            folder = download_checkpoint(args.name, cache_dir=cache_dir)
         except ModelUnavailableError as error:
             print(error, file=sys.stderr)
             return 1

@@ -90,6 +90,11 @@ class Paths:
         return self.data / "models"
 
     @property
+    def hf_cache(self) -> Path:
+        """Where hub checkpoints are downloaded and looked for (the workflow's model cache)."""
+        return self.models / "hf"
+
+    @property
     def benchmarks(self) -> Path:
         return self.data / "benchmarks"
 

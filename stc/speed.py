@@ -341,7 +341,9 @@ _VIT_NOTE = (
 
 def report(speed: Speed) -> str:
     """The tables of each GPU measured (the newest first), its targets last, as one Markdown document."""
-    parts = ["# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n"]
+    parts = ["# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
+             "GPU measurements committed under `results/latency/`, the same in every profile: the tiny profile "
+             "renders them and measures nothing here.\n"]
     if speed.empty:
         return "\n".join(parts + ["Measured: nothing yet.\n", "(no measurements)\n"])
     parts.append(_VIT_NOTE)

@@ -316,6 +316,22 @@ def test_cli_download_offline_fails_with_the_fetch_command(tmp_path):
     assert f"hf download {HUB_05B}" in result.stderr and "1.8 GB" in result.stderr
 
 
+def test_cli_download_defaults_to_the_workflows_cache(tmp_path, monkeypatch, capsys):
+    """Without --cache-dir the checkpoint goes to data/models/hf under STC_ROOT, where the workflow looks."""
+    seen = {}
+
+    def fake_download(name, *, cache_dir=None):
+        seen.update(name=name, cache_dir=Path(cache_dir))
+        return tmp_path / "snapshot"
+
+    monkeypatch.setenv("STC_ROOT", str(tmp_path))
+    monkeypatch.setattr(models, "download_checkpoint", fake_download)
+    assert models.main(["download", HUB_05B]) == 0
+    assert seen == {"name": HUB_05B, "cache_dir": tmp_path / "data" / "models" / "hf"}
+    assert models.main(["download", HUB_05B, "--cache-dir", str(tmp_path / "elsewhere")]) == 0
+    assert seen["cache_dir"] == tmp_path / "elsewhere"
+
+
 def test_cli_save_tiny(tmp_path, capsys):
     assert models.main(["save-tiny", str(tmp_path / "ckpt"), "--seed", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt")
