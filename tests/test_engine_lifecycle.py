@@ -99,3 +99,90 @@ def test_config_refuses_bools(field):
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: True})
     EngineConfig(**{field: np.int64(3)})
+
+
+# ---------------------------------------------------------------- the sliding window's keys
+
+
+def rotated(model, keys, delta):
+    """RoPE by `delta` positions per token (keys [..., n, d]), in float32 and rounded once: the reference."""
+    from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+    x = keys.float()
+    cos, sin = model.model.language_model.rotary_emb(x, delta[None])
+    return (x * cos[0] + rotate_half(x) * sin[0]).to(keys.dtype)
+
+
+def window_from_blocks(model, stream, n_init, kept):
+    """The window a slide should leave: the last `kept` block tokens, each rotated once from its block's
+    position to its contiguous place after the init tokens; values as written."""
+    keys = torch.cat([b.kv[:, 0] for b in stream.blocks], dim=-2)[..., -kept:, :]
+    values = torch.cat([b.kv[:, 1] for b in stream.blocks], dim=-2)[..., -kept:, :]
+    old = torch.cat([torch.arange(b.start, b.start + b.length) for b in stream.blocks])[-kept:]
+    return rotated(model, keys, torch.arange(n_init, n_init + kept) - old), values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs):
+    """After 12 frames of 16 tokens in a window of 40 (9 slides), every kept key equals its block's key rotated once to its
+    new position, bit for bit: re-rotating the window's own copy at each slide would round it again each time."""
+    model, proc = tiny
+    model.to(dtype)
+    try:
+        with StreamingEngine(model, proc, EngineConfig(n_local=40, cuda_graphs=graphs)) as engine:
+            stream = engine.open_stream()
+            video = frames(12, seed=3)
+            for f in range(12):
+                stream.push_frames(video[f : f + 1])
+            w, n_init = stream._window, stream._n_init
+            kept = w.length - n_init
+            assert kept == 40 + 16  # n_local, and the last frame pushed after the slide
+            keys, values = window_from_blocks(model, stream, n_init, kept)
+            assert torch.equal(w.buf[:, 0, :, n_init : w.length], keys)
+            assert torch.equal(w.buf[:, 1, :, n_init : w.length], values)
+    finally:
+        model.float()
+
+
+def test_batch_windows_slide_like_single_streams(tiny):
+    model, proc = tiny
+    with StreamingEngine(model, proc, EngineConfig(n_local=40, cuda_graphs=True)) as engine:
+        batch = engine.open_batch(2)
+        videos = [frames(12, seed=4), frames(12, seed=5)]
+        for f in range(12):
+            batch.push_frames(np.stack([v[f] for v in videos]))
+        for i, stream in enumerate(batch.streams):
+            w, n_init = batch._window, stream._n_init
+            kept = w.length - n_init
+            keys, values = window_from_blocks(model, stream, n_init, kept)
+            assert torch.equal(w.buf[:, 0, i, :, n_init : w.length], keys)
+            assert torch.equal(w.buf[:, 1, i, :, n_init : w.length], values)
+
+
+def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny):
+    """Rows whose block is not on the window's device (here: on the meta device) are rotated from the window's
+    copy by the tokens dropped; the others from their blocks."""
+    from stc.engine import Block, _KV
+
+    model, proc = tiny
+    with StreamingEngine(model, proc, EngineConfig(n_local=6)) as engine:
+        layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
+        g = torch.Generator().manual_seed(0)
+        blocks = [Block(frame=i, time=None, start=n_init + 4 * i, kv=torch.randn(layers, 2, kvh, 4, d, generator=g),
+                        mean_key=torch.zeros(layers, kvh, d)) for i in range(3)]  # fmt: skip
+        window = _KV(torch.randn(layers, 2, kvh, n_init + 12, d, generator=g), n_init + 12)
+        window.buf[..., n_init:, :] = torch.cat([b.kv for b in blocks], dim=-2)
+        before = window.buf.clone()
+        blocks[1].kv = blocks[1].kv.to("meta")  # "in CPU memory": not where the window is
+        engine._slide_window(window, n_init, 4, [blocks])
+        drop = 6
+        assert window.length == n_init + 6
+        got = window.buf[:, 0, :, n_init : n_init + 6]
+        # the kept tokens: the last 2 of block 1 (from the window, by -drop), then block 2 (from its block)
+        torch.testing.assert_close(got[..., :2, :], rotated(model, before[:, 0, :, n_init + 6 : n_init + 8], torch.full((2,), -drop)),
+                                   rtol=0, atol=0)  # fmt: skip
+        torch.testing.assert_close(got[..., 2:, :], rotated(model, blocks[2].kv[:, 0], torch.full((4,), n_init + 2 - blocks[2].start)),
+                                   rtol=0, atol=0)  # fmt: skip
+        assert torch.equal(window.buf[:, 1, :, n_init : n_init + 6], before[:, 1, :, n_init + 6 : n_init + 12])
+        assert torch.equal(window.buf[..., :n_init, :], before[..., :n_init, :])
