@@ -55,6 +55,21 @@ def test_frame_similarity_offline_versus_online(tiny):
     assert 8 <= result["offline_frames"] <= 10  # ~8 spread over the 5.28 s clip (ReKV's integer frame step)
     assert len(result["offline"]) == len(result["online"]) == len(result["layers"]) == 3
     assert all(-1.0 <= v <= 1.0 for v in result["offline"] + result["online"])
+    # brute force on the same frames: ReKV's sampling (every int(round(fps) / rate)-th frame of the
+    # 132 frames at 25 fps), then the mean over adjacent pairs and positions of the per-token cosine
+    clip = load_video(video, 0.5)
+    assert (clip.fps, clip.duration) == (25.0, 5.28)
+    for key, rate, step in (("offline", 8 / 5.28, 16), ("online", 0.5, 50)):
+        sampled = load_video(video, rate)
+        np.testing.assert_allclose(sampled.timestamps, np.arange(0, 132, step) / 25.0)
+        assert result[f"{key}_frames"] == len(sampled.frames)
+        assert result[f"{key}_gap_s"] == pytest.approx(step / 25.0)
+        with torch.no_grad():
+            hidden = model.model.vision_tower(preprocess_frames(processor, sampled.frames), output_hidden_states=True).hidden_states
+        want = [np.mean([torch.nn.functional.cosine_similarity(h[t + 1], h[t], dim=-1).mean().item()
+                         for t in range(len(sampled.frames) - 1)]) for h in hidden]  # fmt: skip
+        np.testing.assert_allclose(result[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert result["layers"] == [0, 1, 2]
 
 
 def test_token_maps_show_reference_frames_and_budgets(tiny):

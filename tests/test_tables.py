@@ -128,6 +128,13 @@ def _summary(overall, per_task=None, per_group=None):
 
 
 OVO_TASKS = ["OCR", "ACR", "ATR", "STU", "FPD", "OJR", "EPM", "ASI", "HLD", "REC", "SSR", "CRR"]
+OVO_GROUP_OF = {"RT-Avg": "real-time", "BT-Avg": "backward", "FAR-Avg": "forward"}
+# Table 2's columns (paper.md) and StreamingBench's task_type values (benchmarks.md)
+SB_TASKS = {"CS": "Clips Summarize", "OP": "Object Perception", "ATP": "Attribute Perception",
+            "PR": "Prospective Reasoning", "ACP": "Action Perception", "SU": "Spatial Understanding",
+            "EU": "Event Understanding", "CT": "Counting", "TR": "Text-Rich Understanding", "CR": "Causal Reasoning"}  # fmt: skip
+# a distinct score per task (Counting 25.0)
+SB_SCORES = {task: 25.0 if task == "Counting" else 20.0 + 1.5 * i for i, task in enumerate(SB_TASKS.values())}
 
 
 @pytest.fixture
@@ -141,16 +148,19 @@ def scores():
         ("egoschema", "baseline"): {"status": "ok", "summary": _summary(50.0)},
         ("mlvu", "baseline"): {"status": "ok", "summary": _summary(60.0)},
         ("videomme", "baseline"): {"status": "ok", "summary": _summary(70.0, per_group={"short": 80.0, "medium": 60.0})},
-        ("streamingbench", "baseline"): {"status": "ok", "summary": _summary(33.0, {"Counting": 25.0})},
+        ("streamingbench", "baseline"): {"status": "ok", "summary": _summary(33.0, dict(SB_SCORES))},
         ("ovobench", "visionzip"): {"status": "unavailable", "reason": "no compressor 'visionzip'", "summary": None},
     }
 
 
 @pytest.fixture
 def latency():
+    # the 32-frame row first: a lookup must pick the 16-frame one, not the first of the method
     return pd.DataFrame([
-        {"method": "baseline", "frames": 16, "vit_ms_per_frame": 5.0, "prefill_ms_per_frame": 20.0},
         {"method": "baseline", "frames": 32, "vit_ms_per_frame": 9.0, "prefill_ms_per_frame": 99.0},
+        {"method": "baseline", "frames": 16, "vit_ms_per_frame": 5.0, "prefill_ms_per_frame": 20.0},
+        {"method": "cacher+pruner", "frames": 64, "vit_ms_per_frame": 1.0, "prefill_ms_per_frame": 2.0},
+        {"method": "cacher+pruner", "frames": 16, "vit_ms_per_frame": 3.0, "prefill_ms_per_frame": 7.0},
     ])  # fmt: skip
 
 
@@ -170,6 +180,15 @@ def test_table1_ours_paper_and_difference(scores, latency):
         assert t.xs(source, axis=1, level="source").shape == (len(TABLE_SPECS["table1"].rows), 18)
     paper, ours, diff = (t.xs(s, axis=1, level="source") for s in ("paper", "tiny", "diff"))
     pd.testing.assert_frame_equal(diff, ours - paper)
+    # every OVO-Bench column of the ReKV row: its task, its group, Overall
+    for i, task in enumerate(OVO_TASKS):
+        assert t.loc["ReKV", (task, "tiny")] == 10.0 + i, task
+    for column, group in OVO_GROUP_OF.items():
+        assert t.loc["ReKV", (column, "tiny")] == {"real-time": 12.5, "backward": 17.0, "forward": 20.0}[group], column
+    assert t.loc["ReKV", ("Overall", "tiny")] == 49.5
+    # latency at 16 frames, not at 32 or 64 (listed first)
+    assert (t.loc["ReKV", ("Prefill", "tiny")], t.loc["ReKV +STC-Cacher & Pruner", ("ViT", "tiny")]) == (320.0, 48.0)
+    assert t.loc["ReKV +STC-Cacher & Pruner", ("Prefill", "tiny")] == 112.0
 
 
 def test_missing_rows_stay_missing_and_say_why(scores, latency):
@@ -191,6 +210,11 @@ def test_table3_average_and_ablation_columns(scores, latency):
     assert t3.loc["ReKV", ("VideoMME Medium", "ours")] == 60.0
     assert t3.loc["ReKV", ("Average", "ours")] == pytest.approx((50.0 + 60.0 + 70.0) / 3)
     assert math.isnan(t3.loc["ReKV", ("VideoMME Long", "ours")])
+    # the Average needs all three benchmarks: without MLVU it is missing, not the mean of the other two
+    no_mlvu = {k: v for k, v in scores.items() if k != ("mlvu", "baseline")}
+    t3 = tables.build_table("table3", no_mlvu, latency)
+    assert math.isnan(t3.loc["ReKV", ("MLVU-dev", "ours")]) and t3.loc["ReKV", ("EgoSchema", "ours")] == 50.0
+    assert math.isnan(t3.loc["ReKV", ("Average", "ours")]) and math.isnan(t3.loc["ReKV", ("Average", "diff")])
     # Table 4's attn+MLP (R 75%) has the settings of "cacher": its results are reused, not rerun
     t4 = tables.build_table("table4", scores, latency)
     assert t4.loc["ReKV attn+MLP (R 75%)", ("STU", "ours")] == 60.0
@@ -198,6 +222,9 @@ def test_table3_average_and_ablation_columns(scores, latency):
     t8 = tables.build_table("table8", scores, latency)
     assert t8.loc["ReKV N = 4", ("Avg", "ours")] == pytest.approx(30.0)
     assert t8.loc["ReKV N = 4", ("Avg", "diff")] == pytest.approx(30.0 - 39.9)
+    # likewise an ablation's Avg lacks a part: missing
+    no_rec = {**scores, ("ovobench", "cacher"): {"status": "ok", "summary": _summary(40.0, {"EPM": 30.0, "STU": 60.0})}}
+    assert math.isnan(tables.build_table("table8", no_rec, latency).loc["ReKV N = 4", ("Avg", "ours")])
 
 
 def test_markdown_and_csv(tmp_path, scores, latency):
@@ -211,6 +238,16 @@ def test_markdown_and_csv(tmp_path, scores, latency):
     assert len(long) == len(TABLE_SPECS["table2"].rows) * len(PAPER_TABLES["table2"].columns)
     hit = long[(long["row"] == "ReKV") & (long["metric"] == "CT")].iloc[0]
     assert (hit["paper"], hit["ours"], hit["diff"]) == (43.6, 25.0, pytest.approx(-18.6))
+    # every column of the ReKV row: each task's own score, the overall, the latency at 16 frames
+    rekv = long[long["row"] == "ReKV"].set_index("metric")
+    want = {**{column: SB_SCORES[task] for column, task in SB_TASKS.items()}, "Overall": 33.0, "ViT": 80.0, "Prefill": 320.0}
+    assert list(rekv.index) == list(PAPER_TABLES["table2"].columns)
+    assert rekv["ours"].to_dict() == want
+    paper = dict(zip(PAPER_TABLES["table2"].columns, PAPER_TABLES["table2"].row("ReKV").values))
+    assert rekv["diff"].to_dict() == pytest.approx({c: want[c] - paper[c] for c in want})
+    row = next(line for line in text.splitlines() if line.startswith("| ReKV | "))
+    cells = [c.strip() for c in row.split("|")[2:-2]]
+    assert cells == [f"{paper[c]:.1f} / {want[c]:.1f} ({want[c] - paper[c]:+.1f})" for c in PAPER_TABLES["table2"].columns]
 
 
 def test_load_scores_and_latency_formats(tmp_path):

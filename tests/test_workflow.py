@@ -72,6 +72,12 @@ def test_evaluations_run_each_setting_once():
     assert ("ovobench", "reuse-attn+mlp") not in pairs and ("ovobench", "cacher") in pairs
     assert ("egoschema", "reuse-attn") in pairs and ("streamingbench", "reuse-attn") not in pairs
     assert {e.shards for e in paper if e.benchmark == "ovobench"} == {8}
+    # Fig. 7 (selection metric against ToMe): settings no table has, each run on OVO-Bench only
+    for method in ("metric-l1", "metric-l2", "metric-dot"):
+        assert wf.canonical_method(method) == method
+        assert ("ovobench", method) in pairs, method
+        assert [b for b, m in pairs if m == method] == ["ovobench"], method
+    assert ("ovobench", "tome") in pairs and ("ovobench", "feature-hidden") in pairs and ("ovobench", "feature-value") in pairs
 
 
 # --------------------------------------------------------------------------------------------- shards

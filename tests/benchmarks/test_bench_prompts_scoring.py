@@ -75,6 +75,9 @@ def test_parse_answer_dispatches_on_kind():
         ("yesno", "No", "N", True),
         ("yesno", "No", "no", False),  # OVO matches case-sensitively
         ("yesno", "Yes", "Yes and No", True),  # OVO: the gold word appears
+        ("yesno", "Yes", "I think Yes", True),  # ... anywhere in the response, not only at its start
+        ("yesno", "No", "The answer is No.", True),
+        ("yesno", "No", "I think Yes", False),
         ("count", "12", "12", True),
         ("count", "2", "2 or 3", False),
         ("count", "0", "zero", False),
@@ -89,23 +92,57 @@ def row(qid, task, kind, answer, response, group=None, error=None):
             "error": error, "correct": None}  # fmt: skip
 
 
+# benchmarks.md: "Real-time: OCR, ACR, ATR, STU, FPD, OJR. Backward: EPM, ASI, HLD. Forward: REC, SSR, CRR."
+OVO_BENCHMARKS_MD = {
+    **{t: "real-time" for t in ("OCR", "ACR", "ATR", "STU", "FPD", "OJR")},
+    **{t: "backward" for t in ("EPM", "ASI", "HLD")},
+    **{t: "forward" for t in ("REC", "SSR", "CRR")},
+}
+
+
+def test_ovo_groups_are_benchmarks_md():
+    from stc.benchmarks.loaders import OVO_GROUPS
+
+    assert dict(OVO_GROUPS) == OVO_BENCHMARKS_MD
+
+
 def test_ovobench_score_by_hand():
     rows = [
         row("1", "OCR", "mc", "A", "A) x"),
         row("2", "OCR", "mc", "A", "B) y"),  # OCR 50
-        row("3", "ATR", "mc", "C", "C"),  # ATR 100 -> real-time 75
-        row("4", "EPM", "mc", "B", None, error="FileNotFoundError: gone"),  # EPM 0 -> backward 0
+        row("3", "ATR", "mc", "C", "C"),  # ATR 100
+        row("3a", "ACR", "mc", "B", "B"),  # ACR 100
+        row("3b", "STU", "mc", "D", "A"),  # STU 0
+        row("3c", "FPD", "mc", "A", "A"),
+        row("3d", "FPD", "mc", "A", "C"),
+        row("3e", "FPD", "mc", "A", "A"),
+        row("3f", "FPD", "mc", "A", "A"),  # FPD 75
+        row("3g", "OJR", "mc", "C", "C"),  # OJR 100 -> real-time (50 + 100 + 100 + 0 + 75 + 100) / 6 = 70.8
+        row("4", "EPM", "mc", "B", None, error="FileNotFoundError: gone"),  # EPM 0
+        row("4a", "ASI", "mc", "A", "A"),  # ASI 100
+        row("4b", "HLD", "mc", "B", "B"),
+        row("4c", "HLD", "mc", "B", "B"),
+        row("4d", "HLD", "mc", "B", "A"),
+        row("4e", "HLD", "mc", "B", "C"),  # HLD 50 -> backward (0 + 100 + 50) / 3 = 50
         row("5#0", "REC", "count", "3", "3 times"),  # REC 100
         row("6#0", "SSR", "yesno", "Yes", "Yes"),
         row("6#1", "SSR", "yesno", "No", "Yes"),  # SSR 50
         row("7#0", "CRR", "yesno", "No", "Y"),  # CRR 0 -> forward (100 + 50 + 0) / 3 = 50
     ]
     summary = score("ovobench", rows)
-    assert summary.per_task == {"ATR": 100.0, "CRR": 0.0, "EPM": 0.0, "OCR": 50.0, "REC": 100.0, "SSR": 50.0}
-    assert summary.per_group == {"real-time": 75.0, "backward": 0.0, "forward": 50.0}
-    assert summary.overall == pytest.approx((75 + 0 + 50) / 3)
-    assert (summary.n, summary.n_errors) == (8, 1)
-    assert summary.group_counts == {"real-time": 3, "backward": 1, "forward": 4}
+    assert summary.per_task == {"ACR": 100.0, "ASI": 100.0, "ATR": 100.0, "CRR": 0.0, "EPM": 0.0, "FPD": 75.0,
+                                "HLD": 50.0, "OCR": 50.0, "OJR": 100.0, "REC": 100.0, "SSR": 50.0, "STU": 0.0}  # fmt: skip
+    assert summary.per_group == {"real-time": pytest.approx(425 / 6), "backward": 50.0, "forward": 50.0}
+    assert list(summary.per_group) == ["real-time", "backward", "forward"]
+    assert summary.overall == pytest.approx((425 / 6 + 50 + 50) / 3)
+    assert (summary.n, summary.n_errors) == (20, 1)
+    assert summary.task_counts["FPD"] == summary.task_counts["HLD"] == 4
+    assert summary.group_counts == {"real-time": 10, "backward": 6, "forward": 4}
+    # a subset of the tasks: each group averages the tasks it has, Overall the groups present
+    partial = score("ovobench", [r for r in rows if r["task"] in ("OCR", "ATR", "EPM", "REC", "SSR", "CRR")])
+    assert partial.per_group == {"real-time": 75.0, "backward": 0.0, "forward": 50.0}
+    assert partial.overall == pytest.approx((75 + 0 + 50) / 3)
+    assert partial.group_counts == {"real-time": 3, "backward": 1, "forward": 4}
 
 
 def test_streamingbench_score_by_hand():
