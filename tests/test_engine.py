@@ -2,6 +2,7 @@
 
 import contextlib
 import inspect
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -123,61 +124,221 @@ def test_retrieval_keeping_every_frame_is_exact(tiny):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def brute_force_retrieval(model, processor, video, text, top_k):
-    """Per layer, top-k frames by <mean question query, mean frame key>, both from k_proj/q_proj outputs
-    (before RoPE) captured in plain HF forwards."""
-    tok = processor.tokenizer
-    inner = model.model
-    lm = inner.language_model
-    captured = {}
-
-    def hook(name, layer):
-        def fn(module, args, out):
-            captured[(name, layer)] = out[0].detach()
-        return fn
-
-    handles = []
-    for i, layer in enumerate(lm.layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(hook("k", i)))
-        handles.append(layer.self_attn.q_proj.register_forward_hook(hook("q", i)))
-    ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
-    init = lm.embed_tokens(ids(INIT_PROMPT))
-    n_init = init.shape[1]
-    with torch.no_grad():
-        feats = video_features(model, preprocess_frames(processor, video))
-        lm(inputs_embeds=torch.cat([init, feats], 1))
-        keys = {i: captured[("k", i)] for i in range(len(lm.layers))}
-        lm(inputs_embeds=torch.cat([init, lm.embed_tokens(ids(text))], 1))
-        queries = {i: captured[("q", i)] for i in range(len(lm.layers))}
-    for h in handles:
-        h.remove()
-    cfg = lm.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    groups = cfg.num_attention_heads // cfg.num_key_value_heads
-    per_frame = feats.shape[1] // len(video)
-    picks = []
-    for i in range(len(lm.layers)):
-        q = queries[i][n_init:].view(-1, cfg.num_attention_heads, hd).mean(0)  # [heads, d]
-        scores = []
-        for f in range(len(video)):
-            k = keys[i][n_init + f * per_frame : n_init + (f + 1) * per_frame].view(per_frame, -1, hd).mean(0)
-            scores.append(sum(float(q[h] @ k[h // groups]) for h in range(cfg.num_attention_heads)))
-        picks.append(sorted(np.argsort(scores)[::-1][:top_k].tolist()))
-    return picks
+def rope(x, pos, theta):
+    """RoPE written out here (Qwen2's default: half-split pairs, no scaling), independent of the model's
+    and the engine's code: x [..., n, d] rotated to positions pos [n] (float64 inside, x's dtype out)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv_freq[None]  # [n, d / 2]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    x1, x2 = x[..., : d // 2].double(), x[..., d // 2 :].double()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def test_retrieval_matches_brute_force(tiny):
+class Reference:
+    """Brute force through plain HF forwards of the model's decoder. Keys and values are captured at the
+    outputs of k_proj / v_proj (before RoPE) and queries at q_proj; a context is given to the decoder as
+    a transformers DynamicCache holding those keys rotated (by `rope` above) to positions 0..m-1.
+
+    `stream(video, n_local)` encodes a video the ReKV way, token by token of the definition: each frame
+    (16 tokens) attends to the init tokens plus the last n_local tokens before it, all at contiguous
+    positions. It returns the frames as dicts: start (first position), k and v before RoPE
+    [layers, kv_heads, 16, d], mean_key [layers, kv_heads, d]."""
+
+    def __init__(self, model, processor):
+        from transformers import DynamicCache
+
+        from stc.engine import cache_keyword
+
+        self.model, self.processor, self.tok = model, processor, processor.tokenizer
+        self.lm = lm = model.model.language_model
+        cfg = lm.config
+        self.layers, self.heads, self.kvh = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        params = getattr(cfg, "rope_parameters", None) or {}
+        self.theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+        assert params.get("rope_type", "default") == "default" and self.theta
+        self.cache_cls, self.cache_kw = DynamicCache, cache_keyword(lm)
+        self.eos = {i for i in (self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.eos_token_id) if isinstance(i, int) and i >= 0}
+        init = self.embed(INIT_PROMPT)
+        self.n_init = init.shape[1]
+        self.init_kv, _, _ = self.run(init, None)
+
+    def ids(self, text):
+        return self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+    def embed(self, text):
+        return self.lm.embed_tokens(self.ids(text))
+
+    @torch.no_grad()
+    def run(self, embeds, ctx):
+        """Decoder over embeds [1, n, D] after the context ctx ((k, v) before RoPE, [layers, kvh, m, d],
+        at positions 0..m-1; None: no context). Returns the new tokens' (k, v) before RoPE, their queries
+        before RoPE [layers, n, heads, d] and the last token's logits [vocab]."""
+        captured = {}
+        handles = []
+        for i, layer in enumerate(self.lm.layers):
+            for name in ("q", "k", "v"):
+                proj = getattr(layer.self_attn, f"{name}_proj")
+                handles.append(proj.register_forward_hook(
+                    lambda mod, args, out, key=(name, i): captured.__setitem__(key, out[0].detach().clone())))
+        m = 0 if ctx is None else ctx[0].shape[2]
+        n = embeds.shape[1]
+        kwargs = {}
+        if m:
+            cache = self.cache_cls()
+            pos = torch.arange(m)
+            for i in range(self.layers):
+                cache.update(rope(ctx[0][i], pos, self.theta)[None], ctx[1][i][None].clone(), i)
+            kwargs[self.cache_kw] = cache
+        try:
+            out = self.lm(inputs_embeds=embeds, position_ids=torch.arange(m, m + n)[None], **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        split = lambda name: torch.stack([captured[(name, i)].view(n, -1, self.d) for i in range(self.layers)])
+        k, v = split("k").transpose(1, 2), split("v").transpose(1, 2)  # [layers, kvh, n, d]
+        return (k, v), split("q"), self.model.lm_head(out.last_hidden_state[0, -1])
+
+    @staticmethod
+    def cat(*kvs):
+        return tuple(torch.cat([kv[j] for kv in kvs], dim=2) for j in (0, 1))
+
+    def frame_tokens(self, video):
+        """Per frame, its 16 pooled LLM tokens [1, 16, D] (the model's own get_video_features)."""
+        with torch.no_grad():
+            feats = video_features(self.model, preprocess_frames(self.processor, video))
+        return list(feats.split(feats.shape[1] // len(video), dim=1))
+
+    def stream(self, video, n_local=10**9):
+        blocks, window = [], None
+        for tokens in self.frame_tokens(video):
+            if window is not None and window[0].shape[2] > n_local:
+                window = tuple(x[:, :, x.shape[2] - n_local :] for x in window)
+            ctx = self.init_kv if window is None else self.cat(self.init_kv, window)
+            (k, v), _, _ = self.run(tokens, ctx)
+            blocks.append({"start": ctx[0].shape[2], "k": k, "v": v, "mean_key": k.mean(dim=2)})
+            window = (k, v) if window is None else self.cat(window, (k, v))
+        return blocks
+
+    def queries(self, text):
+        """Per layer, the text's mean query before RoPE (attending to the init tokens), summed over each
+        KV head's group of query heads: [layers, kvh, d]."""
+        _, q, _ = self.run(self.embed(text), self.init_kv)
+        return q.mean(dim=1).view(self.layers, self.kvh, self.heads // self.kvh, self.d).sum(dim=2)
+
+    def picks(self, text, blocks, top_k):
+        """Per layer, the top-k frames by <mean query, mean key> (a Python loop over heads), ascending."""
+        q = self.queries(text)
+        picks = []
+        for layer in range(self.layers):
+            scores = [sum(float(q[layer, h] @ b["mean_key"][layer, h]) for h in range(self.kvh)) for b in blocks]
+            picks.append(sorted(np.argsort(scores)[::-1][:top_k].tolist()))
+        return picks
+
+    def context(self, blocks, picks):
+        """Per layer, init + the picked frames' (k, v) before RoPE, one after another: [layers, kvh, m, d]."""
+        if picks is None:
+            picks = [list(range(len(blocks)))] * self.layers
+        per_layer = [self.cat(*[(b["k"][layer : layer + 1], b["v"][layer : layer + 1])
+                                for b in [blocks[i] for i in picks[layer]]]) for layer in range(self.layers)]
+        frames = tuple(torch.cat([kv[j] for kv in per_layer]) for j in (0, 1))
+        return self.cat(self.init_kv, frames)
+
+    def answer(self, blocks, picks, query, prefix="", max_new=16):
+        """Greedy answer over init + picked frames at contiguous positions: (first logits, token ids)."""
+        ctx = self.context(blocks, picks)
+        kv, _, logits = self.run(self.embed(QUESTION_TEMPLATE.format(query=query) + prefix), ctx)
+        first, tokens = logits, []
+        for step in range(max_new):
+            token = int(logits.argmax())
+            if token in self.eos:
+                break
+            tokens.append(token)
+            if step + 1 < max_new:
+                ctx = self.cat(ctx, kv)
+                kv, _, logits = self.run(self.lm.embed_tokens(torch.tensor([[token]])), ctx)
+        return first, tokens
+
+
+def assert_blocks_match(stream, blocks, theta):
+    """The engine's blocks against the reference's: start, keys after RoPE at their start, values, mean key."""
+    assert [b.start for b in stream.blocks] == [b["start"] for b in blocks]
+    for got, want in zip(stream.blocks, blocks):
+        pos = torch.arange(want["start"], want["start"] + want["k"].shape[2])
+        torch.testing.assert_close(got.kv[:, 0].cpu(), rope(want["k"], pos, theta), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got.kv[:, 1].cpu(), want["v"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got.mean_key.cpu(), want["mean_key"], atol=2e-5, rtol=1e-4)
+
+
+def spy(monkeypatch, obj, name):
+    """Record each call of obj.name (args, kwargs, result) in a list, calling through."""
+    calls = []
+    real = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return calls
+
+
+def test_retrieval_matches_brute_force(tiny, monkeypatch):
+    """Each block's mean key is the mean of its keys before RoPE (k_proj's outputs), the question's
+    queries are q_proj's (before RoPE, attending to init only), and the picks follow the retrieval text,
+    not the full question: both brute-forced through plain HF forwards."""
     model, proc = tiny
     video = frames(7, seed=3)
-    want = brute_force_retrieval(model, proc, video, QUESTION, top_k=3)
+    ref = Reference(model, proc)
+    blocks = ref.stream(video)
+    query = "Question: " + QUESTION + "\nOptions:\n(A) red\n(B) blue"
+    text = "Where is the ball?"
+    want, by_query = ref.picks(text, blocks, 3), ref.picks(query, blocks, 3)
+    assert want != by_query and all(len(p) == 3 for p in want)  # the picks tell the two texts apart
     with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3)) as engine:
         stream = engine.open_stream()
         stream.push_frames(video)
-        answer = stream.answer("Question: " + QUESTION + "\nOptions:\n(A) red\n(B) blue", retrieval_text=QUESTION)
+        assert_blocks_match(stream, blocks, ref.theta)
+        torch.testing.assert_close(torch.stack(stream._question_queries(text)).cpu(), ref.queries(text), atol=2e-5, rtol=1e-4)
+        asked = spy(monkeypatch, stream, "_question_queries")
+        answer = stream.answer(query, retrieval_text=text, max_new_tokens=3)
+        assert [args for args, _, _ in asked] == [(text,)]
+        plain = stream.answer(query, max_new_tokens=3)  # no retrieval text: the question itself
     assert answer.retrieved == want
-    assert len({tuple(p) for p in want}) >= 1 and all(len(p) == 3 for p in want)
-    n_init = proc.tokenizer(INIT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
-    assert answer.context_tokens == n_init + 3 * 16  # init + three retrieved frames of 16 tokens
+    assert plain.retrieved == by_query
+    assert answer.context_tokens == ref.n_init + 3 * 16  # init + three retrieved frames of 16 tokens
+    logits, tokens = ref.answer(blocks, want, query, max_new=3)
+    torch.testing.assert_close(answer.logits, logits, atol=1e-4, rtol=1e-4)
+    assert answer.token_ids == tokens
+
+
+def test_retrieved_blocks_move_to_contiguous_positions(tiny, monkeypatch):
+    """top_k < frames: the answer's context holds init, then each layer's retrieved blocks with their keys
+    rotated from where they were encoded to contiguous positions after init (exact to rounding), and
+    the answer equals a brute force over that context."""
+    model, proc = tiny
+    video = frames(6, seed=1)
+    ref = Reference(model, proc)
+    blocks = ref.stream(video)
+    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(video)
+        built = spy(monkeypatch, stream, "_context")
+        answer = stream.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=2)
+    (picks, _), _, kv = built[0]
+    assert [[stream.blocks[i].frame for i in p] for p in picks] == answer.retrieved == ref.picks(QUESTION, blocks, 2)
+    assert any(p != list(range(len(p))) for p in picks)  # some block really moves
+    budget = 2 * 16
+    ctx = ref.context(blocks, picks)
+    pos = torch.arange(ref.n_init + budget)
+    assert ctx[0].shape[2] == ref.n_init + budget and answer.context_tokens == ref.n_init + budget
+    torch.testing.assert_close(kv.buf[:, 0, :, : ref.n_init + budget], rope(ctx[0], pos, ref.theta), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(kv.buf[:, 1, :, : ref.n_init + budget], ctx[1], atol=2e-5, rtol=1e-4)
+    logits, tokens = ref.answer(blocks, picks, QUESTION, PREFIX, max_new=2)
+    torch.testing.assert_close(answer.logits, logits, atol=1e-4, rtol=1e-4)
+    assert answer.token_ids == tokens
 
 
 def test_retrieval_returns_a_planted_frame(tiny):
@@ -196,19 +357,57 @@ def test_retrieval_returns_a_planted_frame(tiny):
     assert not all(2 in p for p in picks_before)
 
 
+def full_forward_greedy(model, processor, video, query, prefix, max_new, eos):
+    """Greedy decoding by plain HF forwards over the whole sequence (no cache), one per new token."""
+    tok = processor.tokenizer
+    inner = model.model
+    emb = inner.language_model.embed_tokens
+    ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
+    tokens = []
+    with torch.no_grad():
+        feats = video_features(model, preprocess_frames(processor, video))
+        seq = torch.cat([emb(ids(INIT_PROMPT)), feats, emb(ids(QUESTION_TEMPLATE.format(query=query) + prefix))], dim=1)
+        for _ in range(max_new):
+            logits = model.lm_head(inner.language_model(inputs_embeds=seq).last_hidden_state[:, -1])[0]
+            token = int(logits.argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            seq = torch.cat([seq, emb(torch.tensor([[token]]))], dim=1)
+    return tokens
+
+
 def test_answer_path_gives_an_option_letter(tiny):
+    """The answer is greedy decoding: without retrieval its tokens (the first one the argmax of a full
+    forward's logits) equal greedy decoding by full forwards; with retrieval, a brute force over the
+    retrieved frames. ask() returns their text."""
     from stc.benchmarks.prompts import parse_answer
     from stc.benchmarks.records import Question
 
     model, proc = tiny
-    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=2)) as engine:
-        stream = engine.open_stream()
-        stream.push_frames(frames(4), [0, 2, 4, 6])
-        text = stream.ask("Question: what?\nOptions:\n(A) a\n(B) b\nOnly give the best option.", answer_prefix=PREFIX)
+    video = frames(4)
+    query = "Question: what?\nOptions:\n(A) a\n(B) b\nOnly give the best option."
+    ref = Reference(model, proc)
+    decode = lambda ids: proc.tokenizer.decode(ids, skip_special_tokens=True)
+    want_full = full_forward_greedy(model, proc, video, query, PREFIX, 16, ref.eos)
+    first = int(full_forward_logits(model, proc, video, query, PREFIX).argmax())
+    assert len(want_full) > 1 and want_full[0] == first
+    blocks = ref.stream(video)
+    _, want_retrieved = ref.answer(blocks, ref.picks(query, blocks, 2), query, PREFIX, max_new=16)
+    assert want_retrieved and want_retrieved != want_full
+    texts = []
+    for top_k, want in ((None, want_full), (2, want_retrieved)):
+        with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=top_k)) as engine:
+            stream = engine.open_stream()
+            stream.push_frames(video, [0, 2, 4, 6])
+            answer = stream.answer(query, answer_prefix=PREFIX)
+            text = stream.ask(query, answer_prefix=PREFIX)
+        assert answer.token_ids == want and int(answer.logits.argmax()) == want[0]
+        assert text == answer.text == decode(want)
+        texts.append(text)
     q = Question(benchmark="synthetic", qid="1", video="v.mp4", question="what?", options=("a", "b"), answer="A",
                  ask_time=6.0, task="t", kind="mc")
-    parsed = parse_answer(q, text)
-    assert isinstance(text, str) and isinstance(parsed, str)
+    assert all(isinstance(parse_answer(q, t), str) for t in texts)
 
 
 def test_stc_changes_vision_work_and_token_counts_as_configured(tiny):
@@ -273,23 +472,61 @@ def test_interleaved_streams_equal_separate_streams(tiny):
     torch.testing.assert_close(both[1], alone[1])
 
 
-def test_local_window_and_offload(tiny):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
+def test_local_window_and_offload(tiny, graphs, monkeypatch):
+    """Offloading blocks changes nothing; a narrow window (n_local = 40: 2.5 frames) drops its oldest tokens
+    and re-rotates the kept keys by -drop to follow the init tokens: every frame's KV and the answer equal
+    a brute force where each frame attends to init plus the last n_local tokens at contiguous positions."""
     model, proc = tiny
     video = frames(6)
-    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=1000)) as engine:
+    ref = Reference(model, proc)
+    cfg = EngineConfig(retrieve_top_k=3, n_local=1000, cuda_graphs=graphs)
+    with StreamingEngine(model, proc, cfg) as engine:
         s = engine.open_stream()
         s.push_frames(video)
         wide = s.answer(QUESTION, max_new_tokens=2)
-    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=1000, device_blocks=2)) as engine:
+    with StreamingEngine(model, proc, replace(cfg, device_blocks=2)) as engine:
         s = engine.open_stream()
         s.push_frames(video)
+        assert [b.kv.device.type for b in s.blocks] == ["cpu"] * 4 + [engine.device.type] * 2
         offloaded = s.answer(QUESTION, max_new_tokens=2)
     torch.testing.assert_close(offloaded.logits, wide.logits)
-    with StreamingEngine(model, proc, EngineConfig(retrieve_top_k=3, n_local=32)) as engine:
+    assert offloaded.token_ids == wide.token_ids and offloaded.retrieved == wide.retrieved
+
+    n_local = 40
+    blocks = ref.stream(video, n_local=n_local)
+    with StreamingEngine(model, proc, replace(cfg, n_local=n_local)) as engine:
+        slides = []
+        real = engine._slide_window
+
+        def slide(w, n_init, *args, **kwargs):
+            before = (w.buf[..., : w.length, :].clone(), w.length)
+            real(w, n_init, *args, **kwargs)
+            slides.append((before, (w.buf[..., : w.length, :].clone(), w.length), n_init))
+
+        monkeypatch.setattr(engine, "_slide_window", slide)
         s = engine.open_stream()
         s.push_frames(video)
         narrow = s.answer(QUESTION, max_new_tokens=2)
-        assert s._window.length - s._n_init <= 32 + 16
+        assert s._window.length == s._n_init + n_local + 16
+    dropped = 0
+    for (old, old_len), (new, new_len), n_init in slides:
+        drop = max(0, old_len - n_init - n_local)
+        assert new_len == old_len - drop and new_len <= n_init + n_local
+        torch.testing.assert_close(new[..., :n_init, :], old[..., :n_init, :], rtol=0, atol=0)  # init stays
+        kept = old[..., n_init + drop : old_len, :]
+        torch.testing.assert_close(new[:, 1, ..., n_init:, :], kept[:, 1], rtol=0, atol=0)  # values just move
+        back = rope(kept[:, 0], torch.full((kept.shape[-2],), -drop), ref.theta)
+        torch.testing.assert_close(new[:, 0, ..., n_init:, :], back, atol=2e-5, rtol=1e-4)
+        dropped += drop
+    assert dropped == 6 * 16 - n_local - 16  # the window slid: every token beyond the last n_local + one frame
+    assert_blocks_match(s, blocks, ref.theta)
+    assert [b["start"] for b in blocks] == [ref.n_init + x for x in (0, 16, 32, 40, 40, 40)]
+    picks = ref.picks(QUESTION, blocks, 3)
+    assert narrow.retrieved == picks
+    logits, tokens = ref.answer(blocks, picks, QUESTION, max_new=2)
+    torch.testing.assert_close(narrow.logits, logits, atol=1e-4, rtol=1e-4)
+    assert narrow.token_ids == tokens
     assert not torch.allclose(narrow.logits, wide.logits)  # frames saw less context
 
 
