@@ -10,13 +10,8 @@ import torch
 matplotlib.use("Agg")
 
 from stc import analysis, figures  # noqa: E402
-from stc.models import build_model, preprocess_frames  # noqa: E402
+from stc.models import preprocess_frames  # noqa: E402
 from stc.video import load_video  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_model("tiny", seed=0)
 
 
 def _frames(n, seed=0, size=64):

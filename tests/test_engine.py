@@ -17,11 +17,6 @@ QUESTION = "What colour is the square?"
 PREFIX = "Best option: ("
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return build_model("tiny", seed=0)
-
-
 def frames(n=6, seed=0, size=64):
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (size, size, 3))

@@ -7,23 +7,11 @@ import torch
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig, StreamingEngine
 from stc.methods import build_engine
-from stc.models import build_model, preprocess_frames
+from stc.models import preprocess_frames
 from stc.patching import encoder_layers, patch_owner
+from tests.test_engine import frames
 
 QUESTION = "What colour is the square?"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_model("tiny", seed=0)
-
-
-def frames(n=4, seed=0, size=64):
-    rng = np.random.default_rng(seed)
-    out = [rng.integers(0, 255, (size, size, 3))]
-    for _ in range(n - 1):
-        out.append(np.clip(out[-1] + rng.integers(-40, 40, (size, size, 3)), 0, 255))
-    return np.stack(out).astype(np.uint8)
 
 
 def vision_layers(model):

@@ -6,12 +6,6 @@ import numpy as np
 import pytest
 
 from stc.methods import METHODS, MethodUnavailable, build_engine, get_method
-from stc.models import build_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_model("tiny", seed=0)
 
 
 # The paper's setting of every named row, written out here from the paper's tables (not read from

@@ -32,11 +32,6 @@ HUB_05B = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_model("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()
 
