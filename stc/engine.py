@@ -665,7 +665,8 @@ class Stream:
         """Prefill one frame's visual tokens [n, D] as a new block."""
         e = self.engine
         n = tokens.shape[0]
-        self._ensure_window(n)
+        with self.timer.stage("window"):  # the window's slide, once it is full: part of a frame's prefill
+            self._ensure_window(n)
         w = self._window
         start = w.length
         if e.config.cuda_graphs:
@@ -988,7 +989,8 @@ class StreamBatch:
                         "run such a compressor on separate streams (engine.open_stream())")
                 tokens = torch.stack(kept)
         n = tokens.shape[1]
-        e._slide_window(w, self.streams[0]._n_init, n, [s.blocks for s in self.streams])
+        with self.timer.stage("window"):  # the windows' slide, once they are full: part of a step's prefill
+            e._slide_window(w, self.streams[0]._n_init, n, [s.blocks for s in self.streams])
         start = w.length
         with self.timer.stage("capture"):
             step = e._static_step(w, self._graphs, n, start, tokens.shape[2], self.size)

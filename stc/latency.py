@@ -164,7 +164,9 @@ def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, w
     out = {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens}
     for stage, key in (("vision", "vit_ms_per_frame"), ("projector", "projector_ms_per_frame"), ("prefill", "prefill_ms_per_frame")):
         skip = 1 if stage == "prefill" else 0  # the init prompt
-        out[key] = statistics.median([sum(t[stage][skip:]) / per for t in runs])
+        # a frame's prefill includes the window's slide before it (none until the window holds n_local tokens)
+        window = (lambda t: sum(t.get("window", []))) if stage == "prefill" else (lambda t: 0.0)
+        out[key] = statistics.median([(sum(t[stage][skip:]) + window(t)) / per for t in runs])
     return out
 
 
@@ -199,8 +201,8 @@ def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=
     out = {"method": method, "frames": n_frames, "repeats": repeats, "checkpoints": {}}
     for c in sorted({c for c in checkpoints if c <= n_frames} | {n_frames}):
         vit = [sum(t["vision"][:c]) / c for t, _ in runs]
-        # prefill entries: the init prompt first, then one per frame
-        pre = [sum(t["prefill"][1 : c + 1]) / c for t, _ in runs]
+        # prefill entries: the init prompt first, then one per frame; with each frame's window slide
+        pre = [(sum(t["prefill"][1 : c + 1]) + sum(t.get("window", [])[:c])) / c for t, _ in runs]
         proj = [sum(t["projector"][:c]) / c for t, _ in runs]
         out["checkpoints"][c] = {
             "vit_ms_per_frame": statistics.median(vit),

@@ -14,7 +14,8 @@ class StageTimer:
 
     Stages used by the streaming engine: "upload" (pixels to the device), "capture" (CUDA-graph
     capture, once per kind of step), "vision", "projector" (projector + pooling + compressor),
-    "prefill", "retrieval", "decode".
+    "window" (before each frame's prefill: the encoding window's slide, once it holds n_local
+    tokens), "prefill", "retrieval", "decode".
     """
 
     def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):

@@ -174,3 +174,22 @@ def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny):
                                    rtol=0, atol=0)  # fmt: skip
         assert torch.equal(window.buf[:, 1, :, n_init : n_init + 6], before[:, 1, :, n_init + 6 : n_init + 12])
         assert torch.equal(window.buf[..., :n_init, :], before[..., :n_init, :])
+
+
+def test_the_window_slide_is_timed_as_part_of_prefill(tiny, monkeypatch):
+    """Each frame records one "window" interval before its prefill, and the latency benchmark counts it
+    in the prefill time (here a slide made to take 50 ms)."""
+    import time
+
+    from stc.engine import Stream
+    from stc.latency import measure_stream
+
+    model, proc = tiny
+    with StreamingEngine(model, proc, EngineConfig(n_local=20)) as engine:
+        stream = engine.open_stream()
+        stream.push_frames(frames(3))
+        assert len(stream.timer.times()["window"]) == 3
+    slide = Stream._ensure_window
+    monkeypatch.setattr(Stream, "_ensure_window", lambda self, n: (time.sleep(0.05), slide(self, n)))
+    out = measure_stream(model, proc, "baseline", 3, checkpoints=(3,), warmup=0, repeats=1, base=EngineConfig(n_local=20))
+    assert out["checkpoints"][3]["prefill_ms_per_frame"] >= 50
