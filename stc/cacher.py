@@ -118,12 +118,16 @@ class CacherConfig:
 def token_similarity(current: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
     """Similarity of each token to the same position of the reference, higher = more similar.
 
-    current: [B, T, C]; reference: [B, T, C] or [1, T, C] (broadcast, not copied). Returns [B, T],
-    computed in the inputs' dtype (a ranking needs no more).
+    current: [B, T, C]; reference: [B, T, C] or [1, T, C] (broadcast, not copied). Returns [B, T]:
+    the cosine in the inputs' dtype (bounded, and a ranking needs no more), the unbounded dot product
+    and distances in float32 at least (in fp16 a product or a sum over SigLIP's 1,152 channels can pass
+    65,504 and become a tie at infinity).
     """
     a, b = current, reference
     if metric == "cosine":
         return nn.functional.cosine_similarity(a, b, dim=-1)
+    acc = torch.promote_types(a.dtype, torch.float32)
+    a, b = a.to(acc), b.to(acc)
     if metric == "dot":
         return (a * b).sum(-1)
     if metric == "l1":

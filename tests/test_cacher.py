@@ -335,6 +335,22 @@ def test_recomputed_token_count_follows_the_paper():
     assert CacherConfig(reuse_ratio=0.0).recomputed_tokens(729) == 729
 
 
+@pytest.mark.parametrize("metric", ["dot", "l1", "l2"])
+def test_unbounded_metrics_do_not_overflow_in_fp16(metric):
+    """Sums over 1,152 channels of fp16 keys of magnitude ~60 pass fp16's 65,504: the ranking must still be the
+    float64 one, not ties at infinity broken by token index."""
+    from stc.cacher import select_dynamic_tokens, token_similarity
+
+    g = torch.Generator().manual_seed(0)
+    ref = 60 * torch.randn(1, 16, 1152, generator=g, dtype=torch.float64)
+    cur = ref * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)[None, :, None] + 6 * torch.randn(1, 16, 1152, generator=g, dtype=torch.float64)
+    cur = cur[:, torch.randperm(16, generator=g)]  # the ranking is not the index order
+    sim = token_similarity(cur.half(), ref.half(), metric)
+    assert torch.isfinite(sim).all()
+    want = torch.sort(token_similarity(cur, ref, metric), dim=1, stable=True).indices[:, :5].sort(dim=1).values
+    assert torch.equal(select_dynamic_tokens(cur.half(), ref.half(), 5, metric), want)
+
+
 def test_settings_accept_numpy_numbers():
     cfg = CacherConfig(cache_interval=np.int64(4), reuse_ratio=np.float32(0.75))
     assert cfg.recomputed_tokens(729) == 182
