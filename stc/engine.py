@@ -433,29 +433,28 @@ class StreamingEngine:
         drop = max(0, w.length - n_init - self.config.n_local)
         if drop:
             kept = w.length - n_init - drop
-            keep = w.buf[..., n_init + drop : w.length, :].clone()
-            source, delta = [], []
-            first, end = blocks[0], kept  # walk the blocks back from the newest; `end`: rows of `keep` left
+            spans = []  # (rows [lo, hi) of the kept tokens, source keys, delta): newest block first
+            first, end = blocks[0], kept
             for j in range(len(first) - 1, -1, -1):
                 if end == 0:
                     break
                 block = first[j]
                 rows = min(block.length, end)
-                lo, hi = block.length - rows, block.length
-                new_start = n_init + end - rows
-                if all(stream[j].kv.device == keep.device for stream in blocks):
-                    parts = [stream[j].kv[:, 0, ..., lo:hi, :] for stream in blocks]
-                    source.append(parts[0] if w.buf.dim() == 5 else torch.stack(parts, dim=1))
-                    delta.append(torch.full((rows,), new_start - lo - block.start))  # the block moves as one
-                else:
-                    source.append(keep[:, 0, ..., end - rows : end, :])
-                    delta.append(torch.full((rows,), -drop))
+                lo = end - rows  # the kept token's new slot is n_init + its row
+                if all(stream[j].kv.device == w.buf.device for stream in blocks):
+                    parts = [stream[j].kv[:, 0, ..., block.length - rows :, :] for stream in blocks]
+                    source = parts[0] if w.buf.dim() == 5 else torch.stack(parts, dim=1)
+                    spans.append((lo, end, source, n_init + lo - (block.start + block.length - rows)))  # moves as one
+                else:  # in CPU memory: the window's own rows (copied before anything is written), by -drop
+                    spans.append((lo, end, w.buf[:, 0, ..., n_init + drop + lo : n_init + drop + end, :].clone(), -drop))
                 end -= rows
             if end:
                 raise RuntimeError(f"the KV window holds {end} tokens that are in no frame block")
-            keys = torch.cat(source[::-1], dim=-2)
-            keep[:, 0] = self._rotate(keys, torch.cat(delta[::-1]).to(keep.device))
-            w.buf[..., n_init : n_init + kept, :] = keep
+            values = w.buf[:, 1, ..., n_init + drop : w.length, :].clone()  # the move overlaps itself
+            for lo, hi, source, delta in spans:  # keys come from blocks (or copies): written in place
+                shift = torch.full((hi - lo,), delta, device=w.buf.device)
+                w.buf[:, 0, ..., n_init + lo : n_init + hi, :] = self._rotate(source, shift)
+            w.buf[:, 1, ..., n_init : n_init + kept, :] = values
             w.length -= drop
         if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
             raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")

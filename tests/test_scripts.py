@@ -33,7 +33,7 @@ def test_bench_latency_refuses_before_writing(argv, message, tmp_path, capsys):
 
 @no_gpu
 @pytest.mark.parametrize("name, argv", [
-    ("bench_vit_kernels", ["--out"]), ("time_vit_steps", []), ("profile_step", []),
+    ("bench_vit_kernels", ["--out"]), ("time_vit_steps", []), ("profile_step", []), ("bench_window_slide", ["--out"]),
 ])  # fmt: skip
 def test_gpu_scripts_need_a_gpu(name, argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
