@@ -451,9 +451,10 @@ class StreamingEngine:
             if end:
                 raise RuntimeError(f"the KV window holds {end} tokens that are in no frame block")
             values = w.buf[:, 1, ..., n_init + drop : w.length, :].clone()  # the move overlaps itself
-            for lo, hi, source, delta in spans:  # keys come from blocks (or copies): written in place
-                shift = torch.full((hi - lo,), delta, device=w.buf.device)
-                w.buf[:, 0, ..., n_init + lo : n_init + hi, :] = self._rotate(source, shift)
+            # one rotation for all blocks (a rotation per block costs more in launches than it saves at B = 1)
+            keys = torch.cat([source for _, _, source, _ in reversed(spans)], dim=-2)
+            shift = torch.cat([torch.full((hi - lo,), delta, device=w.buf.device) for lo, hi, _, delta in reversed(spans)])
+            w.buf[:, 0, ..., n_init : n_init + kept, :] = self._rotate(keys, shift)  # from blocks or copies: in place
             w.buf[:, 1, ..., n_init : n_init + kept, :] = values
             w.length -= drop
         if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
