@@ -293,7 +293,8 @@ def _video_entries(path: Path, name: str):
 
 
 def load_mlvu(path: Path) -> list[Question]:
-    """MLVU dev JSON -> offline mc Questions; video = "<task_dir>/<name>.mp4" from video_path."""
+    """MLVU dev JSON -> offline mc Questions; video = "<task_dir>/<name>.mp4" from video_path; qid =
+    "<task_dir>/<video_id>#<k>" (a video name may recur in two task folders)."""
     questions = []
     for record, item, k, conversation in _video_entries(path, "MLVU"):
         video_path = PurePosixPath(record.text(item, "video_path").replace("\\", "/"))
@@ -304,7 +305,7 @@ def load_mlvu(path: Path) -> list[Question]:
         questions.append(
             Question(
                 benchmark="mlvu",
-                qid=f"{item['video_id']}#{k}",
+                qid=f"{'/'.join(video_path.parts[-2:-1] + (str(item['video_id']),))}#{k}",
                 video="/".join(video_path.parts[-2:]),
                 question=record.text(conversation, "question"),
                 options=choices,

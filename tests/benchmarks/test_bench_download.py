@@ -199,9 +199,9 @@ def test_mlvu_native_json_converts_to_the_dev_schema(tmp_path):
     path = tmp_path / "mlvu_dev_mc.json"
     path.write_text(json.dumps(entries))
     questions = {q.qid: q for q in load_mlvu(path)}
-    assert set(questions) == {"movie101_66#0", "movie101_66#1", "count_6#0"}
-    assert questions["movie101_66#0"].video == "1_plotQA/movie101_66.mp4" and questions["movie101_66#0"].answer == "C"
-    assert questions["count_6#0"].answer == "C" and questions["count_6#0"].task == "count"
+    assert set(questions) == {"1_plotQA/movie101_66#0", "1_plotQA/movie101_66#1", "4_count/count_6#0"}
+    assert questions["1_plotQA/movie101_66#0"].video == "1_plotQA/movie101_66.mp4" and questions["1_plotQA/movie101_66#0"].answer == "C"
+    assert questions["4_count/count_6#0"].answer == "C" and questions["4_count/count_6#0"].task == "count"
     (json_dir / "5_order.json").unlink()
     with pytest.raises(DownloadError, match="5_order.json is missing"):
         mlvu_native_to_dev_json(json_dir)

@@ -75,12 +75,26 @@ def test_ovobench_items_and_probes():
 
 def test_mlvu_conversations():
     questions = by_qid(load_benchmark("mlvu", MLVU_JSON))
-    assert set(questions) == {"movie101_16#0", "movie101_16#1", "count_170#0", "order_53#0"}
-    plot = questions["movie101_16#1"]
+    assert set(questions) == {"1_plotQA/movie101_16#0", "1_plotQA/movie101_16#1", "4_count/count_170#0", "5_order/order_53#0"}
+    plot = questions["1_plotQA/movie101_16#1"]
     assert plot.video == "1_plotQA/movie101_16.mp4"  # last two parts of an absolute path
     assert (plot.answer, plot.task, plot.ask_time) == ("D", "plotQA", None)  # "Green" is choice 3
-    assert questions["count_170#0"].answer == "D" and questions["count_170#0"].video == "4_count/count_170.mp4"
-    assert questions["order_53#0"].options == ("1->2", "2->1")
+    count = questions["4_count/count_170#0"]
+    assert count.answer == "D" and count.video == "4_count/count_170.mp4"
+    assert questions["5_order/order_53#0"].options == ("1->2", "2->1")
+
+
+def test_mlvu_video_names_may_recur_across_task_folders(tmp_path):
+    """One video name in two task folders: two questions with ids of their own, not a duplicate-id error."""
+    import json
+
+    entry = lambda task: {"video_id": "shared", "video_path": f"MLVU/video/{task}/shared.mp4", "duration": 10.0,
+                          "conversations": [{"question": "Q?", "choices": ["a", "b"], "answer": "b", "question_type": task}]}  # fmt: skip
+    path = tmp_path / "mlvu.json"
+    path.write_text(json.dumps([entry("1_plotQA"), entry("3_ego")]))
+    questions = load_benchmark("mlvu", path)
+    assert [(q.qid, q.video) for q in questions] == [("1_plotQA/shared#0", "1_plotQA/shared.mp4"),
+                                                     ("3_ego/shared#0", "3_ego/shared.mp4")]  # fmt: skip
 
 
 def test_egoschema_answer_index_to_letter():
