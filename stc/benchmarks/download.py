@@ -257,8 +257,14 @@ def extract_tar_parts(parts: Iterable[Path], destination: Path, *, top_folder: s
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as bundle:
             for member in bundle:
-                if top_folder and member.name.split("/", 1)[0] != top_folder:
-                    member.name = f"{top_folder}/{member.name}"
+                name = member.name
+                while name.startswith("./"):  # an archive packed as "tar -C dir ." names its members ./...
+                    name = name[2:]
+                if name in ("", "."):
+                    continue
+                if top_folder and name.split("/", 1)[0] != top_folder:
+                    name = f"{top_folder}/{name}"
+                member.name = name
                 bundle.extract(member, destination, filter="data")
                 if member.isfile():
                     extracted.append(destination / member.name)

@@ -182,6 +182,17 @@ def test_extract_tar_parts_adds_a_missing_top_folder_and_rejects_broken_parts(tm
         extract_tar_parts(first_parts, tmp_path / "out2")
 
 
+@pytest.mark.parametrize("prefix", ["", "./", "./src_videos/"])
+def test_extract_tar_parts_places_dot_prefixed_members_once(prefix, tmp_path):
+    """Members named "./COIN/a.mp4" or "./src_videos/COIN/a.mp4" land in src_videos/COIN/a.mp4, not in a
+    nested src_videos/./src_videos."""
+    (tmp_path / "x.tar.part00").write_bytes(tar_bytes({f"{prefix}COIN/a.mp4": b"a", f"{prefix}thumos/b.mp4": b"b"}))
+    extracted = extract_tar_parts([tmp_path / "x.tar.part00"], tmp_path / "out", top_folder="src_videos")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in extracted) == ["src_videos/COIN/a.mp4", "src_videos/thumos/b.mp4"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.mp4")) == [
+        "src_videos/COIN/a.mp4", "src_videos/thumos/b.mp4"]  # fmt: skip
+
+
 def test_mlvu_native_json_converts_to_the_dev_schema(tmp_path):
     json_dir = tmp_path / "MLVU" / "json"
     json_dir.mkdir(parents=True)
