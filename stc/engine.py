@@ -433,28 +433,28 @@ class StreamingEngine:
         drop = max(0, w.length - n_init - self.config.n_local)
         if drop:
             kept = w.length - n_init - drop
-            spans = []  # (rows [lo, hi) of the kept tokens, source keys, delta): newest block first
-            first, end = blocks[0], kept
+            sources, shifts = [], []  # per block overlapping the kept tokens, newest first
+            first, end = blocks[0], kept  # `end`: the kept tokens not yet covered; a token's new slot is n_init + its row
             for j in range(len(first) - 1, -1, -1):
                 if end == 0:
                     break
                 block = first[j]
                 rows = min(block.length, end)
-                lo = end - rows  # the kept token's new slot is n_init + its row
                 if all(stream[j].kv.device == w.buf.device for stream in blocks):
                     parts = [stream[j].kv[:, 0, ..., block.length - rows :, :] for stream in blocks]
-                    source = parts[0] if w.buf.dim() == 5 else torch.stack(parts, dim=1)
-                    spans.append((lo, end, source, n_init + lo - (block.start + block.length - rows)))  # moves as one
+                    sources.append(parts[0] if w.buf.dim() == 5 else torch.stack(parts, dim=1))
+                    delta = n_init + end - rows - (block.start + block.length - rows)  # the block moves as one
                 else:  # in CPU memory: the window's own rows (copied before anything is written), by -drop
-                    spans.append((lo, end, w.buf[:, 0, ..., n_init + drop + lo : n_init + drop + end, :].clone(), -drop))
+                    sources.append(w.buf[:, 0, ..., n_init + drop + end - rows : n_init + drop + end, :].clone())
+                    delta = -drop
+                shifts.append(torch.full((rows,), delta, device=w.buf.device))
                 end -= rows
             if end:
                 raise RuntimeError(f"the KV window holds {end} tokens that are in no frame block")
             values = w.buf[:, 1, ..., n_init + drop : w.length, :].clone()  # the move overlaps itself
             # one rotation for all blocks (a rotation per block costs more in launches than it saves at B = 1)
-            keys = torch.cat([source for _, _, source, _ in reversed(spans)], dim=-2)
-            shift = torch.cat([torch.full((hi - lo,), delta, device=w.buf.device) for lo, hi, _, delta in reversed(spans)])
-            w.buf[:, 0, ..., n_init : n_init + kept, :] = self._rotate(keys, shift)  # from blocks or copies: in place
+            keys = self._rotate(torch.cat(sources[::-1], dim=-2), torch.cat(shifts[::-1]))
+            w.buf[:, 0, ..., n_init : n_init + kept, :] = keys  # from blocks or copies: in place
             w.buf[:, 1, ..., n_init : n_init + kept, :] = values
             w.length -= drop
         if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
@@ -652,7 +652,7 @@ class Stream:
         self._n_init = n
 
     def _ensure_window(self, incoming: int) -> None:
-        """Keep at most n_local recent tokens (re-rotating them to follow the init tokens) and room for incoming."""
+        """Keep at most n_local recent tokens (rotated to follow the init tokens) and room for incoming."""
         e, w = self.engine, self._window
         e._slide_window(w, self._n_init, incoming, [self.blocks])
         need = w.length + incoming

@@ -162,11 +162,13 @@ def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, w
                 runs.append(times)
     per = n_frames * batch
     out = {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens}
-    for stage, key in (("vision", "vit_ms_per_frame"), ("projector", "projector_ms_per_frame"), ("prefill", "prefill_ms_per_frame")):
-        skip = 1 if stage == "prefill" else 0  # the init prompt
-        # a frame's prefill includes the window's slide before it (none until the window holds n_local tokens)
-        window = (lambda t: sum(t.get("window", []))) if stage == "prefill" else (lambda t: 0.0)
-        out[key] = statistics.median([(sum(t[stage][skip:]) + window(t)) / per for t in runs])
+    for key, total in (
+        ("vit_ms_per_frame", lambda t: sum(t["vision"])),
+        ("projector_ms_per_frame", lambda t: sum(t["projector"])),
+        # the init prompt's prefill left out; each step's window slide in (none until it holds n_local tokens)
+        ("prefill_ms_per_frame", lambda t: sum(t["prefill"][1:]) + sum(t.get("window", []))),
+    ):
+        out[key] = statistics.median([total(t) / per for t in runs])
     return out
 
 

@@ -397,7 +397,7 @@ class Layout:
 
     @property
     def hf_cache(self) -> str:
-        return "data/models/hf"
+        return str(Paths(Path(".")).hf_cache)
 
     def model_marker(self, config: Mapping) -> str:
         """A file whose existence says the model is ready (the tiny checkpoint's config.json, or a download note)."""
