@@ -1,12 +1,23 @@
-"""Cost of one slide of the encoding window at LLaVA-OV-7B's KV shape, on a GPU.
+"""Cost of the encoding window's slide at LLaVA-OV-7B's KV shape, on a GPU.
 
-Once a stream's window holds n_local tokens, every frame drops the oldest tokens and moves the rest
-to follow the init tokens, their keys rotated to the new positions (`StreamingEngine._slide_window`).
-This times one such slide (CUDA events, median of 5 after one warm-up) for B streams of 196-token
-frames, Qwen2-7B's KV (28 layers, 4 KV heads of 128, bf16) and n_local 15,000, against the engine
-before commit 7d31dfe, which re-rotated the window's own copy (one more rounding per slide):
+Once a stream's window holds n_local tokens, every frame drops its oldest tokens
+(`StreamingEngine._slide_window`). The window advances: its init tokens are rewritten before the
+oldest kept token, and the kept tokens stay where they are. Once it has advanced past
+`EngineConfig.window_slack` slots, it moves back: the n_local kept tokens follow the init tokens at
+slot 0 again, their keys rotated to their new slots from their blocks. With window_slack = 0 every
+slide is a move; that was the only way before the window could advance.
 
-    python scripts/bench_window_slide.py --batches 1 4 8 --out results/latency/h100_window_slide.json
+For B streams of 196-token frames, Qwen2-7B's KV (28 layers, 4 KV heads of 128, bf16) and
+n_local 15,000, this times one advance and one move (CUDA events, median of 5 after one warm-up)
+and gives the slide's cost per frame for the default slack (one move per slack / frame tokens
+frames).
+
+With --engine-frames N it also streams N frames (past n_local from the 77th) through `StreamBatch`
+on LLaVA-OV-7B with random weights, for window_slack 0 and the default alike (one process, one
+model), and reports the window stage and the prefill (which includes it) per stream-frame:
+
+    python scripts/bench_window_slide.py --batches 1 4 8 --engine-frames 120 --engine-batches 1 4 \\
+        --out results/latency/h100_bf16_window_slide.json
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,33 +37,25 @@ from stc.engine import Block, EngineConfig, StreamingEngine, _StaticKV
 from stc.latency import environment
 
 LAYERS, KV_HEADS, HEAD_DIM, FRAME, N_INIT, N_LOCAL = 28, 4, 128, 196, 14, 15000
+SLACK = EngineConfig().window_slack
 
 
-def engine_stub(device):
+def engine_stub(device, slack):
     """What `_slide_window` reads of an engine: its config and its RoPE."""
     cfg = Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=KV_HEADS, rope_theta=1e6)
-    stub = SimpleNamespace(config=EngineConfig(n_local=N_LOCAL), lm=SimpleNamespace(rotary_emb=Qwen2RotaryEmbedding(cfg).to(device)))
+    stub = SimpleNamespace(config=EngineConfig(n_local=N_LOCAL, window_slack=slack),
+                           lm=SimpleNamespace(rotary_emb=Qwen2RotaryEmbedding(cfg).to(device)))
     stub._rotate = lambda x, delta: StreamingEngine._rotate(stub, x, delta)
     return stub
 
 
-def slide_before_7d31dfe(stub, w, n_init):
-    """The slide as it was: the window's copy re-rotated by the tokens dropped."""
-    drop = max(0, w.length - n_init - N_LOCAL)
-    if drop:
-        keep = w.buf[..., n_init + drop : w.length, :].clone()
-        keep[:, 0] = stub._rotate(keep[:, 0], torch.full((keep.shape[-2],), -drop, device=keep.device))
-        w.buf[..., n_init : n_init + keep.shape[-2], :] = keep
-        w.length -= drop
-
-
 def full_window(batch, device):
     """A window one frame past n_local, and the frame blocks it is the tail of (as a stream leaves them)."""
-    cap = N_INIT + N_LOCAL + FRAME
+    cap = N_INIT + N_LOCAL + FRAME + SLACK
     shape = (LAYERS, 2, KV_HEADS, cap, HEAD_DIM) if batch == 1 else (LAYERS, 2, batch, KV_HEADS, cap, HEAD_DIM)
     buf = torch.randn(shape, device=device, dtype=torch.bfloat16)
     streams, length, frame = [[] for _ in range(batch)], N_INIT, 0
-    while length + FRAME <= cap:
+    while length - N_INIT <= N_LOCAL:
         kv = buf[..., length : length + FRAME, :].clone()
         for i, blocks in enumerate(streams):
             blocks.append(Block(frame=frame, time=None, start=length, kv=kv if batch == 1 else kv[:, :, i], mean_key=None))
@@ -59,46 +63,88 @@ def full_window(batch, device):
     return buf, length, streams
 
 
-def time_slides(stub, batch, device):
+def per_frame_ms(advance_ms: float, move_ms: float, slack: int, tokens: int) -> float:
+    """The slide's mean cost per frame once the window is full: after a move, the window advances
+    `tokens` slots per frame and moves back at the first frame that would take it past `slack`."""
+    advances = slack // tokens
+    return (advances * advance_ms + move_ms) / (advances + 1)
+
+
+def time_slides(batch, device):
     buf, length, streams = full_window(batch, device)
-    w = _StaticKV(buf.clone(), length)
+    w = _StaticKV(buf.clone(), length, advances=True)
+    init = buf[..., :N_INIT, :].clone()
     out = {"batch": batch, "window_tokens": length - N_INIT, "window_gb": buf[..., N_INIT:length, :].numel() * 2 / 1e9}
-    for name, slide in (("before_7d31dfe", lambda: slide_before_7d31dfe(stub, w, N_INIT)),
-                        ("engine", lambda: StreamingEngine._slide_window(stub, w, N_INIT, FRAME, streams))):  # fmt: skip
+    for name, slack in (("move", 0), ("advance", SLACK)):
+        stub = engine_stub(device, slack)
         times = []
         for _ in range(6):
             w.buf.copy_(buf)
-            w.length = length
+            w.first, w.length = 0, length
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            slide()
+            StreamingEngine._slide_window(stub, w, init, FRAME, streams)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
+        assert (w.first == 0) == (name == "move")
         out[f"{name}_ms"] = statistics.median(times[1:])
+    for tokens in (FRAME, 59):  # all tokens of a frame; the Pruner's 30%
+        out[f"per_frame_ms_slack_{SLACK}_tokens_{tokens}"] = per_frame_ms(out["advance_ms"], out["move_ms"], SLACK, tokens)
     return out
+
+
+def engine_runs(frames: int, batches: list[int], methods: list[str], repeats: int) -> list[dict]:
+    """StreamBatch over `frames` frames on the random-weight LLaVA-OV-7B, window_slack 0 and the default."""
+    from stc.latency import measure_batch
+    from stc.models import build_model
+
+    model, processor = build_model("llava-ov-7b", dtype=torch.bfloat16, device="cuda")
+    rows = []
+    for batch in batches:
+        for method in methods:
+            for slack in (0, SLACK):
+                base = replace(EngineConfig(), n_local=N_LOCAL, window_slack=slack)
+                r = measure_batch(model, processor, method, frames, batch, warmup=1, repeats=repeats, base=base)
+                rows.append({**r, "window_slack": slack})
+                print(f"B = {batch}, {method}, window_slack {slack}: window {r['window_ms_per_frame']:.3f} ms, prefill "
+                      f"{r['prefill_ms_per_frame']:.3f} ms per stream-frame over {frames} frames", flush=True)
+                torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8])
+    p.add_argument("--engine-frames", type=int, default=0, help="also stream this many frames through the engine (0: no)")
+    p.add_argument("--engine-batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--engine-methods", nargs="+", default=["baseline", "pruner"])
+    p.add_argument("--repeats", type=int, default=1, help="engine runs per setting, after one warm-up")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this script times a slide with CUDA events: it needs a CUDA GPU, and none is visible here")
-    stub = engine_stub("cuda")
-    rows = []
+    meta = {**environment(args.commit), "dtype": "bf16", "frame_tokens": FRAME, "n_local": N_LOCAL, "window_slack": SLACK}
+    result = {"meta": meta, "rows": [], "engine": []}
+
+    def save():  # after each row: a run that dies keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
     for batch in args.batches:
-        rows.append(time_slides(stub, batch, "cuda"))
+        result["rows"].append(time_slides(batch, "cuda"))
         torch.cuda.empty_cache()  # the window and blocks of this B are freed with time_slides' frame
-        r = rows[-1]
-        print(f"B = {batch}: window {r['window_tokens']} tokens ({r['window_gb']:.2f} GB of K and V); one slide: "
-              f"{r['before_7d31dfe_ms']:.2f} ms before 7d31dfe, {r['engine_ms']:.2f} ms now", flush=True)
-    meta = {**environment(args.commit), "dtype": "bf16", "frame_tokens": FRAME, "n_local": N_LOCAL}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        r = result["rows"][-1]
+        print(f"B = {batch}: window {r['window_tokens']} tokens ({r['window_gb']:.2f} GB of K and V); one move "
+              f"{r['move_ms']:.2f} ms, one advance {r['advance_ms']:.3f} ms; per frame with slack {SLACK}: "
+              f"{r[f'per_frame_ms_slack_{SLACK}_tokens_{FRAME}']:.3f} ms ({FRAME} tokens), "
+              f"{r[f'per_frame_ms_slack_{SLACK}_tokens_59']:.3f} ms (59)", flush=True)
+        save()
+    if args.engine_frames:
+        result["engine"] = engine_runs(args.engine_frames, args.engine_batches, args.engine_methods, args.repeats)
+    save()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ registered with transformers' `AttentionInterface` as "stc_packed_sdpa", and bac
   against 327 us masked (FlashAttention-2 374 us), and 20 us for a decoded token (FlashAttention-2
   29 us, masked 261 us): `scripts/bench_vit_kernels.py --window-attention`,
   results/latency/h100_window_kernel.json.
+- **A window that starts past slot 0.** A window that advances instead of moving its tokens (its
+  init tokens rewritten before its oldest kept token; see `StreamingEngine._slide_window`) starts
+  at a later slot: the engine then passes that slot too (`stc_kv_first`, int32 [b]), which only
+  the Triton kernel takes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from transformers.modeling_utils import AttentionInterface
 
 NAME = "stc_packed_sdpa"
 KV_USED = "stc_kv_used"  # keyword the engine passes through the decoder to this function
+KV_FIRST = "stc_kv_first"  # with KV_USED: the first slot attended to
 
 
 def pack_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -63,24 +68,28 @@ def kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: int) ->
     return window_kernel.supported_head_dim(head_dim)
 
 
-def window_supported(dtype: torch.dtype, device: torch.device, head_dim: int, new_tokens: int) -> bool:
+def window_supported(dtype: torch.dtype, device: torch.device, head_dim: int, new_tokens: int,
+                     first: bool = False) -> bool:
     """Whether `window_attention` can run for steps of `new_tokens` tokens (the engine then passes
-    `stc_kv_used` instead of a mask)."""
+    `stc_kv_used` instead of a mask), and with `first`, for windows that start past slot 0."""
     if kernel_supported(dtype, device, head_dim):
         return True
-    return new_tokens == 1 and flash_window_supported(dtype, device, head_dim)
+    return new_tokens == 1 and not first and flash_window_supported(dtype, device, head_dim)
 
 
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
-                     scaling: float | None = None) -> torch.Tensor:
-    """Causal attention of n new queries over the first `used` slots of static windows: query
+                     scaling: float | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of n new queries over the used slots of static windows: query
     [b, heads, n, d] (the newest n tokens, at slots used - n .. used - 1); key, value
-    [b, kv_heads, L, d]; used: integers [b] on the device, n <= used <= L. Query i sees slots
-    0 .. used - n + i. Returns [b, n, heads, d]. The Triton kernel where it runs, else FlashAttention-2."""
+    [b, kv_heads, L, d]; used: integers [b] on the device, n <= used <= L; first: integers [b] on the
+    device, the first slot attended to (None: 0). Query i sees slots first .. used - n + i. Returns
+    [b, n, heads, d]. The Triton kernel where it runs, else FlashAttention-2 (which takes no `first`)."""
     if kernel_supported(query.dtype, query.device, query.shape[-1]):
         from stc import window_kernel
 
-        return window_kernel.window_attention(query, key, value, used, scaling)
+        return window_kernel.window_attention(query, key, value, used, scaling, first=first)
+    if first is not None:
+        raise RuntimeError("a window that starts past slot 0 needs stc.window_kernel (Triton on a CUDA GPU, fp16/bf16)")
     return flash_window(query, key, value, used, scaling)
 
 
@@ -108,13 +117,16 @@ def flash_window(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, us
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """query [b, heads, n, d]; key, value [b, kv_heads, L, d]. Returns ([b, n, heads, d], None)."""
     used = kwargs.pop(KV_USED, None)
+    first = kwargs.pop(KV_FIRST, None)
     b, heads, n, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     if used is not None:
-        if dropout or not window_supported(query.dtype, query.device, d, n):
+        if dropout or not window_supported(query.dtype, query.device, d, n, first is not None):
             raise RuntimeError(f"{KV_USED} was passed but window_attention cannot run here; pass a mask instead")
-        return window_attention(query, key, value, used, scaling), None
+        return window_attention(query, key, value, used, scaling, first=first), None
+    if first is not None:
+        raise ValueError(f"{KV_FIRST} needs {KV_USED}")
     if attention_mask is None or groups == 1 or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

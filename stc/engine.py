@@ -20,8 +20,13 @@ Choices where ReKV leaves room, stated here once:
   attends to the init tokens only; the answer pass then uses each layer's retrieved blocks.
 - Keys are stored after RoPE at the positions they were computed with; when a block is used at
   other positions it is rotated by the difference (exact up to rounding; zero difference is exact).
-  When the encoding window slides, its kept keys are rotated from their blocks' copies, so each key
-  is rounded once, not once per slide.
+- The encoding window does not move its tokens at every frame. Once it is full, it drops its oldest
+  tokens by advancing: its init tokens are rewritten just before its oldest kept token, rotated
+  (from their first copy) to sit there, and attention starts at them. A token's RoPE position is
+  its slot, so only relative positions matter, and they are ReKV's: a frame sees the init tokens,
+  then the last n_local tokens, then itself, at contiguous positions. Only once the window has
+  advanced past ``window_slack`` slots are its kept tokens moved back behind the init tokens, their
+  keys rotated from their blocks' copies (so each key is rounded once, however often it moves).
 - With frames of different token counts (e.g. VidCom2), every layer keeps the first tokens, in
   temporal order, of its top-k blocks up to one shared budget (the smallest layer total, at most
   top_k x the mean block length), so all layers share one attention mask.
@@ -91,6 +96,10 @@ class EngineConfig:
     """Settings of the streaming engine (ReKV defaults from the paper).
 
     n_local: tokens of recent context each frame attends to while encoding (15000).
+    window_slack: slots a full encoding window may advance before it moves its tokens back (see
+        the module docstring): the cost of a move (rotating n_local keys, about 9 ms per stream on
+        the H100 at LLaVA-OV-7B's shapes) is paid once per window_slack / frame tokens frames instead
+        of at every frame, for window_slack more slots of KV memory per stream. 0 moves at every frame.
     retrieve_top_k: frame blocks retrieved per layer for a question (64); None attends to every
         frame (no retrieval).
     device_blocks: frame blocks kept on the accelerator; older ones are moved to CPU memory. None
@@ -125,6 +134,7 @@ class EngineConfig:
     """
 
     n_local: int = 15000
+    window_slack: int = 4096
     retrieve_top_k: int | None = 64
     device_blocks: int | None = None
     max_new_tokens: int = 16
@@ -140,6 +150,8 @@ class EngineConfig:
     def __post_init__(self):
         if not _is_int(self.n_local) or self.n_local < 0:
             raise ValueError(f"n_local must be an integer >= 0, got {self.n_local!r}")
+        if not _is_int(self.window_slack) or self.window_slack < 0:
+            raise ValueError(f"window_slack must be an integer >= 0, got {self.window_slack!r}")
         if self.retrieve_top_k is not None and (not _is_int(self.retrieve_top_k) or self.retrieve_top_k < 1):
             raise ValueError(f"retrieve_top_k must be an integer >= 1 or None, got {self.retrieve_top_k!r}")
         if self.device_blocks is not None and (not _is_int(self.device_blocks) or self.device_blocks < 0):
@@ -183,11 +195,12 @@ def _is_int(value) -> bool:
 
 class _KV:
     """What the decoder's attention layers get as their KV cache (`past_key_values`; `cache` from
-    transformers 5.24): one buffer [layers, 2, kvh, cap, d] holding a prepared context, to which
-    each forward appends its tokens in place."""
+    transformers 5.24): one buffer [layers, 2, kvh, cap, d] holding a prepared context in slots
+    first .. length - 1, to which each forward appends its tokens in place."""
 
     def __init__(self, buf: torch.Tensor, length: int):
         self.buf, self.length = buf, length
+        self.first = 0  # the context's first slot (an encoding window that has advanced: its init tokens)
         self.pending = 0
         self.query_sink = None  # set during a retrieval pass: layer_idx, q [1, heads, n, d] -> None
 
@@ -197,7 +210,7 @@ class _KV:
         self.buf[layer_idx, 0, :, self.length : end] = key[0]
         self.buf[layer_idx, 1, :, self.length : end] = value[0]
         self.pending = n
-        return self.buf[layer_idx, 0, :, :end][None], self.buf[layer_idx, 1, :, :end][None]
+        return self.buf[layer_idx, 0, :, self.first : end][None], self.buf[layer_idx, 1, :, self.first : end][None]
 
     def rope_update(self, query, key, value, cos, sin, layer_idx):
         """transformers' RoPE on query [b, heads, n, d] and key [b, kv_heads, n, d], then `update`:
@@ -214,10 +227,12 @@ class _KV:
 
 class _StaticKV(_KV):
     """A fixed-capacity window: each forward writes its tokens at `index` in place and attends to the
-    whole buffer through a mask (unused slots are zeros, masked), so every step has the same shapes."""
+    whole buffer through a mask (unused slots are zeros, masked), so every step has the same shapes.
+    `advances`: an encoding window, whose context may start past slot 0 (`first`)."""
 
-    def __init__(self, buf: torch.Tensor, length: int):
+    def __init__(self, buf: torch.Tensor, length: int, advances: bool = False):
         super().__init__(buf, length)
+        self.advances = advances
         self.index: torch.Tensor | None = None
         self.visible = buf.shape[-2]  # slots attended to: a bucket covering the context, not the whole buffer
 
@@ -418,45 +433,60 @@ class StreamingEngine:
                              feature_layer=self.vision_layer, use_graphs=self.capture, compile=self.compile_vision,
                              tome=self.tome_schedule, keep_input_of=self.vision_layer_input)
 
-    def _slide_window(self, w: _KV, n_init: int, incoming: int, blocks: list[list[Block]]) -> None:
-        """Keep at most n_local recent tokens in the window w (buffer [layers, 2, ..., slots, d]): drop
-        the oldest, move the rest to follow the init tokens and rotate their keys to their new positions.
-        A static window must then have room for `incoming` tokens.
+    def _slide_window(self, w: _KV, init: torch.Tensor, incoming: int, blocks: list[list[Block]]) -> None:
+        """Keep at most n_local recent tokens in the window w (buffer [layers, 2, ..., slots, d], context in
+        slots w.first .. w.length - 1: the init tokens, then the recent ones). A static window must then have
+        room for `incoming` tokens.
+
+        The oldest tokens beyond n_local are dropped by advancing: w.first moves past them and the init
+        tokens are rewritten there (from `init`, their KV as first written at slots 0 .. n_init - 1, keys
+        rotated to the new slots), so each frame's slide writes n_init tokens whatever n_local is. Once
+        w.first would pass `window_slack`, the kept tokens move back to follow the init tokens at slot 0,
+        their keys rotated to their new slots from their blocks' copies.
 
         blocks: the frame blocks of each stream whose window w is (one list, or one per stream of a
-        batch, all of the same layout); the window holds the tail of their tokens. A kept key is rotated
+        batch, all of the same layout); the window holds the tail of their tokens. A moved key is rotated
         from its block's copy, written once at the block's position, so it is rounded once however often
-        the window slides (re-rotating the window's own copy would round it again at every slide: on random keys
+        the window moves (re-rotating the window's own copy would round it again at every move: on random keys
         with Qwen2-7B's RoPE in fp16, 5.6e-3 relative error after the 76 slides of a 196-token frame in a window
         of 15,000, against 3.6e-4). Only a block moved to CPU memory (`device_blocks`) has its rows re-rotated
-        from the window."""
-        drop = max(0, w.length - n_init - self.config.n_local)
-        if drop:
-            kept = w.length - n_init - drop
+        from the window. The init tokens are rotated from their first copy each time: rounded twice at most."""
+        n_init = init.shape[-2]
+        kept = w.length - w.first - n_init
+        drop = max(0, kept - self.config.n_local)
+        kept -= drop
+        first = w.first + drop  # the new first slot: the init tokens right before the oldest kept token
+        if first > self.config.window_slack:  # move the kept tokens back behind the init tokens at slot 0
             sources, shifts = [], []  # per block overlapping the kept tokens, newest first
-            first, end = blocks[0], kept  # `end`: the kept tokens not yet covered; a token's new slot is n_init + its row
-            for j in range(len(first) - 1, -1, -1):
+            head, end = blocks[0], kept  # `end`: the kept tokens not yet covered; a token's new slot is n_init + its row
+            for j in range(len(head) - 1, -1, -1):
                 if end == 0:
                     break
-                block = first[j]
+                block = head[j]
                 rows = min(block.length, end)
                 if all(stream[j].kv.device == w.buf.device for stream in blocks):
                     parts = [stream[j].kv[:, 0, ..., block.length - rows :, :] for stream in blocks]
                     sources.append(parts[0] if w.buf.dim() == 5 else torch.stack(parts, dim=1))
                     delta = n_init + end - rows - (block.start + block.length - rows)  # the block moves as one
-                else:  # in CPU memory: the window's own rows (copied before anything is written), by -drop
-                    sources.append(w.buf[:, 0, ..., n_init + drop + end - rows : n_init + drop + end, :].clone())
-                    delta = -drop
+                else:  # in CPU memory: the window's own rows (copied before anything is written), by -first
+                    sources.append(w.buf[:, 0, ..., first + n_init + end - rows : first + n_init + end, :].clone())
+                    delta = -first
                 shifts.append(torch.full((rows,), delta, device=w.buf.device))
                 end -= rows
             if end:
                 raise RuntimeError(f"the KV window holds {end} tokens that are in no frame block")
-            values = w.buf[:, 1, ..., n_init + drop : w.length, :].clone()  # the move overlaps itself
+            values = w.buf[:, 1, ..., first + n_init : w.length, :].clone()  # the move may overlap itself
             # one rotation for all blocks (a rotation per block costs more in launches than it saves at B = 1)
-            keys = self._rotate(torch.cat(sources[::-1], dim=-2), torch.cat(shifts[::-1]))
-            w.buf[:, 0, ..., n_init : n_init + kept, :] = keys  # from blocks or copies: in place
-            w.buf[:, 1, ..., n_init : n_init + kept, :] = values
-            w.length -= drop
+            keys = self._rotate(torch.cat(sources[::-1], dim=-2), torch.cat(shifts[::-1])) if kept else None
+            w.buf[..., :n_init, :] = init
+            if kept:
+                w.buf[:, 0, ..., n_init : n_init + kept, :] = keys  # from blocks or copies: in place
+                w.buf[:, 1, ..., n_init : n_init + kept, :] = values
+            w.first, w.length = 0, n_init + kept
+        elif drop:  # advance: the init tokens move to just before the oldest kept token
+            w.buf[:, 0, ..., first : first + n_init, :] = self._rotate(init[:, 0], torch.full((n_init,), first, device=w.buf.device))
+            w.buf[:, 1, ..., first : first + n_init, :] = init[:, 1]
+            w.first = first
         if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
             raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")
 
@@ -493,12 +523,13 @@ class StreamingEngine:
         rather than the whole buffer). `graphs` caches them for this window. capture=False runs the
         same code uncaptured (for token counts seen once); None follows the engine."""
         # stc.attention.window_attention over the used slots where it runs (one graph serves every step), else a mask
-        mask_free = attention.window_supported(self.dtype, self.device, self.head_dim, n)
+        mask_free = attention.window_supported(self.dtype, self.device, self.head_dim, n, w.advances)
         bucket = w.buf.shape[-2] if mask_free else min(w.buf.shape[-2], _bucketed(start + n))
         if (n, bucket) not in graphs:
             inputs = {
                 "embeds": torch.zeros(batch, n, dim, dtype=self.dtype, device=self.device),
                 "start": torch.full((), start, dtype=torch.long, device=self.device),
+                "first": torch.zeros((), dtype=torch.long, device=self.device),  # the window's first slot
             }
             slots = torch.arange(bucket, device=self.device)
             offsets = torch.arange(n, device=self.device)
@@ -509,8 +540,11 @@ class StreamingEngine:
                 w.index, w.visible = pos, bucket
                 if mask_free:
                     mask, extra = None, {attention.KV_USED: (pos[-1:] + 1).to(torch.int32).expand(batch).contiguous()}
+                    if w.advances:
+                        extra[attention.KV_FIRST] = inputs["first"].to(torch.int32).expand(batch).contiguous()
                 else:
-                    mask = torch.where(slots[None, :] > pos[:, None], torch.finfo(self.dtype).min, 0.0).to(self.dtype)
+                    hidden = (slots[None, :] > pos[:, None]) | (slots[None, :] < inputs["first"])
+                    mask = torch.where(hidden, torch.finfo(self.dtype).min, 0.0).to(self.dtype)
                     mask, extra = mask.repeat(groups, 1)[None, None], {}  # packed for stc.attention: rows (group, query)
                 masks = {"full_attention": mask, "sliding_attention": mask}
                 out = self.lm(inputs_embeds=inputs["embeds"], position_ids=pos[None].expand(batch, -1),
@@ -545,6 +579,7 @@ class StreamingEngine:
         def step(tokens: torch.Tensor) -> torch.Tensor:
             inputs["embeds"].copy_(tokens.reshape(inputs["embeds"].shape))
             inputs["start"].fill_(start)
+            inputs["first"].fill_(w.first)
             if graph is not None:
                 graph.replay()
                 last = inputs["last"]
@@ -631,7 +666,8 @@ class Stream:
         self.frames_seen = 0
         self.last_time: float | None = None
         self.tokens_per_frame: list[int] = []
-        self._window: _KV | None = None  # init + recent tokens, at contiguous positions
+        self._window: _KV | None = None  # init + recent tokens, at contiguous positions (slots first .. length - 1)
+        self._init_kv: torch.Tensor | None = None  # the init tokens' KV as first written, at slots 0 .. n_init - 1
         self._n_init = 0
         self._closed = False
         self.last_compressed: Compressed | None = None  # the latest chunk's kept tokens and indices
@@ -643,18 +679,19 @@ class Stream:
         e = self.engine
         n = e.init_ids.shape[1]
         if e.config.cuda_graphs:
-            cap = n + e.config.n_local + e.max_frame_tokens
-            self._window = _StaticKV(e._new_buffer(cap).zero_(), 0)  # zeros: masked slots must be finite
+            cap = n + e.config.n_local + e.max_frame_tokens + e.config.window_slack
+            self._window = _StaticKV(e._new_buffer(cap).zero_(), 0, advances=True)  # zeros: masked slots must be finite
         else:
             self._window = _KV(e._new_buffer(n + 256), 0)
         with torch.no_grad(), self.timer.stage("prefill"):
             e._decoder(e.lm.embed_tokens(e.init_ids), self._window, _causal_mask(n, n, e.dtype, e.device))
         self._n_init = n
+        self._init_kv = self._window.buf[:, :, :, :n].clone()
 
     def _ensure_window(self, incoming: int) -> None:
-        """Keep at most n_local recent tokens (rotated to follow the init tokens) and room for incoming."""
+        """Keep at most n_local recent tokens after the init tokens, and room for incoming."""
         e, w = self.engine, self._window
-        e._slide_window(w, self._n_init, incoming, [self.blocks])
+        e._slide_window(w, self._init_kv, incoming, [self.blocks])
         need = w.length + incoming
         if need > w.buf.shape[3]:  # a growing (eager) window
             bigger = e._new_buffer(max(need, 2 * w.buf.shape[3]))
@@ -676,7 +713,7 @@ class Stream:
             if e.config.cuda_graphs:
                 step(tokens)
             else:
-                e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n, e.dtype, e.device))
+                e._decoder(tokens[None].to(e.dtype), w, _causal_mask(n, start + n - w.first, e.dtype, e.device))
             kv = w.buf[:, :, :, start : start + n].clone()
             mean_key = e._mean_keys(kv[:, 0], start)
             if e.config.device_blocks is not None:
@@ -792,7 +829,7 @@ class Stream:
 
         ids = e._ids(text)
         probe = _KV(e._new_buffer(self._n_init + ids.shape[1]), self._n_init)
-        probe.buf[:, :, :, : self._n_init] = self._window.buf[:, :, :, : self._n_init]
+        probe.buf[:, :, :, : self._n_init] = self._init_kv
         probe.query_sink = sink
         e._decoder(e.lm.embed_tokens(ids), probe, _causal_mask(ids.shape[1], probe.length + ids.shape[1], e.dtype, e.device))
         return queries
@@ -819,7 +856,7 @@ class Stream:
             budget = min(budget, int(e.config.retrieve_top_k * mean_len))
         kv = e._answer_window(n_init + budget + extra) if e.config.cuda_graphs else _KV(e._new_buffer(n_init + budget + extra), 0)
         kv.length = n_init + budget
-        kv.buf[:, :, :, :n_init] = self._window.buf[:, :, :, :n_init]
+        kv.buf[:, :, :, :n_init] = self._init_kv
         for layer, pick in enumerate(picks):
             parts = [self.blocks[i].kv[layer].to(e.device, non_blocking=True) for i in pick]
             old = torch.cat([torch.arange(self.blocks[i].start, self.blocks[i].start + self.blocks[i].length) for i in pick])
@@ -908,7 +945,7 @@ class Stream:
     def close(self) -> None:
         """Free this stream's KV."""
         self.blocks = []
-        self._window = None
+        self._window = self._init_kv = None
         self._graphs = {}
         self._closed = True
 
@@ -936,17 +973,19 @@ class StreamBatch:
             if e.config.cacher is not None:
                 s.cacher_state = self.vision.new_state()
         n_init = e.init_ids.shape[1]
-        cap = n_init + e.config.n_local + e.max_frame_tokens
+        cap = n_init + e.config.n_local + e.max_frame_tokens + e.config.window_slack
         buf = torch.zeros(e.num_layers, 2, size, e.kv_heads, cap, e.head_dim, dtype=e.dtype, device=e.device)
-        self._window = _StaticKV(buf, 0)
+        self._window = _StaticKV(buf, 0, advances=True)
         self._graphs: dict[tuple, tuple] = {}
         self.timer = StageTimer(e.device, e.config.timing)
         self.frames_seen = 0
         with torch.no_grad(), self.timer.stage("prefill"):
             step = e._static_step(self._window, self._graphs, n_init, 0, e.lm.config.hidden_size, size)
             step(e.lm.embed_tokens(e.init_ids).expand(size, -1, -1))
+        self._init_kv = buf[..., :n_init, :].clone()  # [layers, 2, B, kvh, n_init, d]
         for i, s in enumerate(self.streams):
-            s._window = _KV(buf[:, :, i], n_init)
+            s._window = _KV(buf[:, :, i], n_init)  # a view of the batch's window (for inspection)
+            s._init_kv = self._init_kv[:, :, i]
             s._n_init = n_init
 
     @torch.no_grad()
@@ -990,7 +1029,7 @@ class StreamBatch:
                 tokens = torch.stack(kept)
         n = tokens.shape[1]
         with self.timer.stage("window"):  # the windows' slide, once they are full: part of a step's prefill
-            e._slide_window(w, self.streams[0]._n_init, n, [s.blocks for s in self.streams])
+            e._slide_window(w, self._init_kv, n, [s.blocks for s in self.streams])
         start = w.length
         with self.timer.stage("capture"):
             step = e._static_step(w, self._graphs, n, start, tokens.shape[2], self.size)
@@ -1002,7 +1041,7 @@ class StreamBatch:
             s.blocks.append(Block(frame=self.frames_seen, time=times[i], start=start, kv=kv[:, :, i], mean_key=mean_keys[:, i]))
             s.tokens_per_frame.append(n)
             s.frames_seen += 1
-            s._window.length = w.length
+            s._window.first, s._window.length = w.first, w.length
             if times[i] is not None:
                 s.last_time = times[i]
         self.frames_seen += 1
@@ -1019,5 +1058,5 @@ class StreamBatch:
     def close(self) -> None:
         for s in self.streams:
             s.close()
-        self._window = None
+        self._window = self._init_kv = None
         self._graphs = {}

@@ -13,8 +13,9 @@ blocks) x (heads), is far smaller than the GPU: 196 queries x 28 heads is 56 blo
 - splits the used slots into `splits` equal chunks, one program each, written as partial outputs with
   their log-sum-exp, and a second kernel merges the chunks (split-K "flash decoding", here for
   prefill chunks as well as single tokens);
-- reads `used` from a device tensor, so one CUDA graph serves every step of a window: the chunk
-  bounds are computed in the kernel, and slots past `used` are never read;
+- reads `used` (and, optionally, `first`) from device tensors, so one CUDA graph serves every step of
+  a window: the chunk bounds are computed in the kernel, and slots outside [first, used) are never read
+  (a window that advances instead of moving its tokens starts at `first`);
 - masks only the blocks that reach the new tokens (query i sees slots <= used - n + i).
 
 All arithmetic of the softmax is float32 in base 2; the output is in the query's dtype.
@@ -62,12 +63,12 @@ def _attend_chunk(q, qk_scale, acc, m_i, l_i, K, V, stride_kl, stride_vl, lo, hi
 
 
 @triton.jit
-def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
+def _window_fwd(Q, K, V, USED, FIRST, OUT, OPART, LPART,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kl,
                 stride_vb, stride_vh, stride_vl, stride_ob, stride_on, stride_oh,
                 kv_heads, splits, scale, N, SLOTS,
                 G: tl.constexpr, D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, HAS_FIRST: tl.constexpr):
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // kv_heads).to(tl.int64)  # 64-bit offsets: windows of many streams exceed 2**31 elements
     h = pid_bh % kv_heads
@@ -80,12 +81,15 @@ def _window_fwd(Q, K, V, USED, OUT, OPART, LPART,
                 mask=valid[:, None], other=0.0)
 
     used = tl.minimum(tl.maximum(tl.load(USED + b), 0), SLOTS)  # whatever it holds, no slot outside the window is read
-    context = used - N  # slots before the new tokens; query i sees slots <= context + i
-    chunk = tl.cdiv(tl.cdiv(used, splits), BLOCK_N) * BLOCK_N
-    lo = pid_s * chunk
+    first = 0
+    if HAS_FIRST:
+        first = tl.minimum(tl.maximum(tl.load(FIRST + b), 0), used)
+    context = used - N  # slots before the new tokens; query i sees slots first .. context + i
+    chunk = tl.cdiv(tl.cdiv(used - first, splits), BLOCK_N) * BLOCK_N
+    lo = first + pid_s * chunk
     hi = tl.minimum(lo + chunk, used)
-    # blocks wholly before every query's horizon need no mask
-    free = tl.maximum(tl.minimum(hi, (context + 1) // BLOCK_N * BLOCK_N), lo)
+    # whole blocks before every query's horizon need no mask
+    free = lo + tl.maximum(tl.minimum(hi, context + 1) - lo, 0) // BLOCK_N * BLOCK_N
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -167,12 +171,15 @@ def plan(batch: int, kv_heads: int, rows: int, slots: int, sms: int) -> dict:
 
 
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used: torch.Tensor,
-                     scaling: float | None = None, config: dict | None = None) -> torch.Tensor:
+                     scaling: float | None = None, config: dict | None = None,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
     """query [b, heads, n, d]; key, value [b, kv_heads, L, d] (any strides, last one 1); used:
     integers [b] on the device, n <= used <= L (not checked: reading it would synchronise; the engine
     guarantees it; the kernel clamps it into [0, L], so a wrong value gives wrong rows, never a read
-    outside the window). Returns [b, n, heads, d] in the query's dtype. config overrides `plan` (BLOCK_M,
-    BLOCK_N, splits, num_warps, num_stages)."""
+    outside the window); first: integers [b] on the device, 0 <= first <= used - n (None: 0), the
+    first slot attended to (clamped into [0, used]). Returns [b, n, heads, d] in the query's dtype.
+    config overrides `plan` (BLOCK_M, BLOCK_N, splits, num_warps, num_stages); the plan counts all
+    `used` slots."""
     if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
         raise ValueError(f"expected query [b, heads, n, d] and key, value [b, kv_heads, L, d], got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -195,16 +202,21 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(b, n, heads, d, dtype=query.dtype, device=query.device)
     if used.dtype != torch.int32 or not used.is_contiguous():
         used = used.to(torch.int32).contiguous()
+    if first is not None:
+        if first.shape != (b,):
+            raise ValueError(f"first needs one slot per stream, [{b}], got {tuple(first.shape)}")
+        if first.dtype != torch.int32 or not first.is_contiguous():
+            first = first.to(torch.int32).contiguous()
     grid = (triton.cdiv(g * n, block_m), b * kv_heads, splits)
     if splits == 1:
         part = lse = out  # unused
     else:
         part = torch.empty(splits * b * kv_heads * g * n, d, dtype=torch.float32, device=query.device)
         lse = torch.empty(splits * b * kv_heads * g * n, dtype=torch.float32, device=query.device)
-    _window_fwd[grid](query, key, value, used, out, part, lse,
+    _window_fwd[grid](query, key, value, used, used if first is None else first, out, part, lse,
                       *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
                       kv_heads, splits, scale, n, slots, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                      DIRECT=splits == 1, **cfg)
+                      DIRECT=splits == 1, HAS_FIRST=first is not None, **cfg)
     if splits > 1:
         merge_m = 64
         _window_merge[(triton.cdiv(g * n, merge_m), b * kv_heads)](

@@ -16,8 +16,8 @@ from tests.triton_interpreter import run_in_triton_interpreter
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels and FlashAttention need a GPU")
 
 
-def masked_reference(query, key, value, used, scaling=None):
-    """float64, head by head: query i of stream b sees slots 0 .. used[b] - n + i."""
+def masked_reference(query, key, value, used, scaling=None, first=None):
+    """float64, head by head: query i of stream b sees slots first[b] .. used[b] - n + i (first: 0 if None)."""
     b, heads, n, d = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     out = torch.empty(b, n, heads, d, dtype=torch.float64)
@@ -28,6 +28,7 @@ def masked_reference(query, key, value, used, scaling=None):
             v = value[s, h // (heads // kv_heads)].double().cpu()
             scores = q @ k.T * (d**-0.5 if scaling is None else scaling)
             visible = torch.arange(slots)[None, :] <= (int(used[s]) - n + torch.arange(n))[:, None]
+            visible &= torch.arange(slots)[None, :] >= (0 if first is None else int(first[s]))
             scores = scores.masked_fill(~visible, float("-inf"))
             out[s, :, h] = scores.softmax(-1) @ v
     return out
@@ -40,6 +41,10 @@ def test_mask_free_path_is_refused_where_it_cannot_run():
     kv = torch.randn(1, 2, 8, 16)
     with pytest.raises(RuntimeError, match="window_attention cannot run here"):
         attention.packed_sdpa(None, q, kv, kv, None, **{attention.KV_USED: torch.tensor([5])})
+    with pytest.raises(ValueError, match="stc_kv_first needs stc_kv_used"):
+        attention.packed_sdpa(None, q, kv, kv, None, **{attention.KV_FIRST: torch.tensor([2])})
+    with pytest.raises(RuntimeError, match="needs stc.window_kernel"):
+        attention.window_attention(q, kv, kv, torch.tensor([5]), first=torch.tensor([2]))
 
 
 @gpu
@@ -99,10 +104,23 @@ def _kernel_inputs(case, dtype, device):
     return q, k, v, torch.tensor(used, dtype=torch.int32, device=device)
 
 
-def _poison(k, v, used):  # slots past `used` must not be read
+# a window that starts past slot 0 (the engine's advanced window): per case of KERNEL_CASES, its first slots
+FIRST_CASES = [
+    (0, [10]),  # not a multiple of any tile
+    (2, [100, 22]),  # the second stream sees its new tokens only
+    (4, [5, 30, 0]),  # chunks of 16-slot tiles from slots 5 and 30; a stream from 0 (its new tokens only)
+    (6, [133]),  # a frame's 128-slot tiles, from a slot inside the second tile
+    (3, [149]),  # a decoded token that sees itself only
+]
+
+
+def _poison(k, v, used, first=None):  # slots outside [first, used) must not be read
     for s, u in enumerate(used.tolist()):
         k[s, :, u:] = float("nan")
         v[s, :, u:] = float("nan")
+        if first is not None:
+            k[s, :, : int(first[s])] = float("nan")
+            v[s, :, : int(first[s])] = float("nan")
 
 
 def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_path):
@@ -110,12 +128,19 @@ def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_p
     mishandles bfloat16)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_attention import KERNEL_CASES, _kernel_inputs, _poison
+        from tests.test_attention import FIRST_CASES, KERNEL_CASES, _kernel_inputs, _poison
         from stc.window_kernel import window_attention
         for i, case in enumerate(KERNEL_CASES):
             q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
             _poison(k, v, used)
             torch.save(window_attention(q, k, v, used, scaling=0.3, config=case[-1]), {str(tmp_path)!r} + f"/{{i}}.pt")
+        for i, first in FIRST_CASES:
+            case = KERNEL_CASES[i]
+            q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
+            first = torch.tensor(first, dtype=torch.int32)
+            _poison(k, v, used, first)
+            out = window_attention(q, k, v, used, scaling=0.3, config=case[-1], first=first)
+            torch.save(out, {str(tmp_path)!r} + f"/first{{i}}.pt")
     """, timeout=300)
     for i, case in enumerate(KERNEL_CASES):
         q, k, v, used = _kernel_inputs(case, torch.float32, "cpu")
@@ -123,6 +148,11 @@ def test_window_kernel_equals_a_masked_reference_in_the_triton_interpreter(tmp_p
         out = torch.load(tmp_path / f"{i}.pt")
         assert out.shape == ref.shape and out.dtype == torch.float32
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for i, first in FIRST_CASES:
+        q, k, v, used = _kernel_inputs(KERNEL_CASES[i], torch.float32, "cpu")
+        ref = masked_reference(q, k, v, used, scaling=0.3, first=first)
+        torch.testing.assert_close(torch.load(tmp_path / f"first{i}.pt").double(), ref, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ref, masked_reference(q, k, v, used, scaling=0.3), atol=1e-3)  # `first` matters here
 
 
 @gpu
@@ -138,6 +168,25 @@ def test_window_kernel_equals_a_masked_reference_on_gpu(case, dtype):
     assert out.dtype == dtype
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, err
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(FIRST_CASES)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_window_kernel_from_a_first_slot_equals_a_masked_reference_on_gpu(case, dtype):
+    from stc.window_kernel import window_attention
+
+    i, first = FIRST_CASES[case]
+    q, k, v, used = _kernel_inputs(KERNEL_CASES[i], dtype, "cuda")
+    first = torch.tensor(first, dtype=torch.int32, device="cuda")
+    ref = masked_reference(q, k, v, used, scaling=0.3, first=first)
+    _poison(k, v, used, first)
+    out = window_attention(q, k, v, used, scaling=0.3, config=KERNEL_CASES[i][-1], first=first)
+    err = (out.double().cpu() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+    # through the engine's attention function, with its default plan
+    out = attention.packed_sdpa(None, q, k, v, None, scaling=0.3, **{attention.KV_USED: used, attention.KV_FIRST: first})[0]
+    assert ((out.double().cpu() - ref).norm() / ref.norm()) < 1e-2
 
 
 @gpu

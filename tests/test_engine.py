@@ -256,11 +256,13 @@ class Reference:
         return first, tokens
 
 
-def assert_blocks_match(stream, blocks, theta):
-    """The engine's blocks against the reference's: start, keys after RoPE at their start, values, mean key."""
-    assert [b.start for b in stream.blocks] == [b["start"] for b in blocks]
+def assert_blocks_match(stream, blocks, theta, starts=None):
+    """The engine's blocks against the reference's: start (the reference's, or `starts`: a window that
+    advances puts a frame at other slots, with the same relative positions), keys after RoPE at their
+    start, values, mean key."""
+    assert [b.start for b in stream.blocks] == (starts or [b["start"] for b in blocks])
     for got, want in zip(stream.blocks, blocks):
-        pos = torch.arange(want["start"], want["start"] + want["k"].shape[2])
+        pos = torch.arange(got.start, got.start + want["k"].shape[2])
         torch.testing.assert_close(got.kv[:, 0].cpu(), rope(want["k"], pos, theta), atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got.kv[:, 1].cpu(), want["v"], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got.mean_key.cpu(), want["mean_key"], atol=2e-5, rtol=1e-4)
@@ -468,13 +470,9 @@ def test_interleaved_streams_equal_separate_streams(tiny):
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
-def test_local_window_and_offload(tiny, graphs, monkeypatch):
-    """Offloading blocks changes nothing; a narrow window (n_local = 40: 2.5 frames) drops its oldest tokens
-    and re-rotates the kept keys by -drop to follow the init tokens: every frame's KV and the answer equal
-    a brute force where each frame attends to init plus the last n_local tokens at contiguous positions."""
+def test_offloaded_blocks_change_nothing(tiny, graphs):
     model, proc = tiny
     video = frames(6)
-    ref = Reference(model, proc)
     cfg = EngineConfig(retrieve_top_k=3, n_local=1000, cuda_graphs=graphs)
     with StreamingEngine(model, proc, cfg) as engine:
         s = engine.open_stream()
@@ -487,42 +485,60 @@ def test_local_window_and_offload(tiny, graphs, monkeypatch):
         offloaded = s.answer(QUESTION, max_new_tokens=2)
     torch.testing.assert_close(offloaded.logits, wide.logits)
     assert offloaded.token_ids == wide.token_ids and offloaded.retrieved == wide.retrieved
+    assert all(b.start == 14 + 16 * i for i, b in enumerate(s.blocks))  # never slid: frames follow each other
 
-    n_local = 40
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("slack,firsts,starts", [
+    (0, [0, 0, 0, 0, 0, 0], [0, 16, 32, 40, 40, 40]),  # every slide moves the window back
+    (24, [0, 0, 0, 8, 24, 0], [0, 16, 32, 48, 64, 40]),  # advances by 8 and 16 slots, then moves back (40 > 24)
+    (4096, [0, 0, 0, 8, 24, 40], [0, 16, 32, 48, 64, 80]),  # only advances
+], ids=["move", "advance-then-move", "advance"])
+def test_local_window_equals_rekv_brute_force(tiny, graphs, slack, firsts, starts, monkeypatch):
+    """A narrow window (n_local = 40: 2.5 frames of 16 tokens) drops its oldest tokens, by advancing (the
+    init tokens rewritten before the oldest kept token) or by moving the kept tokens back behind the init
+    tokens at slot 0. Either way, before every frame the window's context is, up to rounding, the init
+    tokens then the last n_local tokens at contiguous positions from its first slot, each key rotated by
+    an independent float64 RoPE; every frame's KV and the answer equal a brute force where each frame
+    attends to init plus the last n_local tokens at contiguous positions."""
+    model, proc = tiny
+    video = frames(6)
+    ref = Reference(model, proc)
+    n_local, n_init = 40, ref.n_init
     blocks = ref.stream(video, n_local=n_local)
-    with StreamingEngine(model, proc, replace(cfg, n_local=n_local)) as engine:
-        slides = []
+    cfg = EngineConfig(retrieve_top_k=3, n_local=n_local, window_slack=slack, cuda_graphs=graphs)
+    with StreamingEngine(model, proc, cfg) as engine:
+        seen = []
         real = engine._slide_window
 
-        def slide(w, n_init, *args, **kwargs):
-            before = (w.buf[..., : w.length, :].clone(), w.length)
-            real(w, n_init, *args, **kwargs)
-            slides.append((before, (w.buf[..., : w.length, :].clone(), w.length), n_init))
+        def slide(w, *args, **kwargs):
+            real(w, *args, **kwargs)
+            seen.append((w.first, w.buf[..., w.first : w.length, :].clone()))
 
         monkeypatch.setattr(engine, "_slide_window", slide)
         s = engine.open_stream()
         s.push_frames(video)
         narrow = s.answer(QUESTION, max_new_tokens=2)
-        assert s._window.length == s._n_init + n_local + 16
-    dropped = 0
-    for (old, old_len), (new, new_len), n_init in slides:
-        drop = max(0, old_len - n_init - n_local)
-        assert new_len == old_len - drop and new_len <= n_init + n_local
-        torch.testing.assert_close(new[..., :n_init, :], old[..., :n_init, :], rtol=0, atol=0)  # init stays
-        kept = old[..., n_init + drop : old_len, :]
-        torch.testing.assert_close(new[:, 1, ..., n_init:, :], kept[:, 1], rtol=0, atol=0)  # values just move
-        back = rope(kept[:, 0], torch.full((kept.shape[-2],), -drop), ref.theta)
-        torch.testing.assert_close(new[:, 0, ..., n_init:, :], back, atol=2e-5, rtol=1e-4)
-        dropped += drop
-    assert dropped == 6 * 16 - n_local - 16  # the window slid: every token beyond the last n_local + one frame
-    assert_blocks_match(s, blocks, ref.theta)
-    assert [b["start"] for b in blocks] == [ref.n_init + x for x in (0, 16, 32, 40, 40, 40)]
+        assert s._window.length - s._window.first == n_init + n_local + 16
+        if graphs:
+            assert s._window.buf.shape[3] == n_init + n_local + engine.max_frame_tokens + slack
+    assert [first for first, _ in seen] == firsts
+    for f, (first, window) in enumerate(seen):  # the context frame f attends to
+        kept = min(16 * f, n_local)
+        k = torch.cat([ref.init_kv[0]] + [b["k"] for b in blocks[:f]], dim=2)
+        v = torch.cat([ref.init_kv[1]] + [b["v"] for b in blocks[:f]], dim=2)
+        rows = list(range(n_init)) + list(range(k.shape[2] - kept, k.shape[2]))
+        assert window.shape[-2] == len(rows)
+        want = rope(k[:, :, rows], torch.arange(first, first + len(rows)), ref.theta)
+        torch.testing.assert_close(window[:, 0], want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(window[:, 1], v[:, :, rows], atol=2e-5, rtol=1e-4)
+    assert_blocks_match(s, blocks, ref.theta, starts=[n_init + x for x in starts])
+    assert [b["start"] for b in blocks] == [n_init + x for x in (0, 16, 32, 40, 40, 40)]  # ReKV's positions
     picks = ref.picks(QUESTION, blocks, 3)
     assert narrow.retrieved == picks
     logits, tokens = ref.answer(blocks, picks, QUESTION, max_new=2)
     torch.testing.assert_close(narrow.logits, logits, atol=1e-4, rtol=1e-4)
     assert narrow.token_ids == tokens
-    assert not torch.allclose(narrow.logits, wide.logits)  # frames saw less context
 
 
 def test_rotation_composes_like_rope(tiny):
@@ -732,7 +748,7 @@ def test_stream_batch_equals_separate_streams(tiny, cfg):
         torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
         assert a.token_ids == b.token_ids and a.retrieved == b.retrieved
     assert [s.frames_seen for s in batch.streams] == [5, 5, 5]
-    recent = batch._window.length - batch.streams[0]._n_init
+    recent = batch._window.length - batch._window.first - batch.streams[0]._n_init
     per_frame = batch.streams[0].tokens_per_frame[0]
     if cfg.n_local < 5 * per_frame:  # the window slid: n_local recent tokens, then the newest frame
         assert recent == cfg.n_local + per_frame

@@ -101,79 +101,113 @@ def rotated(model, keys, delta):
     return (x * cos[0] + rotate_half(x) * sin[0]).to(keys.dtype)
 
 
-def window_from_blocks(model, stream, n_init, kept):
-    """The window a slide should leave: the last `kept` block tokens, each rotated once from its block's
-    position to its contiguous place after the init tokens; values as written."""
+def window_from_blocks(model, stream, w, i=None):
+    """The context a slide should leave in window w (of stream i of a batch, or of one stream): the init
+    tokens rotated once from their first copy to w.first.., then the last block tokens, each rotated once
+    from its block's position to its slot (by 0 where it was never moved: bit for bit its block's copy);
+    values as written."""
+    n_init = stream._n_init
+    kept = w.length - w.first - n_init
+    init = stream._init_kv
     keys = torch.cat([b.kv[:, 0] for b in stream.blocks], dim=-2)[..., -kept:, :]
     values = torch.cat([b.kv[:, 1] for b in stream.blocks], dim=-2)[..., -kept:, :]
     old = torch.cat([torch.arange(b.start, b.start + b.length) for b in stream.blocks])[-kept:]
-    return rotated(model, keys, torch.arange(n_init, n_init + kept) - old), values
+    keys = rotated(model, keys, torch.arange(w.first + n_init, w.length) - old)
+    init_keys = rotated(model, init[:, 0], torch.full((n_init,), w.first)) if w.first else init[:, 0]
+    return torch.cat([init_keys, keys], dim=-2), torch.cat([init[:, 1], values], dim=-2)
+
+
+def window_context(w, i=None):
+    """The K and V of window w's context, slots first .. length - 1 (of stream i of a batch)."""
+    buf = w.buf if i is None else w.buf[:, :, i]
+    return buf[:, 0, :, w.first : w.length], buf[:, 1, :, w.first : w.length]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs):
-    """After 12 frames of 16 tokens in a window of 40 (9 slides), every kept key equals its block's key rotated once to its
-    new position, bit for bit: re-rotating the window's own copy at each slide would round it again each time."""
+@pytest.mark.parametrize("slack,moves", [(0, 9), (40, 2)])
+def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs, slack, moves, monkeypatch):
+    """After 12 frames of 16 tokens in a window of 40 (9 slides), every kept key equals its block's key rotated
+    once to its slot, and the init keys their first copy rotated once, bit for bit: re-rotating the window's own
+    copy at each move would round it again each time. With no slack each slide moves the window back; with 40
+    slots it advances, and moves back twice (at the 7th and the 10th frame)."""
     model, proc = tiny
     model.to(dtype)
     try:
-        with StreamingEngine(model, proc, EngineConfig(n_local=40, cuda_graphs=graphs)) as engine:
+        with StreamingEngine(model, proc, EngineConfig(n_local=40, window_slack=slack, cuda_graphs=graphs)) as engine:
+            moved = []
+            real = engine._slide_window
+
+            def slide(w, *args):
+                before = w.length
+                real(w, *args)
+                moved.append(w.length < before)  # moved back (an advance keeps the length)
+
+            monkeypatch.setattr(engine, "_slide_window", slide)
             stream = engine.open_stream()
             video = frames(12, seed=3)
             for f in range(12):
                 stream.push_frames(video[f : f + 1])
-            w, n_init = stream._window, stream._n_init
-            kept = w.length - n_init
-            assert kept == 40 + 16  # n_local, and the last frame pushed after the slide
-            keys, values = window_from_blocks(model, stream, n_init, kept)
-            assert torch.equal(w.buf[:, 0, :, n_init : w.length], keys)
-            assert torch.equal(w.buf[:, 1, :, n_init : w.length], values)
+            w = stream._window
+            assert w.length - w.first - stream._n_init == 40 + 16  # n_local, and the last frame pushed after the slide
+            assert sum(moved) == moves
+            keys, values = window_from_blocks(model, stream, w)
+            got_keys, got_values = window_context(w)
+            assert torch.equal(got_keys, keys)
+            assert torch.equal(got_values, values)
     finally:
         model.float()
 
 
-def test_batch_windows_slide_like_single_streams(tiny):
+@pytest.mark.parametrize("slack", [0, 40])
+def test_batch_windows_slide_like_single_streams(tiny, slack):
     model, proc = tiny
-    with StreamingEngine(model, proc, EngineConfig(n_local=40, cuda_graphs=True)) as engine:
+    with StreamingEngine(model, proc, EngineConfig(n_local=40, window_slack=slack, cuda_graphs=True)) as engine:
         batch = engine.open_batch(2)
         videos = [frames(12, seed=4), frames(12, seed=5)]
         for f in range(12):
             batch.push_frames(np.stack([v[f] for v in videos]))
+        w = batch._window
+        assert w.first == (0 if slack == 0 else 32)
         for i, stream in enumerate(batch.streams):
-            w, n_init = batch._window, stream._n_init
-            kept = w.length - n_init
-            keys, values = window_from_blocks(model, stream, n_init, kept)
-            assert torch.equal(w.buf[:, 0, i, :, n_init : w.length], keys)
-            assert torch.equal(w.buf[:, 1, i, :, n_init : w.length], values)
+            keys, values = window_from_blocks(model, stream, w, i)
+            got_keys, got_values = window_context(w, i)
+            assert torch.equal(got_keys, keys)
+            assert torch.equal(got_values, values)
+            assert (stream._window.first, stream._window.length) == (w.first, w.length)
 
 
-def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny):
-    """Rows whose block is not on the window's device (here: on the meta device) are rotated from the window's
-    copy by the tokens dropped; the others from their blocks."""
+@pytest.mark.parametrize("old_first", [0, 3])
+def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny, old_first):
+    """When the window moves back, rows whose block is not on the window's device (here: on the meta device) are
+    rotated from the window's copy by the slots they move; the others from their blocks; the init tokens are
+    their first copy. From a window at slot 0 and from one that had advanced by 3 slots."""
     from stc.engine import Block, _KV
 
     model, proc = tiny
-    with StreamingEngine(model, proc, EngineConfig(n_local=6)) as engine:
+    with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=0)) as engine:
         layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
         g = torch.Generator().manual_seed(0)
-        blocks = [Block(frame=i, time=None, start=n_init + 4 * i, kv=torch.randn(layers, 2, kvh, 4, d, generator=g),
+        base = old_first + n_init
+        blocks = [Block(frame=i, time=None, start=base + 4 * i, kv=torch.randn(layers, 2, kvh, 4, d, generator=g),
                         mean_key=torch.zeros(layers, kvh, d)) for i in range(3)]  # fmt: skip
-        window = _KV(torch.randn(layers, 2, kvh, n_init + 12, d, generator=g), n_init + 12)
-        window.buf[..., n_init:, :] = torch.cat([b.kv for b in blocks], dim=-2)
+        window = _KV(torch.randn(layers, 2, kvh, base + 12, d, generator=g), base + 12)
+        window.first = old_first
+        window.buf[..., base:, :] = torch.cat([b.kv for b in blocks], dim=-2)
+        init = torch.randn(layers, 2, kvh, n_init, d, generator=g)
         before = window.buf.clone()
         blocks[1].kv = blocks[1].kv.to("meta")  # "in CPU memory": not where the window is
-        engine._slide_window(window, n_init, 4, [blocks])
-        drop = 6
-        assert window.length == n_init + 6
+        engine._slide_window(window, init, 4, [blocks])
+        moved = old_first + 6  # 6 tokens dropped
+        assert (window.first, window.length) == (0, n_init + 6)
         got = window.buf[:, 0, :, n_init : n_init + 6]
-        # the kept tokens: the last 2 of block 1 (from the window, by -drop), then block 2 (from its block)
-        torch.testing.assert_close(got[..., :2, :], rotated(model, before[:, 0, :, n_init + 6 : n_init + 8], torch.full((2,), -drop)),
+        # the kept tokens: the last 2 of block 1 (from the window, by -moved), then block 2 (from its block)
+        torch.testing.assert_close(got[..., :2, :], rotated(model, before[:, 0, :, base + 6 : base + 8], torch.full((2,), -moved)),
                                    rtol=0, atol=0)  # fmt: skip
         torch.testing.assert_close(got[..., 2:, :], rotated(model, blocks[2].kv[:, 0], torch.full((4,), n_init + 2 - blocks[2].start)),
                                    rtol=0, atol=0)  # fmt: skip
-        assert torch.equal(window.buf[:, 1, :, n_init : n_init + 6], before[:, 1, :, n_init + 6 : n_init + 12])
-        assert torch.equal(window.buf[..., :n_init, :], before[..., :n_init, :])
+        assert torch.equal(window.buf[:, 1, :, n_init : n_init + 6], before[:, 1, :, base + 6 : base + 12])
+        assert torch.equal(window.buf[..., :n_init, :], init)
 
 
 def test_the_window_slide_is_timed_as_part_of_prefill(tiny, monkeypatch):
