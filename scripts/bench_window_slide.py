@@ -95,13 +95,13 @@ def time_slides(batch, device):
     return out
 
 
-def engine_runs(frames: int, batches: list[int], methods: list[str], repeats: int) -> list[dict]:
-    """StreamBatch over `frames` frames on the random-weight LLaVA-OV-7B, window_slack 0 and the default."""
+def engine_runs(frames: int, batches: list[int], methods: list[str], repeats: int, rows: list, save) -> None:
+    """StreamBatch over `frames` frames on the random-weight LLaVA-OV-7B, window_slack 0 and the default;
+    each row appended to `rows`, then `save()`."""
     from stc.latency import measure_batch
     from stc.models import build_model
 
     model, processor = build_model("llava-ov-7b", dtype=torch.bfloat16, device="cuda")
-    rows = []
     for batch in batches:
         for method in methods:
             for slack in (0, SLACK):
@@ -110,8 +110,8 @@ def engine_runs(frames: int, batches: list[int], methods: list[str], repeats: in
                 rows.append({**r, "window_slack": slack})
                 print(f"B = {batch}, {method}, window_slack {slack}: window {r['window_ms_per_frame']:.3f} ms, prefill "
                       f"{r['prefill_ms_per_frame']:.3f} ms per stream-frame over {frames} frames", flush=True)
+                save()
                 torch.cuda.empty_cache()
-    return rows
 
 
 def main(argv=None):
@@ -143,7 +143,7 @@ def main(argv=None):
               f"{r[f'per_frame_ms_slack_{SLACK}_tokens_59']:.3f} ms (59)", flush=True)
         save()
     if args.engine_frames:
-        result["engine"] = engine_runs(args.engine_frames, args.engine_batches, args.engine_methods, args.repeats)
+        engine_runs(args.engine_frames, args.engine_batches, args.engine_methods, args.repeats, result["engine"], save)
     save()
 
 
