@@ -126,12 +126,17 @@ def window_context(w, i=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("slack,moves", [(0, 9), (40, 2)])
-def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs, slack, moves, monkeypatch):
+@pytest.mark.parametrize("move_bytes", [2**30, 1], ids=["all-layers", "layer-by-layer"])
+def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs, slack, moves, move_bytes, monkeypatch):
     """After 12 frames of 16 tokens in a window of 40 (9 slides), every kept key equals its block's key rotated
     once to its slot, and the init keys their first copy rotated once, bit for bit: re-rotating the window's own
     copy at each move would round it again each time. With no slack each slide moves the window back; with 40
     slots it advances, and moves back twice (at the 7th and the 10th frame)."""
+    import stc.engine
+
+    monkeypatch.setattr(stc.engine, "MOVE_BYTES", move_bytes)
     model, proc = tiny
+    assert model.config.text_config.num_hidden_layers > 1
     model.to(dtype)
     try:
         with StreamingEngine(model, proc, EngineConfig(n_local=40, window_slack=slack, cuda_graphs=graphs)) as engine:
@@ -160,7 +165,11 @@ def test_slid_window_keys_are_rotated_once_from_their_blocks(tiny, dtype, graphs
 
 
 @pytest.mark.parametrize("slack", [0, 40])
-def test_batch_windows_slide_like_single_streams(tiny, slack):
+@pytest.mark.parametrize("move_bytes", [2**30, 1], ids=["all-layers", "layer-by-layer"])
+def test_batch_windows_slide_like_single_streams(tiny, slack, move_bytes, monkeypatch):
+    import stc.engine
+
+    monkeypatch.setattr(stc.engine, "MOVE_BYTES", move_bytes)
     model, proc = tiny
     with StreamingEngine(model, proc, EngineConfig(n_local=40, window_slack=slack, cuda_graphs=True)) as engine:
         batch = engine.open_batch(2)
@@ -178,12 +187,15 @@ def test_batch_windows_slide_like_single_streams(tiny, slack):
 
 
 @pytest.mark.parametrize("old_first", [0, 3])
-def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny, old_first):
+@pytest.mark.parametrize("move_bytes", [2**30, 1], ids=["all-layers", "layer-by-layer"])
+def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny, old_first, move_bytes, monkeypatch):
     """When the window moves back, rows whose block is not on the window's device (here: on the meta device) are
     rotated from the window's copy by the slots they move; the others from their blocks; the init tokens are
     their first copy. From a window at slot 0 and from one that had advanced by 3 slots."""
+    import stc.engine
     from stc.engine import Block, _KV
 
+    monkeypatch.setattr(stc.engine, "MOVE_BYTES", move_bytes)
     model, proc = tiny
     with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=0)) as engine:
         layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
