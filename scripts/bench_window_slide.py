@@ -9,7 +9,8 @@ slide is a move; that was the only way before the window could advance.
 
 For B streams of 196-token frames, Qwen2-7B's KV (28 layers, 4 KV heads of 128, bf16) and
 n_local 15,000, this times one advance and one move of all B windows (CUDA events, median of 5
-after one warm-up) and gives the slide's mean cost per stream-frame once the window is full, for the
+after one warm-up; the move as the engine runs it, by `stc.rope_kernel.rotate_into` where Triton runs,
+and by the engine's PyTorch rotation, its path without Triton) and gives the slide's mean cost per stream-frame once the window is full, for the
 default slack (one move per slack / frame tokens + 1 frames), for frames of 196 and of 59 tokens.
 
 With --engine-frames N it also streams N frames (past n_local from the 77th) through `StreamBatch`
@@ -75,8 +76,12 @@ def time_slides(batch, device):
     w = _StaticKV(buf.clone(), length, advances=True)
     init = buf[..., :N_INIT, :].clone()
     out = {"batch": batch, "window_tokens": length - N_INIT, "window_gb": buf[..., N_INIT:length, :].numel() * 2 / 1e9 / batch}
-    for name, slack in (("move", 0), ("advance", SLACK)):
+    import stc.engine
+
+    kernel = stc.engine.rope_kernel_supported
+    for name, slack in (("move", 0), ("move_torch", 0), ("advance", SLACK)):
         stub = engine_stub(device, slack)
+        stc.engine.rope_kernel_supported = kernel if name != "move_torch" else (lambda *a: False)
         times = []
         for _ in range(6):
             w.buf.copy_(buf)
@@ -88,8 +93,10 @@ def time_slides(batch, device):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        assert (w.first == 0) == (name == "move")
+        stc.engine.rope_kernel_supported = kernel
+        assert (w.first == 0) == name.startswith("move")
         out[f"{name}_ms"] = statistics.median(times[1:])
+    out["move_kernel"] = kernel(torch.bfloat16, torch.device(device), HEAD_DIM)
     for tokens in (FRAME, 59):  # all tokens of a frame; the Pruner's 30%
         out[f"ms_per_stream_frame_{tokens}"] = per_frame_ms(out["advance_ms"], out["move_ms"], SLACK, tokens) / batch
         out[f"ms_per_stream_frame_{tokens}_slack_0"] = out["move_ms"] / batch
@@ -139,7 +146,7 @@ def main(argv=None):
         torch.cuda.empty_cache()  # the window and blocks of this B are freed with time_slides' frame
         r = result["rows"][-1]
         print(f"B = {batch}: window {r['window_tokens']} tokens ({r['window_gb']:.2f} GB of K and V per stream); one move "
-              f"{r['move_ms']:.2f} ms, one advance {r['advance_ms']:.3f} ms; per stream-frame with slack {SLACK}: "
+              f"{r['move_ms']:.2f} ms (by PyTorch {r['move_torch_ms']:.2f} ms), one advance {r['advance_ms']:.3f} ms; per stream-frame with slack {SLACK}: "
               f"{r[f'ms_per_stream_frame_{FRAME}']:.3f} ms ({FRAME} tokens), {r['ms_per_stream_frame_59']:.3f} ms (59); "
               f"with slack 0: {r[f'ms_per_stream_frame_{FRAME}_slack_0']:.3f} ms", flush=True)
         save()

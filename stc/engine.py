@@ -458,7 +458,7 @@ class StreamingEngine:
         kept -= drop
         first = w.first + drop  # the new first slot: the init tokens right before the oldest kept token
         if first > self.config.window_slack:  # move the kept tokens back behind the init tokens at slot 0
-            sources, shifts = [], []  # per block overlapping the kept tokens, newest first: its parts, one per stream (or the window's rows)
+            sources, shifts = [], []  # per block overlapping the kept tokens, newest first: its K and V, one per stream (or the window's rows)
             head, end = blocks[0], kept  # `end`: the kept tokens not yet covered; a token's new slot is n_init + its row
             for j in range(len(head) - 1, -1, -1):
                 if end == 0:
@@ -466,10 +466,10 @@ class StreamingEngine:
                 block = head[j]
                 rows = min(block.length, end)
                 if all(stream[j].kv.device == w.buf.device for stream in blocks):
-                    sources.append([stream[j].kv[:, 0, ..., block.length - rows :, :] for stream in blocks])
+                    sources.append([stream[j].kv[..., block.length - rows :, :] for stream in blocks])
                     delta = n_init + end - rows - (block.start + block.length - rows)  # the block moves as one
-                else:  # in CPU memory: the window's own rows, by -first (a view: each layer is read before it is written)
-                    sources.append(w.buf[:, 0, ..., first + n_init + end - rows : first + n_init + end, :])
+                else:  # in CPU memory: the window's own rows, by -first (a view: each layer is copied before it is written)
+                    sources.append(w.buf[..., first + n_init + end - rows : first + n_init + end, :])
                     delta = -first
                 shifts.append(torch.full((rows,), delta, device=w.buf.device))
                 end -= rows
@@ -478,19 +478,27 @@ class StreamingEngine:
             w.buf[..., :n_init, :] = init
             if kept:
                 shift = torch.cat(shifts[::-1])
-                # one rotation for all blocks (a rotation per block costs more in launches than it saves at
-                # B = 1), over as many layers at a time as keep its float32 temporaries near MOVE_BYTES (all 28
-                # of Qwen2-7B's at B = 1; at B = 16 one pass over all needed more than an H100 had left)
+                kernel = rope_kernel_supported(w.buf.dtype, w.buf.device, w.buf.shape[-1])
+                if kernel:  # RoPE and the write as one pass (stc.rope_kernel.rotate_into)
+                    from stc.rope_kernel import rotate_into
+
+                    cos, sin = (t[0] for t in self.lm.rotary_emb(torch.empty(0, device=w.buf.device), shift[None]))
+                # the blocks' K and V joined, then one rotation for all (a rotation per block costs more in launches
+                # than it saves at B = 1), over as many layers at a time as keep the joined copy (and the float32
+                # keys without the kernel) within MOVE_BYTES: all 28 of Qwen2-7B's at B = 1; at B = 16 one pass
+                # over all needed more than an H100 had left
                 per_layer = w.buf[0, 0, ..., :kept, :].numel() * 4
                 step = max(1, min(w.buf.shape[0], MOVE_BYTES // per_layer))
                 for lo in range(0, w.buf.shape[0], step):
                     hi = lo + step
-                    parts = [p[lo:hi] if isinstance(p, torch.Tensor) else p[0][lo:hi] if w.buf.dim() == 5
-                             else torch.stack([x[lo:hi] for x in p], dim=1) for p in sources[::-1]]
-                    keys = self._rotate(torch.cat(parts, dim=-2), shift)
-                    values = w.buf[lo:hi, 1, ..., first + n_init : w.length, :].clone()  # the move may overlap itself
-                    w.buf[lo:hi, 0, ..., n_init : n_init + kept, :] = keys  # from blocks or the window: in place
-                    w.buf[lo:hi, 1, ..., n_init : n_init + kept, :] = values
+                    kv = torch.cat([p[lo:hi] if isinstance(p, torch.Tensor) else p[0][lo:hi] if w.buf.dim() == 5
+                                    else torch.stack([x[lo:hi] for x in p], dim=2) for p in sources[::-1]], dim=-2)
+                    dst = w.buf[lo:hi, ..., n_init : n_init + kept, :]  # the joined copy is read before this is written
+                    if kernel:
+                        rotate_into(kv if kv.dim() == 6 else kv[:, :, None], cos, sin, dst if dst.dim() == 6 else dst[:, :, None])
+                    else:
+                        dst[:, 0] = self._rotate(kv[:, 0], shift)
+                        dst[:, 1] = kv[:, 1]
             w.first, w.length = 0, n_init + kept
         elif drop:  # advance: the init tokens move to just before the oldest kept token
             w.buf[:, 0, ..., first : first + n_init, :] = self._rotate(init[:, 0], torch.full((n_init,), first, device=w.buf.device))

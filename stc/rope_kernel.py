@@ -105,3 +105,58 @@ def rope_write(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos:
                         H=heads, HKV=kv_heads, D=d, BLOCK_H=triton.next_power_of_2(heads),
                         BLOCK_KV=triton.next_power_of_2(kv_heads), num_warps=4)
     return out.transpose(1, 2)
+
+
+@triton.jit
+def _rotate_into(SRC, COS, SIN, DST, n, B,
+                 stride_sl, stride_s2, stride_sb, stride_sh, stride_sn,
+                 stride_dl, stride_d2, stride_db, stride_dh, stride_dn,
+                 HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_lb = tl.program_id(0), tl.program_id(1)
+    layer = (pid_lb // B).to(tl.int64)  # 64-bit offsets: windows of many streams exceed 2**31 elements
+    b = (pid_lb % B).to(tl.int64)
+    HALF: tl.constexpr = D // 2
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = (rows < n)[:, None]
+    d = tl.arange(0, HALF)
+    c1 = tl.load(COS + rows[:, None] * D + d[None, :], mask=keep, other=0.0)
+    c2 = tl.load(COS + rows[:, None] * D + HALF + d[None, :], mask=keep, other=0.0)
+    s1 = tl.load(SIN + rows[:, None] * D + d[None, :], mask=keep, other=0.0)
+    s2 = tl.load(SIN + rows[:, None] * D + HALF + d[None, :], mask=keep, other=0.0)
+    src = SRC + layer * stride_sl + b * stride_sb
+    dst = DST + layer * stride_dl + b * stride_db
+    for h in range(HKV):
+        k = src + h * stride_sh + rows[:, None] * stride_sn + d[None, :]
+        x1 = tl.load(k, mask=keep, other=0.0).to(tl.float32)
+        x2 = tl.load(k + HALF, mask=keep, other=0.0).to(tl.float32)
+        out = dst + h * stride_dh + rows[:, None] * stride_dn + d[None, :]
+        tl.store(out, (x1 * c1 - x2 * s1).to(DST.dtype.element_ty), mask=keep)
+        tl.store(out + HALF, (x2 * c2 + x1 * s2).to(DST.dtype.element_ty), mask=keep)
+        v = src + stride_s2 + h * stride_sh + rows[:, None] * stride_sn + d[None, :]
+        out = dst + stride_d2 + h * stride_dh + rows[:, None] * stride_dn + d[None, :]
+        tl.store(out, tl.load(v, mask=keep, other=0.0), mask=keep)
+        tl.store(out + HALF, tl.load(v + HALF, mask=keep, other=0.0), mask=keep)
+
+
+def rotate_into(src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dst: torch.Tensor) -> None:
+    """Write KV tokens rotated to other positions: dst[:, 0] = RoPE of the keys src[:, 0] by the
+    rotation (cos, sin) of each token, dst[:, 1] = the values src[:, 1] (the engine's window moving its
+    tokens back from their blocks; `stc.engine.StreamingEngine._slide_window`).
+
+    src, dst [layers, 2, streams, kv_heads, n, d] (dst: a view of a window; any strides, the last one
+    1; src and dst must not overlap); cos, sin [n, d] float32 (transformers' rotary embedding of
+    each token's shift). The rotation is computed in float32 and rounded once, as `rope_write`'s."""
+    if src.dim() != 6 or src.shape != dst.shape or src.shape[1] != 2:
+        raise ValueError(f"expected src and dst [layers, 2, streams, kv_heads, n, d] alike, got {tuple(src.shape)}, {tuple(dst.shape)}")
+    layers, _, b, kv_heads, n, d = src.shape
+    if cos.shape != (n, d) or sin.shape != (n, d) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"cos and sin must be float32 [{n}, {d}], got {cos.dtype} {tuple(cos.shape)}, {sin.dtype} {tuple(sin.shape)}")
+    if not supported_head_dim(d) or src.dtype != dst.dtype or src.stride(-1) != 1 or dst.stride(-1) != 1:
+        raise ValueError(f"needs a head size of twice a power of two from 16 to 512, one dtype and unit stride along it, "
+                         f"got {d}, {src.dtype}/{dst.dtype}")
+    if n == 0 or layers == 0:
+        return
+    cos, sin = cos.contiguous(), sin.contiguous()
+    block = 32
+    _rotate_into[(triton.cdiv(n, block), layers * b)](src, cos, sin, dst, n, b, *src.stride()[:5], *dst.stride()[:5],
+                                                      HKV=kv_heads, D=d, BLOCK_N=block, num_warps=4)

@@ -135,3 +135,124 @@ def test_static_window_runs_the_kernel_as_transformers_rope_on_gpu(streams):
     torch.testing.assert_close(written[0][:, :, index].float(), want_k, atol=ulp, rtol=ulp)
     assert torch.equal(written[1][:, :, index], v)
     assert isinstance(w, _KV)
+
+
+# ------------------------------------------------------------- rotate_into: the window's move
+
+MOVE_CASES = [(2, 1, 2, 37, 16), (3, 2, 1, 5, 32), (1, 4, 3, 64, 16)]  # (layers, streams, KV heads, tokens, head size)
+
+
+def move_inputs(case, dtype, device):
+    """K and V of `tokens` tokens to write, the cos and sin of per-token shifts (float32, transformers' base-100
+    RoPE as in `rope_inputs`), and the destination: a view of NaN-filled windows two slots in."""
+    layers, b, kv_heads, n, d = case
+    g = torch.Generator().manual_seed(n * d + layers)
+    src = torch.randn(layers, 2, b, kv_heads, n, d, generator=g).to(dtype)
+    shift = torch.randint(-50, 50, (n,), generator=g).double()
+    freqs = shift[:, None] / 100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    buf = torch.full((layers, 2, b, kv_heads, n + 5, d), float("nan"), dtype=dtype)
+    return [t.to(device) for t in (src, emb.cos().float(), emb.sin().float(), buf)]
+
+
+def move_reference(src, cos, sin):
+    """float64: the keys rotated by transformers' rotate_half formula, the values as they are."""
+    from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+    k = src[:, 0].double().cpu()
+    return k * cos.double().cpu() + rotate_half(k) * sin.double().cpu(), src[:, 1].double().cpu()
+
+
+def test_rotate_into_equals_rope_in_the_triton_interpreter(tmp_path):
+    run_in_triton_interpreter(f"""
+        import torch
+        from tests.test_rope_kernel import MOVE_CASES, move_inputs
+        from stc.rope_kernel import rotate_into
+        for i, case in enumerate(MOVE_CASES):
+            src, cos, sin, buf = move_inputs(case, torch.float32, "cpu")
+            rotate_into(src, cos, sin, buf[..., 2 : 2 + case[3], :])
+            torch.save(buf, {str(tmp_path)!r} + f"/{{i}}.pt")
+    """, timeout=300)
+    for i, case in enumerate(MOVE_CASES):
+        src, cos, sin, _ = move_inputs(case, torch.float32, "cpu")
+        buf = torch.load(tmp_path / f"{i}.pt")
+        keys, values = move_reference(src, cos, sin)
+        n = case[3]
+        torch.testing.assert_close(buf[:, 0, ..., 2 : 2 + n, :].double(), keys, atol=1e-6, rtol=1e-6)
+        assert torch.equal(buf[:, 1, ..., 2 : 2 + n, :], src[:, 1])
+        assert buf[..., :2, :].isnan().all() and buf[..., 2 + n :, :].isnan().all()  # nothing else written
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(MOVE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotate_into_equals_rope_on_gpu(case, dtype):
+    """Within one rounding to the dtype of the float64 result (the kernel rounds once)."""
+    from stc.rope_kernel import rotate_into
+
+    src, cos, sin, buf = move_inputs(MOVE_CASES[case], dtype, "cuda")
+    n = MOVE_CASES[case][3]
+    rotate_into(src, cos, sin, buf[..., 2 : 2 + n, :])
+    keys, values = move_reference(src, cos, sin)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(buf[:, 0, ..., 2 : 2 + n, :].double().cpu(), keys, atol=ulp, rtol=ulp)
+    assert torch.equal(buf[:, 1, ..., 2 : 2 + n, :], src[:, 1])
+    assert buf[..., :2, :].isnan().all() and buf[..., 2 + n :, :].isnan().all()
+
+
+def test_rotate_into_refuses_bad_inputs():
+    pytest.importorskip("triton")
+    from stc.rope_kernel import rotate_into
+
+    src, cos, sin, buf = move_inputs(MOVE_CASES[0], torch.float32, "cpu")
+    dst = buf[..., :37, :]
+    with pytest.raises(ValueError, match="alike"):
+        rotate_into(src, cos, sin, buf)
+    with pytest.raises(ValueError, match="alike"):
+        rotate_into(src[:, 0], cos, sin, dst[:, 0])
+    with pytest.raises(ValueError, match="float32"):
+        rotate_into(src, cos.double(), sin, dst)
+    with pytest.raises(ValueError, match="float32"):
+        rotate_into(src, cos[:-1], sin, dst)
+    with pytest.raises(ValueError, match="one dtype"):
+        rotate_into(src.half(), cos, sin, dst)
+
+
+@gpu
+@pytest.mark.parametrize("streams", [1, 3])
+def test_window_move_by_the_kernel_equals_the_move_by_torch_on_gpu(streams, monkeypatch):
+    """A window's move on a GPU (bf16, rotate_into) against the same move through the engine's torch
+    rotation: keys within one rounding, values and init tokens equal, other slots untouched; from blocks
+    on the GPU and, for one block, from the window's own rows (a block in CPU memory)."""
+    import stc.engine
+    from stc.engine import Block, EngineConfig, StreamingEngine
+    from stc.models import build_model
+
+    model, proc = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
+    with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=0)) as engine:
+        layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
+        g = torch.Generator().manual_seed(1)
+        base = 3 + n_init
+        kv = [torch.randn(layers, 2, streams, kvh, 4, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3)]
+        blocks = [[Block(frame=i, time=None, start=base + 4 * i, kv=kv[i][:, :, s], mean_key=None) for i in range(3)]
+                  for s in range(streams)]
+        buf = torch.full((layers, 2, streams, kvh, base + 12, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+        buf[..., base:, :] = torch.cat(kv, dim=-2)
+        init = torch.randn(layers, 2, streams, kvh, n_init, d, generator=g).to("cuda", torch.bfloat16)
+        if streams == 1:
+            buf, init, blocks = buf[:, :, 0], init[:, :, 0], blocks[:1]
+        blocks[0][1].kv = blocks[0][1].kv.to("cpu")  # rows from the window
+        out = []
+        for kernel in (True, False):
+            if not kernel:
+                monkeypatch.setattr(stc.engine, "rope_kernel_supported", lambda *a: False)
+            w = stc.engine._KV(buf.clone(), base + 12)
+            w.first = 3
+            engine._slide_window(w, init, 4, blocks)
+            assert (w.first, w.length) == (0, n_init + 6)
+            out.append(w.buf)
+    ulp = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out[0][:, 0].float(), out[1][:, 0].float(), atol=2 * ulp, rtol=2 * ulp, equal_nan=True)
+    assert torch.equal(out[0][:, 1, ..., : n_init + 6, :], out[1][:, 1, ..., : n_init + 6, :])
+    assert torch.equal(out[0][..., :n_init, :], init)
+    assert not torch.equal(out[0][:, 0, ..., n_init : n_init + 6, :], buf[:, 0, ..., base + 6 : base + 12, :])  # rotated
