@@ -65,7 +65,7 @@ INIT_PROMPT = "<|im_start|>system \nYou are a helpful assistant.<|im_end|><|im_s
 QUESTION_TEMPLATE = "\n{query}<|im_end|><|im_start|>assistant\n"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 GRAPH_BUCKET = 1024  # cuda_graphs: context lengths are rounded up to a multiple of this many slots
-MOVE_BYTES = 2**30  # a window's move rotates as many layers at a time as keep its float32 keys within this
+MOVE_BYTES = 2**30  # a window's move joins (and rotates) as many layers at a time as keep its copy within this
 
 
 def pool_frames(inner: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
