@@ -98,9 +98,10 @@ class EngineConfig:
 
     n_local: tokens of recent context each frame attends to while encoding (15000).
     window_slack: slots a full encoding window may advance before it moves its tokens back (see
-        the module docstring): the cost of a move (rotating n_local keys, about 9 ms per stream on
-        the H100 at LLaVA-OV-7B's shapes) is paid once per window_slack / frame tokens frames instead
-        of at every frame, for window_slack more slots of KV memory per stream. 0 moves at every frame.
+        the module docstring): the cost of a move (rotating n_local keys: about 9 ms per stream on
+        the H100 at LLaVA-OV-7B's shapes by the PyTorch rotation) is paid once per window_slack /
+        frame tokens frames instead of at every frame, for window_slack more slots of KV memory per
+        stream. 0 moves at every frame.
     retrieve_top_k: frame blocks retrieved per layer for a question (64); None attends to every
         frame (no retrieval).
     device_blocks: frame blocks kept on the accelerator; older ones are moved to CPU memory. None

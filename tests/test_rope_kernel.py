@@ -200,6 +200,19 @@ def test_rotate_into_equals_rope_on_gpu(case, dtype):
     assert buf[..., :2, :].isnan().all() and buf[..., 2 + n :, :].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rotate_into_compiles_for_hopper(dtype):
+    """The kernel lowered to an sm_90 cubin on the CPU, at Qwen2-7B's KV shape (4 KV heads of 128) and the
+    engine's launch (BLOCK_N 32, 4 warps): what the interpreter tests above do not cover."""
+    from stc.rope_kernel import _rotate_into
+    from tests.triton_interpreter import compile_for_hopper
+
+    strides = {f"stride_{t}{p}": "i64" for t in "sd" for p in ("l", "2", "b", "h", "n")}
+    asm = compile_for_hopper(_rotate_into, {"SRC": f"*{dtype}", "COS": "*fp32", "SIN": "*fp32", "DST": f"*{dtype}",
+                                            "n": "i32", "B": "i32", **strides}, {"HKV": 4, "D": 128, "BLOCK_N": 32})
+    assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
+
+
 def test_rotate_into_refuses_bad_inputs():
     pytest.importorskip("triton")
     from stc.rope_kernel import rotate_into
