@@ -95,6 +95,30 @@ def test_window_plan_fills_the_gpu_with_the_swept_tiles():
         assert 1 <= cfg["splits"] and (cfg["splits"] == 1 or cfg["splits"] * 2 * cfg["BLOCK_N"] <= slots)
 
 
+
+@pytest.mark.parametrize("rows", [7 * 196, 7 * 49, 7])  # a frame of 196 tokens, the Pruner's 49, a decoded token
+@pytest.mark.parametrize("has_first", [False, True])
+def test_window_kernel_compiles_for_hopper(rows, has_first):
+    """The kernel and its merge lowered to sm_90 cubins on the CPU with the plans the engine runs at Qwen2-7B's
+    shapes (28 query heads over 4 KV heads of 128, bf16, a 19,840-slot window): split and direct alike."""
+    from stc.window_kernel import _window_fwd, _window_merge, plan
+    from tests.triton_interpreter import compile_for_hopper
+
+    cfg = plan(4, 4, rows, 19840, 132)
+    ints = ("stride_qb stride_qh stride_qn stride_kb stride_kh stride_kl stride_vb stride_vh stride_vl "
+            "stride_ob stride_on stride_oh kv_heads splits N SLOTS").split()
+    for direct in (True, False):
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "USED": "*i32", "FIRST": "*i32", "OUT": "*bf16",
+               "OPART": "*bf16" if direct else "*fp32", "LPART": "*bf16" if direct else "*fp32", "scale": "fp32",
+               **{name: "i32" for name in ints}}
+        asm = compile_for_hopper(_window_fwd, sig, {"G": 7, "D": 128, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                                                    "DIRECT": direct, "HAS_FIRST": has_first},
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        assert ".target sm_90" in asm["ptx"] and len(asm["cubin"]) > 0
+    sig = {"OUT": "*bf16", "OPART": "*fp32", "LPART": "*fp32",
+           **{name: "i32" for name in "kv_heads splits stride_ob stride_on stride_oh N".split()}}
+    assert len(compile_for_hopper(_window_merge, sig, {"G": 7, "D": 128, "BLOCK_M": 64})["cubin"]) > 0
+
 def _kernel_inputs(case, dtype, device):
     b, heads, kv_heads, n, slots, d, used, _ = case
     g = torch.Generator().manual_seed(n * 100 + slots)

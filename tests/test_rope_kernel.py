@@ -200,6 +200,18 @@ def test_rotate_into_equals_rope_on_gpu(case, dtype):
     assert buf[..., :2, :].isnan().all() and buf[..., 2 + n :, :].isnan().all()
 
 
+
+def test_rope_write_compiles_for_hopper():
+    """`rope_write` lowered to an sm_90 cubin on the CPU at Qwen2-7B's attention (28 query heads, 4 KV heads of 128, bf16)."""
+    from stc.rope_kernel import _rope_write
+    from tests.triton_interpreter import compile_for_hopper
+
+    strides = [f"stride_{x}" for x in ("qb qh qn kb kh kn vb vh vn cb cn sb sn ob on kwb kwh kwl vwb vwh vwl".split())]
+    sig = {**{name: "*bf16" for name in ("Q", "K", "V", "COS", "SIN", "QOUT", "KW", "VW")}, "SLOTS": "*i64",
+           **{name: "i32" for name in strides}}
+    asm = compile_for_hopper(_rope_write, sig, {"H": 28, "HKV": 4, "D": 128, "BLOCK_H": 32, "BLOCK_KV": 4})
+    assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_rotate_into_compiles_for_hopper(dtype):
     """The kernel lowered to an sm_90 cubin on the CPU, at Qwen2-7B's KV shape (4 KV heads of 128) and the

@@ -26,7 +26,7 @@ def run_in_triton_interpreter(code: str, timeout: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int = 4) -> dict:
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> dict:
     """Compile a Triton kernel ahead of time for an H100/H200 (sm_90), down to a cubin by Triton's own
     ptxas, with no GPU: the kernel's lowering, which the interpreter skips, checked on a CPU.
     signature: each runtime argument's Triton type ("*bf16", "i32", ...), in order; constexprs: the
@@ -44,7 +44,7 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
         raise ValueError(f"no type or value for {missing}")
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     except (ImportError, FileNotFoundError, RuntimeError) as err:
         if "ptxas" in str(err) or "backend" in str(err).lower():
             pytest.skip(f"Triton's CUDA backend cannot compile here: {err}")
