@@ -467,7 +467,8 @@ class StreamingEngine:
                 block = head[j]
                 rows = min(block.length, end)
                 if all(stream[j].kv.device == w.buf.device for stream in blocks):
-                    sources.append([stream[j].kv[..., block.length - rows :, :] for stream in blocks])
+                    parts = [stream[j].kv[..., block.length - rows :, :] for stream in blocks]
+                    sources.append(parts[0] if w.buf.dim() == 5 else parts)  # one stream's tensor, or the streams' to stack
                     delta = n_init + end - rows - (block.start + block.length - rows)  # the block moves as one
                 else:  # in CPU memory: the window's own rows, by -first (a view: each layer is copied before it is written)
                     sources.append(w.buf[..., first + n_init + end - rows : first + n_init + end, :])
@@ -492,8 +493,8 @@ class StreamingEngine:
                 step = max(1, min(w.buf.shape[0], MOVE_BYTES // per_layer))
                 for lo in range(0, w.buf.shape[0], step):
                     hi = lo + step
-                    kv = torch.cat([p[lo:hi] if isinstance(p, torch.Tensor) else p[0][lo:hi] if w.buf.dim() == 5
-                                    else torch.stack([x[lo:hi] for x in p], dim=2) for p in sources[::-1]], dim=-2)
+                    kv = torch.cat([p[lo:hi] if isinstance(p, torch.Tensor) else torch.stack([x[lo:hi] for x in p], dim=2)
+                                    for p in sources[::-1]], dim=-2)
                     dst = w.buf[lo:hi, ..., n_init : n_init + kept, :]  # the joined copy is read before this is written
                     if kernel:
                         rotate_into(kv if kv.dim() == 6 else kv[:, :, None], cos, sin, dst if dst.dim() == 6 else dst[:, :, None])
@@ -686,7 +687,6 @@ class Stream:
         self.tokens_per_frame: list[int] = []
         self._window: _KV | None = None  # init + recent tokens, at contiguous positions (slots first .. length - 1)
         self._init_kv: torch.Tensor | None = None  # the init tokens' KV as first written, at slots 0 .. n_init - 1
-        self._n_init = 0
         self._closed = False
         self.last_compressed: Compressed | None = None  # the latest chunk's kept tokens and indices
         self._batched = False  # a batch member takes frames through its batch (a flag, not a reference: no cycle)
@@ -703,8 +703,12 @@ class Stream:
             self._window = _KV(e._new_buffer(n + 256), 0)
         with torch.no_grad(), self.timer.stage("prefill"):
             e._decoder(e.lm.embed_tokens(e.init_ids), self._window, _causal_mask(n, n, e.dtype, e.device))
-        self._n_init = n
         self._init_kv = self._window.buf[:, :, :, :n].clone()
+
+    @property
+    def _n_init(self) -> int:
+        """The init prompt's tokens (0 before the first frame)."""
+        return 0 if self._init_kv is None else self._init_kv.shape[-2]
 
     def _ensure_window(self, incoming: int) -> None:
         """Keep at most n_local recent tokens after the init tokens, and room for incoming."""
@@ -1004,7 +1008,6 @@ class StreamBatch:
         for i, s in enumerate(self.streams):
             s._window = _KV(buf[:, :, i], n_init)  # a view of the batch's window (for inspection)
             s._init_kv = self._init_kv[:, :, i]
-            s._n_init = n_init
 
     @torch.no_grad()
     def push_pixels(self, pixel_values: torch.Tensor, timestamps=None) -> None:
