@@ -44,17 +44,31 @@ def video_features(model, pix):
     return feats[:, :n]  # drop image_newline if present: ReKV feeds frames without it
 
 
-def full_forward_logits(model, processor, video, query, prefix):
-    """Reference: one plain HF forward over [init prompt, every frame's 16 tokens, question]."""
+def full_forward_greedy(model, processor, video, query, prefix, max_new, eos=()):
+    """Greedy decoding by plain HF forwards over the whole sequence [init prompt, every frame's 16 tokens,
+    question, tokens so far] (no cache), one per new token. Returns the first forward's logits and the tokens."""
     tok = processor.tokenizer
-    inner = model.model
+    lm = model.model.language_model
+    emb = lm.embed_tokens
+    ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
+    first, tokens = None, []
     with torch.no_grad():
         feats = video_features(model, preprocess_frames(processor, video))
-        emb = inner.language_model.embed_tokens
-        ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
         seq = torch.cat([emb(ids(INIT_PROMPT)), feats, emb(ids(QUESTION_TEMPLATE.format(query=query) + prefix))], dim=1)
-        hidden = inner.language_model(inputs_embeds=seq).last_hidden_state
-        return model.lm_head(hidden[:, -1])[0]
+        for _ in range(max_new):
+            logits = model.lm_head(lm(inputs_embeds=seq).last_hidden_state[:, -1])[0]
+            first = logits if first is None else first
+            token = int(logits.argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            seq = torch.cat([seq, emb(torch.tensor([[token]]))], dim=1)
+    return first, tokens
+
+
+def full_forward_logits(model, processor, video, query, prefix):
+    """Reference: one plain HF forward over [init prompt, every frame's 16 tokens, question]."""
+    return full_forward_greedy(model, processor, video, query, prefix, max_new=1)[0]
 
 
 def test_streaming_prefill_equals_one_full_forward(tiny):
@@ -354,26 +368,6 @@ def test_retrieval_returns_a_planted_frame(tiny):
     assert not all(2 in p for p in picks_before)
 
 
-def full_forward_greedy(model, processor, video, query, prefix, max_new, eos):
-    """Greedy decoding by plain HF forwards over the whole sequence (no cache), one per new token."""
-    tok = processor.tokenizer
-    inner = model.model
-    emb = inner.language_model.embed_tokens
-    ids = lambda t: tok(t, add_special_tokens=False, return_tensors="pt").input_ids
-    tokens = []
-    with torch.no_grad():
-        feats = video_features(model, preprocess_frames(processor, video))
-        seq = torch.cat([emb(ids(INIT_PROMPT)), feats, emb(ids(QUESTION_TEMPLATE.format(query=query) + prefix))], dim=1)
-        for _ in range(max_new):
-            logits = model.lm_head(inner.language_model(inputs_embeds=seq).last_hidden_state[:, -1])[0]
-            token = int(logits.argmax())
-            if token in eos:
-                break
-            tokens.append(token)
-            seq = torch.cat([seq, emb(torch.tensor([[token]]))], dim=1)
-    return tokens
-
-
 def test_answer_path_gives_an_option_letter(tiny):
     """The answer is greedy decoding: without retrieval its tokens (the first one the argmax of a full
     forward's logits) equal greedy decoding by full forwards; with retrieval, a brute force over the
@@ -386,7 +380,7 @@ def test_answer_path_gives_an_option_letter(tiny):
     query = "Question: what?\nOptions:\n(A) a\n(B) b\nOnly give the best option."
     ref = Reference(model, proc)
     decode = lambda ids: proc.tokenizer.decode(ids, skip_special_tokens=True)
-    want_full = full_forward_greedy(model, proc, video, query, PREFIX, 16, ref.eos)
+    _, want_full = full_forward_greedy(model, proc, video, query, PREFIX, 16, ref.eos)
     first = int(full_forward_logits(model, proc, video, query, PREFIX).argmax())
     assert len(want_full) > 1 and want_full[0] == first
     blocks = ref.stream(video)

@@ -9,9 +9,7 @@ from stc.engine import EngineConfig, StreamingEngine
 from stc.methods import build_engine
 from stc.models import preprocess_frames
 from stc.patching import encoder_layers, patch_owner
-from tests.test_engine import frames
-
-QUESTION = "What colour is the square?"
+from tests.test_engine import PREFIX, QUESTION, frames
 
 
 def vision_layers(model):
@@ -21,7 +19,7 @@ def vision_layers(model):
 def first_logits(engine, video):
     stream = engine.open_stream()
     stream.push_frames(video)
-    return stream.answer(QUESTION, answer_prefix="Best option: (", max_new_tokens=1).logits
+    return stream.answer(QUESTION, answer_prefix=PREFIX, max_new_tokens=1).logits
 
 
 def test_engines_sharing_a_cacher_keep_it_until_the_last_closes(tiny):
@@ -101,8 +99,8 @@ def rotated(model, keys, delta):
     return (x * cos[0] + rotate_half(x) * sin[0]).to(keys.dtype)
 
 
-def window_from_blocks(model, stream, w, i=None):
-    """The context a slide should leave in window w (of stream i of a batch, or of one stream): the init
+def window_from_blocks(model, stream, w):
+    """The context a slide should leave in window w for `stream` (one stream's, or a batch's): the init
     tokens rotated once from their first copy to w.first.., then the last block tokens, each rotated once
     from its block's position to its slot (by 0 where it was never moved: bit for bit its block's copy);
     values as written."""
@@ -179,7 +177,7 @@ def test_batch_windows_slide_like_single_streams(tiny, slack, move_bytes, monkey
         w = batch._window
         assert w.first == (0 if slack == 0 else 32)
         for i, stream in enumerate(batch.streams):
-            keys, values = window_from_blocks(model, stream, w, i)
+            keys, values = window_from_blocks(model, stream, w)
             got_keys, got_values = window_context(w, i)
             assert torch.equal(got_keys, keys)
             assert torch.equal(got_values, values)
