@@ -9,8 +9,8 @@ slide is a move; that was the only way before the window could advance.
 
 For B streams of 196-token frames, Qwen2-7B's KV (28 layers, 4 KV heads of 128, bf16) and
 n_local 15,000, this times one advance and one move of all B windows (CUDA events, median of 5
-after one warm-up; the move as the engine runs it, by `stc.rope_kernel.rotate_into` where Triton runs,
-and by the engine's PyTorch rotation, its path without Triton) and gives the slide's mean cost per stream-frame once the window is full, for the
+after one warm-up; the advance and the move as the engine runs them, by `stc.rope_kernel.rotate_into` where
+Triton runs, and by the engine's PyTorch rotation, its path without Triton) and gives the slide's mean cost per stream-frame once the window is full, for the
 default slack (one move per slack / frame tokens + 1 frames), for frames of 196 and of 59 tokens.
 
 With --engine-frames N it also streams N frames (past n_local from the 77th) through `StreamBatch`
@@ -46,7 +46,8 @@ def engine_stub(device, slack):
     cfg = Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=KV_HEADS, rope_theta=1e6)
     stub = SimpleNamespace(config=EngineConfig(n_local=N_LOCAL, window_slack=slack),
                            lm=SimpleNamespace(rotary_emb=Qwen2RotaryEmbedding(cfg).to(device)))
-    stub._rotate = lambda x, delta: StreamingEngine._rotate(stub, x, delta)
+    for name in ("_rotate", "_rope_for_kernel", "_write_rotated"):
+        setattr(stub, name, getattr(StreamingEngine, name).__get__(stub))
     return stub
 
 
@@ -79,9 +80,9 @@ def time_slides(batch, device):
     import stc.engine
 
     kernel = stc.engine.rope_kernel_supported
-    for name, slack in (("move", 0), ("move_torch", 0), ("advance", SLACK)):
+    for name, slack in (("move", 0), ("move_torch", 0), ("advance", SLACK), ("advance_torch", SLACK)):
         stub = engine_stub(device, slack)
-        stc.engine.rope_kernel_supported = kernel if name != "move_torch" else (lambda *a: False)
+        stc.engine.rope_kernel_supported = kernel if not name.endswith("_torch") else (lambda *a: False)
         times = []
         for _ in range(6):
             w.buf.copy_(buf)
@@ -146,7 +147,7 @@ def main(argv=None):
         torch.cuda.empty_cache()  # the window and blocks of this B are freed with time_slides' frame
         r = result["rows"][-1]
         print(f"B = {batch}: window {r['window_tokens']} tokens ({r['window_gb']:.2f} GB of K and V per stream); one move "
-              f"{r['move_ms']:.2f} ms (by PyTorch {r['move_torch_ms']:.2f} ms), one advance {r['advance_ms']:.3f} ms; per stream-frame with slack {SLACK}: "
+              f"{r['move_ms']:.2f} ms (by PyTorch {r['move_torch_ms']:.2f} ms), one advance {r['advance_ms']:.3f} ms (by PyTorch {r['advance_torch_ms']:.3f} ms); per stream-frame with slack {SLACK}: "
               f"{r[f'ms_per_stream_frame_{FRAME}']:.3f} ms ({FRAME} tokens), {r['ms_per_stream_frame_59']:.3f} ms (59); "
               f"with slack 0: {r[f'ms_per_stream_frame_{FRAME}_slack_0']:.3f} ms", flush=True)
         save()

@@ -480,11 +480,7 @@ class StreamingEngine:
             w.buf[..., :n_init, :] = init
             if kept:
                 shift = torch.cat(shifts[::-1])
-                kernel = rope_kernel_supported(w.buf.dtype, w.buf.device, w.buf.shape[-1])
-                if kernel:  # RoPE and the write as one pass (stc.rope_kernel.rotate_into)
-                    from stc.rope_kernel import rotate_into
-
-                    cos, sin = (t[0] for t in self.lm.rotary_emb(torch.empty(0, device=w.buf.device), shift[None]))
+                rope = self._rope_for_kernel(shift, w.buf)
                 # the blocks' K and V joined, then one rotation for all (a rotation per block costs more in launches
                 # than it saves at B = 1), over as many layers at a time as keep the joined copy (and the float32
                 # keys without the kernel) within MOVE_BYTES: all 28 of Qwen2-7B's at B = 1; at B = 16 one pass
@@ -495,19 +491,35 @@ class StreamingEngine:
                     hi = lo + step
                     kv = torch.cat([p[lo:hi] if isinstance(p, torch.Tensor) else torch.stack([x[lo:hi] for x in p], dim=2)
                                     for p in sources[::-1]], dim=-2)
-                    dst = w.buf[lo:hi, ..., n_init : n_init + kept, :]  # the joined copy is read before this is written
-                    if kernel:
-                        rotate_into(kv if kv.dim() == 6 else kv[:, :, None], cos, sin, dst if dst.dim() == 6 else dst[:, :, None])
-                    else:
-                        dst[:, 0] = self._rotate(kv[:, 0], shift)
-                        dst[:, 1] = kv[:, 1]
+                    # the joined copy is read before the window is written
+                    self._write_rotated(kv, shift, rope, w.buf[lo:hi, ..., n_init : n_init + kept, :])
             w.first, w.length = 0, n_init + kept
         elif drop:  # advance: the init tokens move to just before the oldest kept token
-            w.buf[:, 0, ..., first : first + n_init, :] = self._rotate(init[:, 0], torch.full((n_init,), first, device=w.buf.device))
-            w.buf[:, 1, ..., first : first + n_init, :] = init[:, 1]
+            shift = torch.full((n_init,), first, device=w.buf.device)
+            self._write_rotated(init, shift, self._rope_for_kernel(shift, w.buf), w.buf[..., first : first + n_init, :])
             w.first = first
         if isinstance(w, _StaticKV) and w.length + incoming > w.buf.shape[-2]:
             raise ValueError(f"a frame of {incoming} tokens does not fit the static KV window ({w.buf.shape[-2]} slots)")
+
+    def _rope_for_kernel(self, shift: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The float32 cos and sin [n, d] of rotations by `shift` [n] for `stc.rope_kernel.rotate_into`,
+        where it runs on the window `buf`; None where it does not (`_write_rotated` then rotates in PyTorch)."""
+        if not rope_kernel_supported(buf.dtype, buf.device, buf.shape[-1]):
+            return None
+        return tuple(t[0] for t in self.lm.rotary_emb(torch.empty(0, device=buf.device), shift[None]))
+
+    def _write_rotated(self, kv: torch.Tensor, shift: torch.Tensor, rope, dst: torch.Tensor) -> None:
+        """dst[:, 0] = the keys kv[:, 0] rotated by `shift` [n] positions, dst[:, 1] = the values kv[:, 1]
+        (kv, dst: [layers, 2, (streams,) kv_heads, n, d]; dst a view of a window, not overlapping kv). With
+        `rope` (`_rope_for_kernel`) one `rotate_into` pass; else PyTorch, rounding the same float32 rotation
+        once (the two agree within one rounding: the kernel may fuse a multiply-add)."""
+        if rope is not None:
+            from stc.rope_kernel import rotate_into
+
+            rotate_into(kv if kv.dim() == 6 else kv[:, :, None], *rope, dst if dst.dim() == 6 else dst[:, :, None])
+        else:
+            dst[:, 0] = self._rotate(kv[:, 0], shift)
+            dst[:, 1] = kv[:, 1]
 
     def _mean_keys(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """A block's retrieval key: the mean over its tokens of the keys before RoPE, float32.

@@ -281,3 +281,42 @@ def test_window_move_by_the_kernel_equals_the_move_by_torch_on_gpu(streams, monk
     assert torch.equal(out[0][:, 1, ..., : n_init + 6, :], out[1][:, 1, ..., : n_init + 6, :])
     assert torch.equal(out[0][..., :n_init, :], init)
     assert not torch.equal(out[0][:, 0, ..., n_init : n_init + 6, :], buf[:, 0, ..., base + 6 : base + 12, :])  # rotated
+
+
+@gpu
+@pytest.mark.parametrize("streams", [1, 3])
+def test_window_advance_by_the_kernel_equals_the_advance_by_torch_on_gpu(streams, monkeypatch):
+    """A window's advance on a GPU (bf16, rotate_into): the init tokens rewritten just before the oldest kept
+    token, keys within one rounding of the engine's torch rotation and of float64 RoPE of their first copy,
+    values their first copy, and no other slot written."""
+    import stc.engine
+    from stc.engine import EngineConfig, StreamingEngine
+    from stc.models import build_model
+
+    model, proc = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
+    with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=100)) as engine:
+        layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
+        g = torch.Generator().manual_seed(2)
+        buf = torch.randn(layers, 2, streams, kvh, 3 + n_init + 12, d, generator=g).to("cuda", torch.bfloat16)
+        init = torch.randn(layers, 2, streams, kvh, n_init, d, generator=g).to("cuda", torch.bfloat16)
+        if streams == 1:
+            buf, init = buf[:, :, 0], init[:, :, 0]
+        out = []
+        for kernel in (True, False):
+            assert stc.engine.rope_kernel_supported(torch.bfloat16, buf.device, d) == kernel
+            w = stc.engine._KV(buf.clone(), 3 + n_init + 12)
+            w.first = 3
+            engine._slide_window(w, init, 4, [[]] * streams)  # 6 tokens dropped: an advance, no block read
+            assert (w.first, w.length) == (9, 3 + n_init + 12)
+            out.append(w.buf)
+            monkeypatch.setattr(stc.engine, "rope_kernel_supported", lambda *a: False)
+        cos, sin = engine.lm.rotary_emb(torch.empty(0, device="cuda"), torch.full((1, n_init), 9, device="cuda"))
+    ulp = torch.finfo(torch.bfloat16).eps
+    slots = slice(9, 9 + n_init)
+    torch.testing.assert_close(out[0][:, 0, ..., slots, :].float(), out[1][:, 0, ..., slots, :].float(), atol=2 * ulp, rtol=2 * ulp)
+    keys, _ = move_reference(init[:, :, None] if streams == 1 else init, cos[0], sin[0])
+    torch.testing.assert_close(out[0][:, 0, ..., slots, :].double().cpu(), keys if streams > 1 else keys[:, 0], atol=ulp, rtol=ulp)
+    assert torch.equal(out[0][:, 1, ..., slots, :], init[:, 1])
+    rest = torch.ones(buf.shape[-2], dtype=torch.bool)
+    rest[slots] = False
+    assert torch.equal(out[0][..., rest, :], buf[..., rest, :])
