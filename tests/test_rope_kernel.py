@@ -243,74 +243,93 @@ def test_rotate_into_refuses_bad_inputs():
         rotate_into(src.half(), cos, sin, dst)
 
 
-@gpu
-@pytest.mark.parametrize("streams", [1, 3])
-def test_window_move_by_the_kernel_equals_the_move_by_torch_on_gpu(streams, monkeypatch):
-    """A window's move on a GPU (bf16, rotate_into) against the same move through the engine's torch
-    rotation: keys within one rounding, values and init tokens equal, other slots untouched; from blocks
-    on the GPU and, for one block, from the window's own rows (a block in CPU memory)."""
+def tiny_engine_slide(slide: str, streams: int, kernel: bool, device: str = "cpu", dtype=torch.float32):
+    """One slide of a tiny engine's window (n_local 6, 2 init tokens, then 3 blocks of 4 tokens, the window's
+    first slot 3), by `rotate_into` (kernel=True, whatever `rope_kernel_supported` says) or by PyTorch. "move"
+    (window_slack 0): the 6 kept tokens back behind the init tokens at slot 0, block 1's rows from the window
+    (its KV is elsewhere: on the CPU, or on the meta device when the window is). "advance" (slack 100): the
+    init tokens rewritten at slot 9. Returns the window's buffer before, the init KV and the window."""
     import stc.engine
     from stc.engine import Block, EngineConfig, StreamingEngine
     from stc.models import build_model
 
-    model, proc = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
-    with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=0)) as engine:
-        layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
-        g = torch.Generator().manual_seed(1)
-        base = 3 + n_init
-        kv = [torch.randn(layers, 2, streams, kvh, 4, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3)]
-        blocks = [[Block(frame=i, time=None, start=base + 4 * i, kv=kv[i][:, :, s], mean_key=None) for i in range(3)]
-                  for s in range(streams)]
-        buf = torch.full((layers, 2, streams, kvh, base + 12, d), float("nan"), device="cuda", dtype=torch.bfloat16)
-        buf[..., base:, :] = torch.cat(kv, dim=-2)
-        init = torch.randn(layers, 2, streams, kvh, n_init, d, generator=g).to("cuda", torch.bfloat16)
-        if streams == 1:
-            buf, init, blocks = buf[:, :, 0], init[:, :, 0], blocks[:1]
-        blocks[0][1].kv = blocks[0][1].kv.to("cpu")  # rows from the window
-        out = []
-        for kernel in (True, False):
-            if not kernel:
-                monkeypatch.setattr(stc.engine, "rope_kernel_supported", lambda *a: False)
+    model, proc = build_model("tiny", seed=0, device=device, dtype=dtype)
+    supported = stc.engine.rope_kernel_supported
+    stc.engine.rope_kernel_supported = lambda *a: kernel
+    try:
+        with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=0 if slide == "move" else 100)) as engine:
+            layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
+            g = torch.Generator().manual_seed(1)
+            base = 3 + n_init
+            kv = [torch.randn(layers, 2, streams, kvh, 4, d, generator=g).to(device, dtype) for _ in range(3)]
+            blocks = [[Block(frame=i, time=None, start=base + 4 * i, kv=kv[i][:, :, s], mean_key=None) for i in range(3)]
+                      for s in range(streams)]
+            buf = torch.randn(layers, 2, streams, kvh, base + 12, d, generator=g).to(device, dtype)
+            buf[..., base:, :] = torch.cat(kv, dim=-2)
+            init = torch.randn(layers, 2, streams, kvh, n_init, d, generator=g).to(device, dtype)
+            if streams == 1:
+                buf, init, blocks = buf[:, :, 0], init[:, :, 0], blocks[:1]
+            blocks[0][1].kv = blocks[0][1].kv.to("meta" if device == "cpu" else "cpu")
             w = stc.engine._KV(buf.clone(), base + 12)
             w.first = 3
             engine._slide_window(w, init, 4, blocks)
-            assert (w.first, w.length) == (0, n_init + 6)
-            out.append(w.buf)
-    ulp = torch.finfo(torch.bfloat16).eps
-    torch.testing.assert_close(out[0][:, 0].float(), out[1][:, 0].float(), atol=2 * ulp, rtol=2 * ulp, equal_nan=True)
-    assert torch.equal(out[0][:, 1, ..., : n_init + 6, :], out[1][:, 1, ..., : n_init + 6, :])
-    assert torch.equal(out[0][..., :n_init, :], init)
-    assert not torch.equal(out[0][:, 0, ..., n_init : n_init + 6, :], buf[:, 0, ..., base + 6 : base + 12, :])  # rotated
+            assert (w.first, w.length) == ((0, n_init + 6) if slide == "move" else (9, base + 12))
+    finally:
+        stc.engine.rope_kernel_supported = supported
+    return buf, init, w
+
+
+def test_engine_slides_by_the_kernel_equal_the_slides_by_torch_in_the_triton_interpreter(tmp_path):
+    """The engine's move and advance through `rotate_into` (float32, Triton's interpreter) against its PyTorch
+    path: the kernel's views of 5- and 6-dimensional windows and of the joined blocks, to one float32 rounding."""
+    run_in_triton_interpreter(f"""
+        import torch
+        from tests.test_rope_kernel import tiny_engine_slide
+        for slide in ("move", "advance"):
+            for streams in (1, 3):
+                torch.save(tiny_engine_slide(slide, streams, kernel=True)[2].buf, {str(tmp_path)!r} + f"/{{slide}}{{streams}}.pt")
+    """, timeout=300)
+    for slide in ("move", "advance"):
+        for streams in (1, 3):
+            buf, _, want = tiny_engine_slide(slide, streams, kernel=False)
+            got = torch.load(tmp_path / f"{slide}{streams}.pt")
+            assert not torch.equal(want.buf, buf)
+            torch.testing.assert_close(got, want.buf, atol=1e-6, rtol=1e-6)
 
 
 @gpu
 @pytest.mark.parametrize("streams", [1, 3])
-def test_window_advance_by_the_kernel_equals_the_advance_by_torch_on_gpu(streams, monkeypatch):
+def test_window_move_by_the_kernel_equals_the_move_by_torch_on_gpu(streams):
+    """A window's move on a GPU (bf16, rotate_into) against the same move through the engine's torch
+    rotation: keys within one rounding, values and init tokens equal, other slots untouched; from blocks
+    on the GPU and, for one block, from the window's own rows (a block in CPU memory)."""
+    assert rope_kernel_supported(torch.bfloat16, torch.device("cuda"), 128)
+    out = [tiny_engine_slide("move", streams, kernel, "cuda", torch.bfloat16) for kernel in (True, False)]
+    buf, init, n_init = out[0][0], out[0][1], 2
+    out = [w.buf for _, _, w in out]
+    ulp = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out[0][:, 0].float(), out[1][:, 0].float(), atol=2 * ulp, rtol=2 * ulp)
+    assert torch.equal(out[0][:, 1, ..., : n_init + 6, :], out[1][:, 1, ..., : n_init + 6, :])
+    assert torch.equal(out[0][..., :n_init, :], init)
+    assert torch.equal(out[0][..., n_init + 6 :, :], buf[..., n_init + 6 :, :])  # untouched
+    assert not torch.equal(out[0][:, 0, ..., n_init : n_init + 6, :], buf[:, 0, ..., 3 + n_init + 6 :, :])  # rotated
+
+
+@gpu
+@pytest.mark.parametrize("streams", [1, 3])
+def test_window_advance_by_the_kernel_equals_the_advance_by_torch_on_gpu(streams):
     """A window's advance on a GPU (bf16, rotate_into): the init tokens rewritten just before the oldest kept
     token, keys within one rounding of the engine's torch rotation and of float64 RoPE of their first copy,
     values their first copy, and no other slot written."""
-    import stc.engine
-    from stc.engine import EngineConfig, StreamingEngine
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
     from stc.models import build_model
 
-    model, proc = build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
-    with StreamingEngine(model, proc, EngineConfig(n_local=6, window_slack=100)) as engine:
-        layers, kvh, d, n_init = engine.num_layers, engine.kv_heads, engine.head_dim, 2
-        g = torch.Generator().manual_seed(2)
-        buf = torch.randn(layers, 2, streams, kvh, 3 + n_init + 12, d, generator=g).to("cuda", torch.bfloat16)
-        init = torch.randn(layers, 2, streams, kvh, n_init, d, generator=g).to("cuda", torch.bfloat16)
-        if streams == 1:
-            buf, init = buf[:, :, 0], init[:, :, 0]
-        out = []
-        for kernel in (True, False):
-            assert stc.engine.rope_kernel_supported(torch.bfloat16, buf.device, d) == kernel
-            w = stc.engine._KV(buf.clone(), 3 + n_init + 12)
-            w.first = 3
-            engine._slide_window(w, init, 4, [[]] * streams)  # 6 tokens dropped: an advance, no block read
-            assert (w.first, w.length) == (9, 3 + n_init + 12)
-            out.append(w.buf)
-            monkeypatch.setattr(stc.engine, "rope_kernel_supported", lambda *a: False)
-        cos, sin = engine.lm.rotary_emb(torch.empty(0, device="cuda"), torch.full((1, n_init), 9, device="cuda"))
+    out = [tiny_engine_slide("advance", streams, kernel, "cuda", torch.bfloat16) for kernel in (True, False)]
+    buf, init, n_init = out[0][0], out[0][1], 2
+    out = [w.buf for _, _, w in out]
+    text = build_model("tiny", device="meta")[0].config.text_config
+    cos, sin = Qwen2RotaryEmbedding(text)(torch.empty(0), torch.full((1, n_init), 9))
     ulp = torch.finfo(torch.bfloat16).eps
     slots = slice(9, 9 + n_init)
     torch.testing.assert_close(out[0][:, 0, ..., slots, :].float(), out[1][:, 0, ..., slots, :].float(), atol=2 * ulp, rtol=2 * ulp)
