@@ -540,6 +540,11 @@ class StreamingEngine:
         kv.commit()
         return out.last_hidden_state
 
+    def _window_slots(self, n_init: int) -> int:
+        """A static encoding window's capacity: the init tokens, n_local recent ones, the largest frame that
+        follows them, and the window_slack slots it may advance by before it moves back."""
+        return n_init + self.config.n_local + self.max_frame_tokens + self.config.window_slack
+
     def _new_buffer(self, capacity: int) -> torch.Tensor:
         return torch.empty(
             self.num_layers, 2, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device
@@ -709,8 +714,7 @@ class Stream:
         e = self.engine
         n = e.init_ids.shape[1]
         if e.config.cuda_graphs:
-            cap = n + e.config.n_local + e.max_frame_tokens + e.config.window_slack
-            self._window = _StaticKV(e._new_buffer(cap).zero_(), 0, advances=True)  # zeros: masked slots must be finite
+            self._window = _StaticKV(e._new_buffer(e._window_slots(n)).zero_(), 0, advances=True)  # zeros: masked slots must be finite
         else:
             self._window = _KV(e._new_buffer(n + 256), 0)
         with torch.no_grad(), self.timer.stage("prefill"):
@@ -1007,8 +1011,7 @@ class StreamBatch:
             if e.config.cacher is not None:
                 s.cacher_state = self.vision.new_state()
         n_init = e.init_ids.shape[1]
-        cap = n_init + e.config.n_local + e.max_frame_tokens + e.config.window_slack
-        buf = torch.zeros(e.num_layers, 2, size, e.kv_heads, cap, e.head_dim, dtype=e.dtype, device=e.device)
+        buf = torch.zeros(e.num_layers, 2, size, e.kv_heads, e._window_slots(n_init), e.head_dim, dtype=e.dtype, device=e.device)
         self._window = _StaticKV(buf, 0, advances=True)
         self._graphs: dict[tuple, tuple] = {}
         self.timer = StageTimer(e.device, e.config.timing)
