@@ -34,7 +34,7 @@ import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-from stc.engine import Block, EngineConfig, StreamingEngine, _StaticKV
+from stc.engine import Block, EngineConfig, StreamingEngine, _StaticKV, rope_kernel_supported
 from stc.latency import environment
 
 LAYERS, KV_HEADS, HEAD_DIM, FRAME, N_INIT, N_LOCAL = 28, 4, 128, 196, 14, 15000
@@ -77,12 +77,10 @@ def time_slides(batch, device):
     w = _StaticKV(buf.clone(), length, advances=True)
     init = buf[..., :N_INIT, :].clone()
     out = {"batch": batch, "window_tokens": length - N_INIT, "window_gb": buf[..., N_INIT:length, :].numel() * 2 / 1e9 / batch}
-    import stc.engine
-
-    kernel = stc.engine.rope_kernel_supported
     for name, slack in (("move", 0), ("move_torch", 0), ("advance", SLACK), ("advance_torch", SLACK)):
         stub = engine_stub(device, slack)
-        stc.engine.rope_kernel_supported = kernel if not name.endswith("_torch") else (lambda *a: False)
+        if name.endswith("_torch"):  # the engine's path without Triton
+            stub._rope_for_kernel = lambda shift, buf: None
         times = []
         for _ in range(6):
             w.buf.copy_(buf)
@@ -94,10 +92,9 @@ def time_slides(batch, device):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        stc.engine.rope_kernel_supported = kernel
         assert (w.first == 0) == name.startswith("move")
         out[f"{name}_ms"] = statistics.median(times[1:])
-    out["move_kernel"] = kernel(torch.bfloat16, torch.device(device), HEAD_DIM)
+    out["move_kernel"] = rope_kernel_supported(torch.bfloat16, torch.device(device), HEAD_DIM)
     for tokens in (FRAME, 59):  # all tokens of a frame; the Pruner's 30%
         out[f"ms_per_stream_frame_{tokens}"] = per_frame_ms(out["advance_ms"], out["move_ms"], SLACK, tokens) / batch
         out[f"ms_per_stream_frame_{tokens}_slack_0"] = out["move_ms"] / batch
