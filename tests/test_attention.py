@@ -95,7 +95,6 @@ def test_window_plan_fills_the_gpu_with_the_swept_tiles():
         assert 1 <= cfg["splits"] and (cfg["splits"] == 1 or cfg["splits"] * 2 * cfg["BLOCK_N"] <= slots)
 
 
-
 @pytest.mark.parametrize("rows", [7 * 196, 7 * 49, 7])  # a frame of 196 tokens, the Pruner's 49, a decoded token
 @pytest.mark.parametrize("has_first", [False, True])
 def test_window_kernel_compiles_for_hopper(rows, has_first):
@@ -118,6 +117,7 @@ def test_window_kernel_compiles_for_hopper(rows, has_first):
     sig = {"OUT": "*bf16", "OPART": "*fp32", "LPART": "*fp32",
            **{name: "i32" for name in "kv_heads splits stride_ob stride_on stride_oh N".split()}}
     assert len(compile_for_hopper(_window_merge, sig, {"G": 7, "D": 128, "BLOCK_M": 64})["cubin"]) > 0
+
 
 def _kernel_inputs(case, dtype, device):
     b, heads, kv_heads, n, slots, d, used, _ = case

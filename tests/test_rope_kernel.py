@@ -200,7 +200,6 @@ def test_rotate_into_equals_rope_on_gpu(case, dtype):
     assert buf[..., :2, :].isnan().all() and buf[..., 2 + n :, :].isnan().all()
 
 
-
 def test_rope_write_compiles_for_hopper():
     """`rope_write` lowered to an sm_90 cubin on the CPU at Qwen2-7B's attention (28 query heads, 4 KV heads of 128, bf16)."""
     from stc.rope_kernel import _rope_write
@@ -211,6 +210,7 @@ def test_rope_write_compiles_for_hopper():
            **{name: "i32" for name in strides}}
     asm = compile_for_hopper(_rope_write, sig, {"H": 28, "HKV": 4, "D": 128, "BLOCK_H": 32, "BLOCK_KV": 4})
     assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
+
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_rotate_into_compiles_for_hopper(dtype):
