@@ -323,13 +323,12 @@ def test_window_advance_by_the_kernel_equals_the_advance_by_torch_on_gpu(streams
     values their first copy, and no other slot written."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
-    from stc.models import build_model
+    from stc.models import tiny_config
 
     out = [tiny_engine_slide("advance", streams, kernel, "cuda", torch.bfloat16) for kernel in (True, False)]
     buf, init, n_init = out[0][0], out[0][1], 2
     out = [w.buf for _, _, w in out]
-    text = build_model("tiny", device="meta")[0].config.text_config
-    cos, sin = Qwen2RotaryEmbedding(text)(torch.empty(0), torch.full((1, n_init), 9))
+    cos, sin = Qwen2RotaryEmbedding(tiny_config().text_config)(torch.empty(0), torch.full((1, n_init), 9))
     ulp = torch.finfo(torch.bfloat16).eps
     slots = slice(9, 9 + n_init)
     torch.testing.assert_close(out[0][:, 0, ..., slots, :].float(), out[1][:, 0, ..., slots, :].float(), atol=2 * ulp, rtol=2 * ulp)
