@@ -282,6 +282,31 @@ def rope_kernel_supported(dtype: torch.dtype, device: torch.device, head_dim: in
     return rope_kernel.supported_head_dim(head_dim)
 
 
+def _stacked_view(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """torch.stack(parts, dim=2) as a view, without a copy, where the parts are consecutive slices along one
+    dimension of one tensor (the streams' K and V of a StreamBatch block: `kv[:, :, i]` for each i); else None.
+    (A stack of such strided views copies each part by itself: a launch per stream, per layer chunk of a move.)"""
+    p0, size = parts[0], parts[0].element_size()
+    step = (parts[1].data_ptr() - p0.data_ptr()) // size if len(parts) > 1 else 0
+    for i, p in enumerate(parts):
+        if (p.shape != p0.shape or p.stride() != p0.stride() or p.dtype != p0.dtype or p.device != p0.device
+                or p.untyped_storage().data_ptr() != p0.untyped_storage().data_ptr()
+                or p.data_ptr() != p0.data_ptr() + i * step * size):
+            return None
+    if len(parts) > 1 and step <= 0:
+        return None
+    return p0.as_strided((*p0.shape[:2], len(parts), *p0.shape[2:]), (*p0.stride()[:2], step, *p0.stride()[2:]))
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors [..., n_i, d] (alike but for n_i) joined along their tokens, in one copy. torch.cat copies in
+    one CUDA launch per 128 inputs only where they are contiguous and have at most 4 dimensions (else a copy per
+    input), so they are joined as [rows, n_i, d]."""
+    lead, d = parts[0].shape[:-2], parts[0].shape[-1]
+    joined = torch.cat([p.contiguous().view(-1, *p.shape[-2:]) for p in parts], dim=1)
+    return joined.view(*lead, joined.shape[1], d)
+
+
 def cache_keyword(lm: nn.Module) -> str:
     """The name of a transformers decoder's KV-cache argument: `cache` from transformers 5.24 on
     (where `past_key_values` is deprecated), `past_key_values` before."""
@@ -468,7 +493,11 @@ class StreamingEngine:
                 rows = min(block.length, end)
                 if all(stream[j].kv.device == w.buf.device for stream in blocks):
                     parts = [stream[j].kv[..., block.length - rows :, :] for stream in blocks]
-                    sources.append(parts[0] if w.buf.dim() == 5 else parts)  # one stream's tensor, or the streams' to stack
+                    if w.buf.dim() == 5:
+                        sources.append(parts[0])
+                    else:  # the streams' K and V: one view where a batch wrote them as one tensor, else a list to stack
+                        stacked = _stacked_view(parts)
+                        sources.append(parts if stacked is None else stacked)
                     delta = n_init + end - rows - (block.start + block.length - rows)  # the block moves as one
                 else:  # in CPU memory: the window's own rows, by -first (a view: each layer is copied before it is written)
                     sources.append(w.buf[..., first + n_init + end - rows : first + n_init + end, :])
@@ -489,8 +518,8 @@ class StreamingEngine:
                 step = max(1, min(w.buf.shape[0], MOVE_BYTES // per_layer))
                 for lo in range(0, w.buf.shape[0], step):
                     hi = lo + step
-                    kv = torch.cat([p[lo:hi] if isinstance(p, torch.Tensor) else torch.stack([x[lo:hi] for x in p], dim=2)
-                                    for p in sources[::-1]], dim=-2)
+                    kv = _joined([p[lo:hi] if isinstance(p, torch.Tensor) else torch.stack([x[lo:hi] for x in p], dim=2)
+                                  for p in sources[::-1]])
                     # the joined copy is read before the window is written
                     self._write_rotated(kv, shift, rope, w.buf[lo:hi, ..., n_init : n_init + kept, :])
             w.first, w.length = 0, n_init + kept

@@ -220,6 +220,41 @@ def test_a_block_in_cpu_memory_is_re_rotated_from_the_window(tiny, old_first, mo
         assert torch.equal(window.buf[..., :n_init, :], init)
 
 
+def test_a_batch_blocks_streams_are_stacked_as_a_view_of_their_tensor():
+    """A StreamBatch block's streams (`kv[:, :, i]`, also their last rows) stack as a view of `kv`: equal to
+    torch.stack, no copy; parts that are not consecutive slices of one tensor are not stacked as a view."""
+    from stc.engine import _stacked_view
+
+    kv = torch.randn(3, 2, 4, 2, 5, 8)  # [layers, 2, streams, kv_heads, tokens, d]
+    for rows in (5, 3):
+        parts = [kv[:, :, i][..., 5 - rows :, :] for i in range(4)]
+        view = _stacked_view(parts)
+        assert torch.equal(view, torch.stack(parts, dim=2))
+        assert view.data_ptr() == kv[..., 5 - rows :, :].data_ptr() and view.stride() == kv.stride()
+    one = _stacked_view([kv[:, :, 1]])
+    assert torch.equal(one, kv[:, :, 1:2]) and one.data_ptr() == kv[:, :, 1].data_ptr()
+    shifted = [kv[:, :, 0, :, :4], kv[:, :, 1, :, 1:]]  # a constant step apart all the same
+    assert torch.equal(_stacked_view(shifted), torch.stack(shifted, dim=2))
+    parts = [kv[:, :, i] for i in range(4)]
+    for not_a_view in ([p.clone() for p in parts], parts[::-1], parts[:1] + parts[2:], [parts[0], parts[0]],
+                       [kv[:, :, 0, :, :4], kv[:, :, 1, :, :3]], [kv[:, :, 0], kv[:, :, 1].double()]):
+        assert _stacked_view(not_a_view) is None
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_joined_blocks_equal_their_cat(batch):
+    """The move's join of block K and V (contiguous, and the strided last rows of the oldest block) equals
+    torch.cat along the tokens."""
+    from stc.engine import _joined
+
+    g = torch.Generator().manual_seed(0)
+    lead = (3, 2, 2, 4) if batch else (3, 2, 4)
+    parts = [torch.randn(*lead, n, 8, generator=g) for n in (7, 5, 1)]
+    parts[0] = parts[0][..., 4:, :]  # the oldest block's last 3 rows: not contiguous
+    assert not parts[0].is_contiguous()
+    assert torch.equal(_joined(parts), torch.cat(parts, dim=-2))
+
+
 def test_the_window_slide_is_timed_as_part_of_prefill(tiny, monkeypatch):
     """Each frame records one "window" interval before its prefill, and the latency benchmark counts it
     in the prefill time (here a slide made to take 50 ms)."""
