@@ -28,7 +28,7 @@ import torch
 from stc.attention import kernel_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
-from stc.flops import head_dim, llm_answer_bytes, llm_prefill_flops, llm_weight_bytes, vit_frame_flops, vit_stream_flops_per_frame
+from stc.flops import head_dim, llm_answer_bytes, llm_prefill_floor_ms, vit_floor_ms
 from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
                          synthetic_pixels)
 from stc.methods import get_method
@@ -37,10 +37,14 @@ from stc.models import build_model
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def vit_floors(vcfg, rates) -> tuple[float, float]:
-    """ms per frame at the matmul rate: the full SigLIP, and its mean with STC-Cacher N=4, R=0.75."""
-    return (vit_frame_flops(vcfg) / rates["matmul_flops"] * 1e3,
-            vit_stream_flops_per_frame(vcfg, 4, 0.75) / rates["matmul_flops"] * 1e3)
+def vit_floors(vcfg, rates, dtype: str, batch: int = 1) -> tuple[float, float]:
+    """ms per frame at the floor (`stc.flops.vit_floor_ms`): the full SigLIP, and its mean with STC-Cacher N=4, R=0.75."""
+    both = dict(batch=batch, bytes_per_param=value_bytes(dtype))
+    return vit_floor_ms(vcfg, rates, **both), vit_floor_ms(vcfg, rates, cache_interval=4, reuse_ratio=0.75, **both)
+
+
+def value_bytes(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
 def vit_row(full_ms, cacher_ms, floors, **extra) -> dict:
@@ -50,21 +54,13 @@ def vit_row(full_ms, cacher_ms, floors, **extra) -> dict:
             "full_vs_floor": full_ms / floor_full, "cacher_vs_floor": cacher_ms / floor_stc}
 
 
-def prefill_floor_ms(tcfg, rates, tokens: int, past: int, batch: int = 1) -> float:
-    """Per stream-frame floor of one step prefilling `tokens` per stream after `past` tokens, for `batch`
-    streams: the weights are read once per step, the FLOPs scale with the batch."""
-    weights_ms = llm_weight_bytes(tcfg) / rates["copy_bytes_per_s"] * 1e3
-    flops = batch * llm_prefill_flops(tcfg, tokens, past_tokens=past)
-    return max(flops / rates["matmul_flops"] * 1e3, weights_ms) / batch
-
-
 def vit_part(model, args, rates):
     tower = model.model.vision_tower
     vcfg = model.config.vision_config
     pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     rows = []
-    floors = vit_floors(vcfg, rates)
+    floors = vit_floors(vcfg, rates, args.dtype)  # one frame per step: weights read once per frame, as at B = 1
     for chunk in args.chunks:
         full = measure_vit(tower, pixels, None, chunk=chunk, warmup=1, repeats=args.repeats)
         stc = measure_vit(tower, pixels, cacher, chunk=chunk, warmup=1, repeats=args.repeats)
@@ -82,7 +78,6 @@ def graphed_vit_part(model, args, rates):
     vcfg = model.config.vision_config
     pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
-    floors = vit_floors(vcfg, rates)
     rows = []
     flag = {"auto": None, "0": False, "1": True}
     settings = [(c == "1", b, flag[m], flag[e], flag[q], flag[n]) for c in args.vit_compile for b in args.batches
@@ -90,6 +85,7 @@ def graphed_vit_part(model, args, rates):
     for compile, batch, fused, embed, qkv, norm in settings:
         both = dict(batch=batch, repeats=args.repeats, compile=compile, fused_mlp=fused, patch_gemm=embed, fused_qkv=qkv,
                     norm_kernel=norm)
+        floors = vit_floors(vcfg, rates, args.dtype, batch)
         full = measure_graphed_vit(tower, pixels, None, **both)
         for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
             stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], **both)
@@ -115,8 +111,9 @@ def stream_part(model, processor, args, rates, rows, save):
             continue
         res["cuda_graphs"] = args.graphs
         n = res["tokens_per_frame"]
-        for c, stage in res["checkpoints"].items():  # the step of frame c, after c frames
-            stage["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=c * n)
+        for c, stage in res["checkpoints"].items():  # the mean over the first c frames, as the times
+            stage["prefill_floor_ms"] = llm_prefill_floor_ms(tcfg, rates, n, c, window=base.n_local,
+                                                             bytes_per_param=value_bytes(args.dtype))
         res["qa_floor_ms"] = llm_answer_bytes(tcfg, res["qa_new_tokens"], res["qa_context_tokens"]) / rates["copy_bytes_per_s"] * 1e3
         rows.append(res)
         save()
@@ -130,16 +127,18 @@ def stream_part(model, processor, args, rates, rows, save):
 def batch_part(model, processor, args, rates, rows, save):
     """B synchronised streams per step (StreamBatch, CUDA graphs), per stream-frame times and floors."""
     tcfg = model.config.text_config
+    base = EngineConfig(compile_llm=args.compile_llm)
     for b in args.stream_batches:
         for name in args.methods:
             try:
-                res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats,
-                                    base=EngineConfig(compile_llm=args.compile_llm))
+                res = measure_batch(model, processor, name, args.frames, b, repeats=args.repeats, base=base)
             except ValueError as err:
                 print(f"B={b} {name:>14}: skipped ({err})", flush=True)
                 continue
             n = res["tokens_per_frame"]
-            res["prefill_floor_ms"] = prefill_floor_ms(tcfg, rates, n, past=args.frames * n, batch=b)
+            for c, stage in [*res["checkpoints"].items(), (args.frames, res)]:  # means over the first c frames
+                stage["prefill_floor_ms"] = llm_prefill_floor_ms(tcfg, rates, n, c, batch=b, window=base.n_local,
+                                                                 bytes_per_param=value_bytes(args.dtype))
             rows.append(res)
             save()
             print(f"B={b:>2} {name:>14}: {n} tok/frame  ViT {res['vit_ms_per_frame']:.2f}  projector "

@@ -1,7 +1,9 @@
 """Analytic FLOP counts, for the floor model of the latency benchmarks (2 FLOPs per multiply-add).
 
 floor(stage) = max(FLOPs / measured matmul rate, weight bytes / measured copy bandwidth) (+ attention
-over the past, which the FLOP count includes).
+over the past, which the FLOP count includes), per step: B synchronised streams share one read of the
+weights. A stage measured as a mean over frames has the mean of its steps' floors as its floor
+(`vit_floor_ms`, `llm_prefill_floor_ms`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,37 @@ def vit_stream_flops_per_frame(vision_config, cache_interval: float, reuse_ratio
     return (full + (n - 1) * vit_frame_flops(vision_config, k)) / n
 
 
+def vit_weight_bytes(vision_config, bytes_per_param: int = 2) -> float:
+    """Bytes of encoder-layer weights read by one forward step (the patch and position embeddings excluded)."""
+    d, m = vision_config.hidden_size, vision_config.intermediate_size
+    return vision_config.num_hidden_layers * (4 * d * d + 2 * d * m) * bytes_per_param
+
+
+def _step_ms(flops: float, weight_bytes: float, rates: dict) -> float:
+    return max(flops / rates["matmul_flops"], weight_bytes / rates["copy_bytes_per_s"]) * 1e3
+
+
+def vit_floor_ms(vision_config, rates: dict, batch: int = 1, cache_interval: float | None = None,
+                 reuse_ratio: float = 0.75, bytes_per_param: int = 2) -> float:
+    """Floor of the ViT's mean ms per frame for `batch` synchronised streams, one frame each per step:
+    max(FLOPs / rates["matmul_flops"], weight bytes / rates["copy_bytes_per_s"]) per step, over the batch.
+    With cache_interval N, STC-Cacher's cycle: one full step and N - 1 selective ones (recomputing
+    floor(T * (1 - reuse_ratio)) tokens), their mean; N = inf: selective steps only."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    weights = vit_weight_bytes(vision_config, bytes_per_param)
+    full = _step_ms(batch * vit_frame_flops(vision_config), weights, rates) / batch
+    if cache_interval is None:
+        return full
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    k = math.floor(round(tokens * (1 - reuse_ratio), 9))
+    selective = _step_ms(batch * vit_frame_flops(vision_config, k), weights, rates) / batch
+    if math.isinf(cache_interval):
+        return selective
+    n = int(cache_interval)
+    return (full + (n - 1) * selective) / n
+
+
 def head_dim(text_config) -> int:
     """The decoder's attention head size (its config's head_dim, else hidden size / heads)."""
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -66,6 +99,21 @@ def llm_prefill_flops(text_config, new_tokens: int, past_tokens: int) -> float:
     ctx = past_tokens + (new_tokens + 1) / 2  # causal within the new tokens
     macs_attn = L * 2 * new_tokens * ctx * d
     return 2 * (macs_weights + macs_attn)
+
+
+def llm_prefill_floor_ms(text_config, rates: dict, tokens: int, frames: int, batch: int = 1,
+                         window: int | None = None, bytes_per_param: int = 2) -> float:
+    """Floor of the mean prefill ms per stream-frame over a run's first `frames` steps, each prefilling
+    `tokens` per stream for `batch` synchronised streams after the steps before it (step i: i * tokens
+    of past, at most `window`): the mean over the steps of max(FLOPs / rates["matmul_flops"], weight
+    bytes / rates["copy_bytes_per_s"]), over the batch. The FLOPs grow with the past, so this is below
+    the last step's floor wherever the FLOPs bound."""
+    if frames < 1 or batch < 1 or tokens < 1:
+        raise ValueError(f"frames, batch and tokens must be at least 1, got {frames}, {batch} and {tokens}")
+    weights = llm_weight_bytes(text_config, bytes_per_param)
+    steps = (_step_ms(batch * llm_prefill_flops(text_config, tokens, i * tokens if window is None else min(i * tokens, window)),
+                      weights, rates) for i in range(frames))
+    return sum(steps) / frames / batch
 
 
 def llm_answer_bytes(text_config, new_tokens: int, context_tokens: int, bytes_per_value: int = 2) -> float:

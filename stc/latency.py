@@ -139,10 +139,11 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
             "patch_gemm": runner.patch_gemm, "fused_qkv": runner.fused_qkv, "norm_kernel": runner.norm_kernel}
 
 
-def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, warmup: int = 1, repeats: int = 3,
-                  base: EngineConfig | None = None, seed: int = 0) -> dict:
+def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, checkpoints=(16, 32, 64), warmup: int = 1,
+                  repeats: int = 3, base: EngineConfig | None = None, seed: int = 0) -> dict:
     """B synchronised streams of n_frames each (one frame per stream per step, `StreamBatch`); per
-    stream-frame medians of vision, projector and prefill over repeats. Needs cuda_graphs."""
+    stream-frame medians of vision, projector and prefill over repeats, over the whole run and over the
+    first c steps for each checkpoint c (as `measure_stream`). Needs cuda_graphs."""
     from dataclasses import replace
 
     size = model.config.vision_config.image_size
@@ -160,17 +161,19 @@ def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, w
             group.close()
             if rep >= warmup:
                 runs.append(times)
-    per = n_frames * batch
-    out = {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens}
-    for key, total in (
-        ("vit_ms_per_frame", lambda t: sum(t["vision"])),
-        ("projector_ms_per_frame", lambda t: sum(t["projector"])),
-        # the init prompt's prefill left out; each step's window slide in (none until it holds n_local tokens)
-        ("prefill_ms_per_frame", lambda t: sum(t["prefill"][1:]) + sum(t.get("window", []))),
-        ("window_ms_per_frame", lambda t: sum(t.get("window", []))),  # the slide alone, part of the prefill
-    ):
-        out[key] = statistics.median([total(t) / per for t in runs])
-    return out
+
+    def stages(c: int) -> dict:
+        per = c * batch
+        return {key: statistics.median([total(t, c) / per for t in runs]) for key, total in (
+            ("vit_ms_per_frame", lambda t, c: sum(t["vision"][:c])),
+            ("projector_ms_per_frame", lambda t, c: sum(t["projector"][:c])),
+            # the init prompt's prefill left out; each step's window slide in (none until it holds n_local tokens)
+            ("prefill_ms_per_frame", lambda t, c: sum(t["prefill"][1 : c + 1]) + sum(t.get("window", [])[:c])),
+            ("window_ms_per_frame", lambda t, c: sum(t.get("window", [])[:c])),  # the slide alone, part of the prefill
+        )}
+
+    return {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens, **stages(n_frames),
+            "checkpoints": {c: stages(c) for c in sorted({c for c in checkpoints if c <= n_frames} | {n_frames})}}
 
 
 def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=(16, 32, 64), warmup: int = 1,
