@@ -4,9 +4,9 @@
 optionally two sections this module reads:
 
 - ``vit_graphs``: the graph-captured SigLIP step, full vs STC-Cacher (N=4, R=0.75), B synchronised
-  streams, with the FLOP floors;
-- ``batched``: `StreamBatch` runs, per B and method, ms per stream-frame of ViT and prefill and the
-  prefill floor;
+  streams, with the floors;
+- ``batched``: `StreamBatch` runs, per B and method, ms per stream-frame of ViT and prefill over the
+  whole run and (since commit 3af2d6d) over its first 16 and 32 steps;
 - ``rows`` of a graph-path run (`--graphs`): one stream per method, per-stage ms per frame at the last
   checkpoint, and the question's time (retrieval + answer) with its floor where recorded.
 
@@ -22,6 +22,7 @@ comparison of code versions go under another key (``ab_runs``) and are not read.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+
+from stc import flops
 
 # GraphedVision's options after compile, as a row's flag and its level's suffix: the Cacher's Triton
 # kernels, the MLP's GELU in its fc1 GEMM, the patch embedding as a GEMM, the attention projections as
@@ -43,6 +46,8 @@ COMPILE_LEVELS = tuple(c + "".join(parts) for c in ("none", "inductor")
 REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each frame is done in 2 s
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
+VIT_CACHER = (4, 0.75)  # the Cacher the ViT rows measure (N, R): issue 7's setting
+_VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -89,22 +94,75 @@ def _level(compile, flags: dict | None = None) -> str:
     return level + "".join(suffix for flag, suffix in _LEVEL_OPTIONS if (flags or {}).get(flag))
 
 
+@functools.lru_cache(maxsize=None)
+def _architecture(arch: str):
+    from stc.models import architecture_config
+
+    return architecture_config(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _window() -> int:
+    from stc.engine import EngineConfig
+
+    return EngineConfig().n_local  # the runs' encoding window (the engine's default)
+
+
+def _floor_model(meta: dict):
+    """The floor functions of a run (`stc.flops`) at its measured rates, or None where its meta lacks them."""
+    rates = {key: meta.get(key) for key in ("matmul_flops", "copy_bytes_per_s")}
+    if not all(rates.values()) or meta.get("arch") is None:
+        return None
+    config, value_bytes = _architecture(meta["arch"]), _VALUE_BYTES.get(meta.get("dtype"), 2)
+
+    def vit(batch: int) -> dict:
+        both = dict(batch=batch, bytes_per_param=value_bytes)
+        return {"floor_full_ms": flops.vit_floor_ms(config.vision_config, rates, **both),
+                "floor_cacher_ms": flops.vit_floor_ms(config.vision_config, rates, cache_interval=VIT_CACHER[0],
+                                                      reuse_ratio=VIT_CACHER[1], **both)}
+
+    def prefill(tokens: int, frames: int, batch: int) -> float:
+        return flops.llm_prefill_floor_ms(config.text_config, rates, tokens, frames, batch, window=_window(),
+                                          bytes_per_param=value_bytes)
+
+    return vit, prefill
+
+
+def _lengths(row: dict) -> list[dict]:
+    """A StreamBatch row at its full length and at each shorter checkpoint it recorded ("frames": the
+    first c steps its times are means over)."""
+    full = {k: v for k, v in row.items() if k != "checkpoints"}
+    shorter = [{**full, **stage, "frames": int(c)} for c, stage in (row.get("checkpoints") or {}).items()
+               if int(c) < row["frames"]]
+    return [full, *shorter]
+
+
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
-    """The vit_graphs, batched and graph-path rows sections of the given latency JSON files (others are skipped)."""
+    """The vit_graphs, batched and graph-path rows sections of the given latency JSON files (others are
+    skipped). Floors are those of `stc.flops` at each run's measured rates (where its meta records them
+    and its architecture), not the ones written when it ran: the floor model applies to old runs alike."""
     vit, batched, stream = [], [], []
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
         info = {"source": path.name, "device": meta.get("device") or "unknown GPU", "dtype": meta.get("dtype"),
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
+        model = _floor_model(meta)
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
-            vit.append({**row, **info, "compile": _level(row.get("compile", False), row)})
+            floors = model[0](row["batch"]) if model else {}
+            vit.append({**row, **floors, **info, "compile": _level(row.get("compile", False), row)})
         for row in data.get("batched") or []:
-            batched.append({**row, **info, "compile": _level(compiled)})
+            for one in _lengths(row):
+                if model:
+                    one["prefill_floor_ms"] = model[1](one["tokens_per_frame"], one["frames"], one["batch"])
+                batched.append({**one, **info, "compile": _level(compiled)})
         graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []
         for row in graph_rows:
-            last = row["checkpoints"][max(row["checkpoints"], key=int)]
+            frames = max(row["checkpoints"], key=int)
+            last = dict(row["checkpoints"][frames])
+            if model:
+                last["prefill_floor_ms"] = model[1](row["tokens_per_frame"], int(frames), 1)
             stream.append({"method": row["method"], "frames": row["frames"], "tokens_per_frame": row["tokens_per_frame"],
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
                            "qa_retrieval_ms": row.get("qa_retrieval_ms"),
@@ -115,19 +173,27 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         vit_df = vit_df.assign(_rank=rank).sort_values(["device", "batch", "_rank"]).drop(columns="_rank").reset_index(drop=True)
     batched_df = pd.DataFrame(batched)
     if not batched_df.empty:  # each row keeps its own run's baseline, then the newest row per method wins
-        run = ["source", "device", "batch"]
+        run = ["source", "device", "batch", "frames"]
         base = batched_df[batched_df["method"] == BASELINE].drop_duplicates(run, keep="last")
         if "projector_ms_per_frame" not in base:
             base = base.assign(projector_ms_per_frame=float("nan"))
         base = base[run + ["vit_ms_per_frame", "prefill_ms_per_frame", "prefill_floor_ms", "projector_ms_per_frame"]].rename(columns={
             "vit_ms_per_frame": "run_baseline_vit_ms", "prefill_ms_per_frame": "run_baseline_prefill_ms",
             "prefill_floor_ms": "run_baseline_prefill_floor_ms", "projector_ms_per_frame": "run_baseline_projector_ms"})
-        batched_df = _newest(batched_df.merge(base, on=run, how="left"), ["device", "batch", "method"])
+        batched_df = _newest(batched_df.merge(base, on=run, how="left"), ["device", "batch", "frames", "method"])
     stream_df = pd.DataFrame(stream)
     if not stream_df.empty:
         newest = stream_df.sort_values("date").groupby("device")["source"].last()
         stream_df = stream_df[stream_df["source"] == stream_df["device"].map(newest)].reset_index(drop=True)
     return Speed(vit=vit_df, batched=batched_df, stream=stream_df)
+
+
+def _full_length(batched: pd.DataFrame) -> pd.DataFrame:
+    """Each method's StreamBatch rows at the longest length measured at its B."""
+    if batched.empty:
+        return batched
+    longest = batched.groupby(["device", "batch", "method"])["frames"].transform("max")
+    return batched[batched["frames"] == longest]
 
 
 def vit_table(speed: Speed) -> pd.DataFrame:
@@ -148,15 +214,15 @@ def vit_table(speed: Speed) -> pd.DataFrame:
 
 
 def prefill_table(speed: Speed) -> pd.DataFrame:
-    """StreamBatch per B and method: ViT and prefill per stream-frame, the prefill floor, the change
-    against the baseline of the method's own run (its prefill in "run's baseline"), what the floor
-    model predicts, and the share achieved."""
+    """StreamBatch per B, length and method: ViT and prefill per stream-frame over the first `frames`
+    steps, the prefill floor, the change against the baseline of the method's own run (its prefill in
+    "run's baseline"), what the floor model predicts, and the share achieved."""
     _one_device(speed)
     b = speed.batched
     if b.empty:
         return pd.DataFrame()
     rows = []
-    for _, r in b.sort_values(["batch"], kind="stable").iterrows():
+    for _, r in b.sort_values(["batch", "frames"], kind="stable").iterrows():
         base_prefill = r.get("run_baseline_prefill_ms")
         compared = r["method"] != BASELINE and pd.notna(base_prefill)
         change = predicted = share = None
@@ -164,7 +230,7 @@ def prefill_table(speed: Speed) -> pd.DataFrame:
             change = r["prefill_ms_per_frame"] / base_prefill - 1
             predicted = r["prefill_floor_ms"] / r["run_baseline_prefill_floor_ms"] - 1
             share = change / predicted if predicted < 0 else None
-        rows.append({"B": r["batch"], "method": r["method"], "tokens": r["tokens_per_frame"],
+        rows.append({"B": r["batch"], "frames": r["frames"], "method": r["method"], "tokens": r["tokens_per_frame"],
                      "ViT": r["vit_ms_per_frame"], "prefill": r["prefill_ms_per_frame"],
                      "prefill floor": r["prefill_floor_ms"], "prefill / floor": r["prefill_ms_per_frame"] / r["prefill_floor_ms"],
                      "run's baseline": base_prefill if compared else None,
@@ -197,7 +263,7 @@ def realtime_table(speed: Speed, fps: float = REALTIME_FPS) -> pd.DataFrame:
     from the largest B measured (compute only: KV memory is not counted); and the same with the
     projector stage counted too (the projector, LLaVA-OneVision's pooling and a compressor's selection)."""
     _one_device(speed)
-    b = speed.batched
+    b = _full_length(speed.batched)
     if b.empty:
         return pd.DataFrame()
     top = b[b["batch"] == b["batch"].max()]
@@ -238,9 +304,13 @@ def _worst(table: pd.DataFrame, column: str, largest: bool) -> pd.Series:
     return table.loc[values.idxmax() if largest else values.idxmin()]
 
 
+def _which(row: pd.Series) -> str:
+    return f"{row['method']}, {row['frames']} frames"
+
+
 def targets_table(speed: Speed) -> pd.DataFrame:
     """Issue 7's targets against the measurements: one row per target and B, with the measured value (the
-    worst of the methods where a target covers several), what it must be, whether it is met, and the commit
+    worst of the methods and lengths where a target covers several), what it must be, whether it is met, and the commit
     that was measured (a GPU's rows may come from runs of different code). The ViT
     rows take the most optimised path measured at each B; StreamBatch rows compare with their own run's
     baseline (`prefill_table`, `realtime_table`); the question's time comes from the one-stream rows (B = 1)."""
@@ -264,16 +334,16 @@ def targets_table(speed: Speed) -> pd.DataFrame:
         if not pruned.empty:
             worst = _worst(pruned, "share of predicted", largest=False)
             rows.append(_target("prefill: share of the reduction the floor predicts, pruned", b,
-                                f"{worst['share of predicted']:.1%} ({worst['method']})", f">= {TARGET_SHARE:.0%}",
+                                f"{worst['share of predicted']:.1%} ({_which(worst)})", f">= {TARGET_SHARE:.0%}",
                                 worst["share of predicted"] >= TARGET_SHARE, worst["commit"]))
         pruner = group[(group["method"] == "pruner") & group["prefill change"].notna()]
         if b in TARGET_PREFILL_CHANGE and not pruner.empty:
-            change, limit = pruner["prefill change"].iloc[0], TARGET_PREFILL_CHANGE[b]
-            rows.append(_target("prefill: Pruner against baseline", b, f"{change:+.0%}", f"<= {limit:+.0%}", change <= limit,
-                                pruner["commit"].iloc[0]))
+            worst, limit = _worst(pruner, "prefill change", largest=True), TARGET_PREFILL_CHANGE[b]
+            rows.append(_target("prefill: Pruner against baseline", b, f"{worst['prefill change']:+.0%} ({worst['frames']} frames)",
+                                f"<= {limit:+.0%}", worst["prefill change"] <= limit, worst["commit"]))
         if b in TARGET_FLOOR_MULTIPLE:
             worst, limit = _worst(group, "prefill / floor", largest=True), TARGET_FLOOR_MULTIPLE[b]
-            rows.append(_target("prefill / floor", b, f"{worst['prefill / floor']:.2f}x ({worst['method']})", f"<= {limit:g}x",
+            rows.append(_target("prefill / floor", b, f"{worst['prefill / floor']:.2f}x ({_which(worst)})", f"<= {limit:g}x",
                                 worst["prefill / floor"] <= limit, worst["commit"]))
     stream = stream_table(speed)
     answered = stream[stream["answer / floor"].notna()] if not stream.empty else stream
@@ -358,7 +428,7 @@ def report(speed: Speed) -> str:
             f"## {device}\n",
             f"Measured: {environment_line(one)}.\n",
             "### SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(one)),
-            "### StreamBatch: ViT and prefill per stream-frame (ms), 64 frames per stream\n", markdown(prefill_table(one)),
+            "### StreamBatch: ViT and prefill per stream-frame (ms), means over each stream's first `frames` frames\n", markdown(prefill_table(one)),
             f"### Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n",
             "Each row against the baseline of its own run. \"with projector\": the projector stage counted too; before "
             "commit e39e43f it held LLaVA-OneVision's pooling on a layout that PyTorch's CUDA kernel runs slowly (0.75 ms "
@@ -369,7 +439,7 @@ def report(speed: Speed) -> str:
             "### One stream, graph path: ms per frame, and one question (retrieval + answer, ms)\n",
             markdown(stream_table(one)),
             "### Issue 7's targets\n",
-            "The worst of the methods where a target covers several; the ViT on its most optimised path measured; "
+            "The worst of the methods and lengths where a target covers several; the ViT on its most optimised path measured; "
             "\"commit\": the code measured, so a row from older code than the rest shows as such.\n",
             markdown(targets_table(one)),
         ]
@@ -378,7 +448,7 @@ def report(speed: Speed) -> str:
 
 def plot_speed(speed: Speed) -> plt.Figure:
     """One row per GPU (the newest measured first). Left: graph-captured ViT ms per stream-frame against
-    B, full vs Cacher, with the FLOP floors. Right: StreamBatch prefill per stream-frame against B per
+    B, full vs Cacher, with their floors. Right: StreamBatch prefill per stream-frame against B per
     method, with each one's floor."""
     devices = speed.devices or [None]
     fig, axes = plt.subplots(len(devices), 2, figsize=(11, 4.2 * len(devices)), squeeze=False)
@@ -401,14 +471,14 @@ def _plot_device(ax1, ax2, speed: Speed, device: str | None) -> None:
         v = v[v["compile"] == best]  # the most optimised path measured, both sides alike
         ax1.plot(v["batch"], v["full_ms_per_frame"], "o-", label="full")
         ax1.plot(v["batch"], v["cacher_ms_per_frame"], "s-", label="STC-Cacher N=4, R=0.75")
-        ax1.axhline(v["floor_full_ms"].iloc[0], ls="--", color="C0", lw=1, label="full floor (FLOPs)")
-        ax1.axhline(v["floor_cacher_ms"].iloc[0], ls="--", color="C1", lw=1, label="Cacher floor (FLOPs)")
+        ax1.plot(v["batch"], v["floor_full_ms"], "--", color="C0", lw=1, label="full floor")
+        ax1.plot(v["batch"], v["floor_cacher_ms"], "--", color="C1", lw=1, label="Cacher floor")
         ax1.set_xscale("log", base=2)
         ax1.set_xticks(sorted(v["batch"].unique()), [str(x) for x in sorted(v["batch"].unique())])
         ax1.set_ylim(bottom=0)
         ax1.legend(fontsize=8)
     ax1.set(xlabel="synchronised streams B", ylabel="ms per stream-frame", title=f"SigLIP step (graph-captured){on}")
-    b = speed.batched
+    b = _full_length(speed.batched)
     if b.empty:
         ax2.text(0.5, 0.5, "no StreamBatch measurements", ha="center", va="center", transform=ax2.transAxes)
     else:

@@ -131,10 +131,10 @@ def test_targets_against_the_rows(files, tmp_path):
     assert t.loc[("ViT Cacher / floor", 16)].tolist() == [f"{1.5 / 0.4:.2f}x", "<= 2x", "no", "aaaaaaa"]  # only the old run measured B = 16
     share = "prefill: share of the reduction the floor predicts, pruned"
     share16, share4 = (1.6 / 7.2 - 1) / (0.88 / 4.5 - 1), (3.0 / 8.0 - 1) / (1.15 / 4.47 - 1)
-    assert t.loc[(share, 16)].tolist() == [f"{share16:.1%} (pruner)", ">= 90%", "yes", "bbbbbbb"]
-    assert t.loc[(share, 4)].tolist() == [f"{share4:.1%} (pruner)", ">= 90%", "no", "bbbbbbb"]
-    assert t.loc[("prefill: Pruner against baseline", 16)].tolist() == [f"{1.6 / 7.2 - 1:+.0%}", "<= -55%", "yes", "bbbbbbb"]
-    assert t.loc[("prefill / floor", 16)].tolist() == [f"{1.6 / 0.88:.2f}x (pruner)", "<= 2x", "yes", "bbbbbbb"]  # worse than 7.2 / 4.5
+    assert t.loc[(share, 16)].tolist() == [f"{share16:.1%} (pruner, 64 frames)", ">= 90%", "yes", "bbbbbbb"]
+    assert t.loc[(share, 4)].tolist() == [f"{share4:.1%} (pruner, 64 frames)", ">= 90%", "no", "bbbbbbb"]
+    assert t.loc[("prefill: Pruner against baseline", 16)].tolist() == [f"{1.6 / 7.2 - 1:+.0%} (64 frames)", "<= -55%", "yes", "bbbbbbb"]
+    assert t.loc[("prefill / floor", 16)].tolist() == [f"{1.6 / 0.88:.2f}x (pruner, 64 frames)", "<= 2x", "yes", "bbbbbbb"]  # worse than 7.2 / 4.5
     assert ("prefill / floor", 4) not in t.index  # no floor target at B = 4
     assert not any("real time" in target for target, _ in t.index)  # no Cacher+Pruner row measured
     # STC's real-time gain, from a run with a baseline of its own
@@ -147,7 +147,7 @@ def test_targets_against_the_rows(files, tmp_path):
     # two pruned methods at B = 16 now: the share reported is the worse one, cacher+pruner's (96.4% < pruner's 96.7%)
     share_stc = (2.0 / 8.0 - 1) / (1.0 / 4.5 - 1)
     assert share_stc < share16 and f"{share_stc:.1%}" != f"{share16:.1%}"
-    assert t.loc[(share, 16)].tolist() == [f"{share_stc:.1%} (cacher+pruner)", ">= 90%", "yes", "ggggggg"]
+    assert t.loc[(share, 16)].tolist() == [f"{share_stc:.1%} (cacher+pruner, 64 frames)", ">= 90%", "yes", "ggggggg"]
     # and a run where the pruned methods differ widely: Cacher+Pruner (listed last) fails the target, the Pruner meets it
     mixed = write(tmp_path / "i_mixed.json", "2026-11-01T00:00:00+00:00", "iiiiiii9",
                   batched=[batch_row(4, "baseline", 196, 2.0, 8.0, 4.0), batch_row(4, "pruner", 49, 2.0, 2.4, 1.0),
@@ -155,13 +155,13 @@ def test_targets_against_the_rows(files, tmp_path):
     t = speed.targets_table(speed.load_speed(files + [mixed])).set_index(["target", "B"])
     p = speed.prefill_table(speed.load_speed(files + [mixed])).set_index(["B", "method"])
     assert p.loc[(4, "pruner"), "share of predicted"] == pytest.approx((2.4 / 8.0 - 1) / (1.0 / 4.0 - 1))  # 93.3%
-    assert t.loc[(share, 4)].tolist() == [f"{(4.0 / 8.0 - 1) / (1.0 / 4.0 - 1):.1%} (cacher+pruner)", ">= 90%", "no", "iiiiiii"]
+    assert t.loc[(share, 4)].tolist() == [f"{(4.0 / 8.0 - 1) / (1.0 / 4.0 - 1):.1%} (cacher+pruner, 64 frames)", ">= 90%", "no", "iiiiiii"]
     # a share just under the target (the H200's B = 4 run of 03d9eec, 89.9%) must not read as a met 90%
     close = write(tmp_path / "h_close.json", "2026-10-01T00:00:00+00:00", "hhhhhhh8",
                   batched=[batch_row(4, "baseline", 196, 1.5, 5.7176, 4.5398), batch_row(4, "pruner", 49, 1.4, 1.5921, 0.8966)])
     s = speed.load_speed(files + [close])
     t = speed.targets_table(s).set_index(["target", "B"])
-    assert t.loc[(share, 4)].tolist() == ["89.9% (pruner)", ">= 90%", "no", "hhhhhhh"]
+    assert t.loc[(share, 4)].tolist() == ["89.9% (pruner, 64 frames)", ">= 90%", "no", "hhhhhhh"]
     assert "| 89.9% |" in speed.report(s)
 
 
@@ -198,7 +198,7 @@ def test_one_stream_rows_come_from_the_newest_graph_run(files):
 
 def test_report_and_figure_render_with_and_without_data(files, tmp_path):
     text = speed.report(speed.load_speed(files))
-    assert "| 4 | pruner | 49 |" in text and "b_new.json: GPU X" in text
+    assert "| 4 | 64 | pruner | 49 |" in text and "b_new.json: GPU X" in text
     empty = speed.load_speed([files[2]])
     assert empty.empty and "(no measurements)" in speed.report(empty)
     for s in (speed.load_speed(files), empty):
@@ -226,10 +226,52 @@ def test_each_gpu_keeps_its_own_newest_measurements(files, tmp_path):
     text = speed.report(s)
     assert text.index("## GPU Y") < text.index("## GPU X")
     y_part, x_part = text.split("## GPU X")[0].split("## GPU Y")[1], text.split("## GPU X")[1]
-    assert "| 16 | pruner | 49 | 1.00 | 1.00 |" in y_part and "| 16 | pruner | 49 | 2.00 | 1.60 |" in x_part
+    assert "| 16 | 64 | pruner | 49 | 1.00 | 1.00 |" in y_part and "| 16 | 64 | pruner | 49 | 2.00 | 1.60 |" in x_part
     fig = speed.plot_speed(s)
     assert len(fig.axes) == 4 and "GPU Y" in fig.axes[0].get_title() and "GPU X" in fig.axes[2].get_title()
     fig.savefig(tmp_path / "speed.png")
+
+
+def test_floors_come_from_the_floor_model_at_each_runs_rates(tmp_path):
+    """A run whose meta records its rates and architecture: its rows' floors are stc.flops' (the mean of
+    the steps' floors over the frames its times cover), not the ones it wrote; a StreamBatch row's
+    checkpoints are rows of their own length, the targets take the worst length, the real-time table
+    the full runs."""
+    from stc.flops import llm_prefill_floor_ms, vit_floor_ms
+    from stc.models import architecture_config
+
+    rates = {"matmul_flops": 800e12, "copy_bytes_per_s": 3e12}
+    meta = {"device": "GPU R", "dtype": "bf16", "torch": "2.x", "commit": "rrrrrrr1", "date": "2026-12-01T00:00:00+00:00",
+            "protocol": "one frame per step (CUDA graphs, compiled vision layers)", "arch": "llava-ov-7b", **rates}
+
+    def stages(prefill):
+        return {"vit_ms_per_frame": 1.0, "projector_ms_per_frame": 0.1, "prefill_ms_per_frame": prefill,
+                "prefill_floor_ms": 123.0}  # written by older code: ignored
+
+    base = {**batch_row(4, "baseline", 196, 1.0, 6.0, 99.0), "checkpoints": {"16": stages(4.5), "32": stages(5.0), "64": stages(6.0)}}
+    pruned = {**batch_row(4, "pruner", 49, 1.0, 1.6, 99.0), "checkpoints": {"16": stages(1.5), "32": stages(2.0), "64": stages(1.6)}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": meta, "vit_graphs": [vit_row(1, 2.0, 1.8)], "batched": [base, pruned]}))
+    s = speed.load_speed([path])
+    config = architecture_config("llava-ov-7b")
+    v = s.vit.iloc[0]
+    assert v["floor_full_ms"] == pytest.approx(vit_floor_ms(config.vision_config, rates))
+    assert v["floor_cacher_ms"] == pytest.approx(vit_floor_ms(config.vision_config, rates, cache_interval=4, reuse_ratio=0.75))
+    p = speed.prefill_table(s).set_index(["frames", "method"])
+    assert sorted(set(p.index.get_level_values(0))) == [16, 32, 64]
+    for frames in (16, 32, 64):
+        want = {m: llm_prefill_floor_ms(config.text_config, rates, n, frames, 4, window=15000) for m, n in (("baseline", 196), ("pruner", 49))}
+        assert p.loc[(frames, "pruner"), "prefill floor"] == pytest.approx(want["pruner"])
+        assert p.loc[(frames, "baseline"), "prefill floor"] == pytest.approx(want["baseline"])
+        assert p.loc[(frames, "pruner"), "floor predicts"] == pytest.approx(want["pruner"] / want["baseline"] - 1)
+    p = p.reset_index()
+    worst = p.loc[p[p["method"] == "pruner"]["share of predicted"].astype(float).idxmin()]
+    assert worst["frames"] == 32 and worst["prefill change"] == pytest.approx(2.0 / 5.0 - 1)  # -60%: the least reduction
+    t = speed.targets_table(s).set_index(["target", "B"])
+    assert t.loc[("prefill: share of the reduction the floor predicts, pruned", 4), "measured"] == (
+        f"{worst['share of predicted']:.1%} (pruner, 32 frames)")
+    r = speed.realtime_table(s).set_index("method")
+    assert r.loc["pruner", "ms per stream-frame"] == pytest.approx(2.6) and len(r) == 2  # the 64-frame rows alone
 
 
 def test_committed_gpu_measurements_render():
