@@ -197,7 +197,7 @@ def _full_length(batched: pd.DataFrame) -> pd.DataFrame:
 
 
 def vit_table(speed: Speed) -> pd.DataFrame:
-    """Graph-captured ViT per B and compile level: ms per frame, change, FLOP ideal, multiples of the floor."""
+    """Graph-captured ViT per B and compile level: ms per frame, change, the change the floors predict, multiples of the floor."""
     _one_device(speed)
     v = speed.vit
     if v.empty:
@@ -206,7 +206,7 @@ def vit_table(speed: Speed) -> pd.DataFrame:
         "B": v["batch"], "compile": v["compile"],
         "full ms/frame": v["full_ms_per_frame"], "Cacher ms/frame": v["cacher_ms_per_frame"],
         "change": v["cacher_ms_per_frame"] / v["full_ms_per_frame"] - 1,
-        "FLOP ideal": v["floor_cacher_ms"] / v["floor_full_ms"] - 1,
+        "floor predicts": v["floor_cacher_ms"] / v["floor_full_ms"] - 1,
         "full / floor": v["full_ms_per_frame"] / v["floor_full_ms"],
         "Cacher / floor": v["cacher_ms_per_frame"] / v["floor_cacher_ms"],
         "commit": v["commit"],
@@ -366,7 +366,7 @@ def _cell(value, column: str) -> str:
         return ""
     if isinstance(value, (bool, str)) or column in ("B", "tokens", "frames") or column.startswith("streams"):
         return str(value)
-    if column in ("change", "FLOP ideal", "prefill change", "floor predicts"):
+    if column in ("change", "prefill change", "floor predicts"):
         return f"{value:+.0%}"
     if column == "share of predicted":  # one decimal: 89.9% must not read as a met 90%
         return f"{value:.1%}"

@@ -104,7 +104,7 @@ def test_derived_columns_against_the_rows(files):
     s = speed.load_speed(files)
     v = speed.vit_table(s).set_index(["B", "compile"])
     assert v.loc[(1, "inductor"), "change"] == pytest.approx(2.5 / 3.0 - 1)
-    assert v.loc[(1, "inductor"), "FLOP ideal"] == pytest.approx(-0.5)
+    assert v.loc[(1, "inductor"), "floor predicts"] == pytest.approx(-0.5)
     assert v.loc[(1, "inductor + kernels"), "change"] == pytest.approx(2.0 / 3.0 - 1)
     assert v.loc[(16, "none"), "Cacher / floor"] == pytest.approx(1.5 / 0.4)
     p = speed.prefill_table(s).set_index(["B", "method"])
