@@ -161,19 +161,22 @@ def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, c
             group.close()
             if rep >= warmup:
                 runs.append(times)
+    lengths = sorted({c for c in checkpoints if c <= n_frames} | {n_frames})
+    return {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens,
+            **batch_stages(runs, n_frames, batch), "checkpoints": {c: batch_stages(runs, c, batch) for c in lengths}}
 
-    def stages(c: int) -> dict:
-        per = c * batch
-        return {key: statistics.median([total(t, c) / per for t in runs]) for key, total in (
-            ("vit_ms_per_frame", lambda t, c: sum(t["vision"][:c])),
-            ("projector_ms_per_frame", lambda t, c: sum(t["projector"][:c])),
-            # the init prompt's prefill left out; each step's window slide in (none until it holds n_local tokens)
-            ("prefill_ms_per_frame", lambda t, c: sum(t["prefill"][1 : c + 1]) + sum(t.get("window", [])[:c])),
-            ("window_ms_per_frame", lambda t, c: sum(t.get("window", [])[:c])),  # the slide alone, part of the prefill
-        )}
 
-    return {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens, **stages(n_frames),
-            "checkpoints": {c: stages(c) for c in sorted({c for c in checkpoints if c <= n_frames} | {n_frames})}}
+def batch_stages(runs: list[dict], steps: int, batch: int) -> dict:
+    """Per stream-frame ms of each stage over the first `steps` steps of B-stream runs (`StageTimer.times()`
+    of each), the median over the runs: the init prompt's prefill left out, each step's window slide
+    counted in its prefill (and alone as "window")."""
+    per = steps * batch
+    return {key: statistics.median([total(t) / per for t in runs]) for key, total in (
+        ("vit_ms_per_frame", lambda t: sum(t["vision"][:steps])),
+        ("projector_ms_per_frame", lambda t: sum(t["projector"][:steps])),
+        ("prefill_ms_per_frame", lambda t: sum(t["prefill"][1 : steps + 1]) + sum(t.get("window", [])[:steps])),
+        ("window_ms_per_frame", lambda t: sum(t.get("window", [])[:steps])),
+    )}
 
 
 def measure_stream(model, processor, method: str, n_frames: int, *, checkpoints=(16, 32, 64), warmup: int = 1,
