@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per weight of each dtype name the benchmarks take
+
 
 def vit_layer_flops(tokens: int, dim: int, mlp_dim: int, recomputed: int | None = None, reuse: str = "attn+mlp") -> float:
     """One SigLIP/CLIP encoder layer for one frame; `recomputed` = k dynamic tokens (None = full layer).
@@ -37,15 +39,20 @@ def vit_frame_flops(vision_config, recomputed: int | None = None, reuse: str = "
     )
 
 
+def _cacher_cycle(vision_config, cache_interval: float, reuse_ratio: float, per_frame) -> float:
+    """Mean of per_frame(recomputed) over STC-Cacher's cycle of N frames: one full (recomputed None) and
+    N - 1 recomputing floor(T * (1 - R)) tokens; N = inf: the selective frames alone."""
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    selective = per_frame(math.floor(round(tokens * (1 - reuse_ratio), 9)))
+    if math.isinf(cache_interval):
+        return selective
+    n = int(cache_interval)
+    return (per_frame(None) + (n - 1) * selective) / n
+
+
 def vit_stream_flops_per_frame(vision_config, cache_interval: float, reuse_ratio: float) -> float:
     """Mean ViT FLOPs per frame of a long stream with STC-Cacher (one full frame every N)."""
-    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    k = math.floor(round(tokens * (1 - reuse_ratio), 9))
-    full = vit_frame_flops(vision_config)
-    if math.isinf(cache_interval):
-        return vit_frame_flops(vision_config, k)
-    n = int(cache_interval)
-    return (full + (n - 1) * vit_frame_flops(vision_config, k)) / n
+    return _cacher_cycle(vision_config, cache_interval, reuse_ratio, lambda k: vit_frame_flops(vision_config, k))
 
 
 def vit_weight_bytes(vision_config, bytes_per_param: int = 2) -> float:
@@ -67,16 +74,13 @@ def vit_floor_ms(vision_config, rates: dict, batch: int = 1, cache_interval: flo
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     weights = vit_weight_bytes(vision_config, bytes_per_param)
-    full = _step_ms(batch * vit_frame_flops(vision_config), weights, rates) / batch
+
+    def per_frame(recomputed: int | None) -> float:
+        return _step_ms(batch * vit_frame_flops(vision_config, recomputed), weights, rates) / batch
+
     if cache_interval is None:
-        return full
-    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    k = math.floor(round(tokens * (1 - reuse_ratio), 9))
-    selective = _step_ms(batch * vit_frame_flops(vision_config, k), weights, rates) / batch
-    if math.isinf(cache_interval):
-        return selective
-    n = int(cache_interval)
-    return (full + (n - 1) * selective) / n
+        return per_frame(None)
+    return _cacher_cycle(vision_config, cache_interval, reuse_ratio, per_frame)
 
 
 def head_dim(text_config) -> int:

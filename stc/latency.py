@@ -161,9 +161,9 @@ def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, c
             group.close()
             if rep >= warmup:
                 runs.append(times)
-    lengths = sorted({c for c in checkpoints if c <= n_frames} | {n_frames})
-    return {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens,
-            **batch_stages(runs, n_frames, batch), "checkpoints": {c: batch_stages(runs, c, batch) for c in lengths}}
+    lengths = {c: batch_stages(runs, c, batch) for c in sorted({c for c in checkpoints if c <= n_frames} | {n_frames})}
+    return {"method": method, "frames": n_frames, "batch": batch, "tokens_per_frame": tokens, **lengths[n_frames],
+            "checkpoints": lengths}
 
 
 def batch_stages(runs: list[dict], steps: int, batch: int) -> dict:

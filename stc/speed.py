@@ -47,7 +47,6 @@ REALTIME_FPS = 0.5  # the paper's streaming rate: a stream is real time if each 
 BASELINE = "baseline"
 PRUNED = ("pruner", "cacher+pruner")
 VIT_CACHER = (4, 0.75)  # the Cacher the ViT rows measure (N, R): issue 7's setting
-_VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -113,7 +112,7 @@ def _floor_model(meta: dict):
     rates = {key: meta.get(key) for key in ("matmul_flops", "copy_bytes_per_s")}
     if not all(rates.values()) or meta.get("arch") is None:
         return None
-    config, value_bytes = _architecture(meta["arch"]), _VALUE_BYTES.get(meta.get("dtype"), 2)
+    config, value_bytes = _architecture(meta["arch"]), flops.VALUE_BYTES.get(meta.get("dtype"), 2)
 
     def vit(batch: int) -> dict:
         both = dict(batch=batch, bytes_per_param=value_bytes)
@@ -147,22 +146,22 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
         meta = data.get("meta", {})
         info = {"source": path.name, "device": meta.get("device") or "unknown GPU", "dtype": meta.get("dtype"),
                 "torch": meta.get("torch"), "commit": str(meta.get("commit", ""))[:7], "date": meta.get("date", "")}
-        model = _floor_model(meta)
+        vit_floors, prefill_floor = _floor_model(meta) or (None, None)
         compiled = "compiled vision" in meta.get("protocol", "")
         for row in data.get("vit_graphs") or []:
-            floors = model[0](row["batch"]) if model else {}
+            floors = vit_floors(row["batch"]) if vit_floors else {}
             vit.append({**row, **floors, **info, "compile": _level(row.get("compile", False), row)})
         for row in data.get("batched") or []:
             for one in _lengths(row):
-                if model:
-                    one["prefill_floor_ms"] = model[1](one["tokens_per_frame"], one["frames"], one["batch"])
+                if prefill_floor:
+                    one["prefill_floor_ms"] = prefill_floor(one["tokens_per_frame"], one["frames"], one["batch"])
                 batched.append({**one, **info, "compile": _level(compiled)})
         graph_rows = (data.get("rows") or []) if "CUDA graphs" in meta.get("protocol", "") else []
         for row in graph_rows:
             frames = max(row["checkpoints"], key=int)
             last = dict(row["checkpoints"][frames])
-            if model:
-                last["prefill_floor_ms"] = model[1](row["tokens_per_frame"], int(frames), 1)
+            if prefill_floor:
+                last["prefill_floor_ms"] = prefill_floor(row["tokens_per_frame"], int(frames), 1)
             stream.append({"method": row["method"], "frames": row["frames"], "tokens_per_frame": row["tokens_per_frame"],
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
                            "qa_retrieval_ms": row.get("qa_retrieval_ms"),
