@@ -165,6 +165,25 @@ def test_targets_against_the_rows(files, tmp_path):
     assert "| 89.9% |" in speed.report(s)
 
 
+def test_pruned_prefill_where_the_floor_predicts_no_cut(files, tmp_path):
+    """At B = 1 on the H100 the prefill floor is the weights' read whatever the tokens, so the floor predicts no cut and
+    the share is undefined: the target becomes 'not slower than the baseline', reported at the worst method."""
+    def run(name, commit, pruner, stc):
+        return write(tmp_path / name, "2026-12-01T00:00:00+00:00", commit,
+                     batched=[batch_row(1, "baseline", 196, 2.5, 7.7, 4.5), batch_row(1, "pruner", 49, 2.5, pruner, 4.5),
+                              batch_row(1, "cacher+pruner", 58, 2.4, stc, 4.5)])
+    uncut = "prefill, pruned, where the floor predicts no cut: change against baseline"
+    s = speed.load_speed(files + [run("j_uncut.json", "jjjjjjj1", 6.0, 6.1)])
+    p = speed.prefill_table(s).set_index(["B", "method"])
+    assert p.loc[(1, "pruner"), "floor predicts"] == 0 and pd.isna(p.loc[(1, "pruner"), "share of predicted"])
+    t = speed.targets_table(s).set_index(["target", "B"])
+    assert t.loc[(uncut, 1)].tolist() == [f"{6.1 / 7.7 - 1:+.0%} (cacher+pruner, 64 frames)", "<= +0%", "yes", "jjjjjjj"]
+    assert ("prefill: share of the reduction the floor predicts, pruned", 1) not in t.index
+    assert (uncut, 16) not in t.index and (uncut, 4) not in t.index  # there the floor predicts a cut
+    t = speed.targets_table(speed.load_speed(files + [run("k_slower.json", "kkkkkkk1", 6.0, 7.9)])).set_index(["target", "B"])
+    assert t.loc[(uncut, 1)].tolist() == [f"{7.9 / 7.7 - 1:+.0%} (cacher+pruner, 64 frames)", "<= +0%", "no", "kkkkkkk"]
+
+
 def stream_row(method, prefill, floor, qa, qa_floor=None, retrieval=None):
     checkpoints = {"16": {"vit_ms_per_frame": 9.0, "projector_ms_per_frame": 9.0, "prefill_ms_per_frame": 99.0,
                           "prefill_floor_ms": 1.0},
