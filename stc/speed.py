@@ -340,7 +340,8 @@ def targets_table(speed: Speed) -> pd.DataFrame:
                                 f"{worst['share of predicted']:.1%} ({_which(worst)})", f">= {TARGET_SHARE:.0%}",
                                 worst["share of predicted"] >= TARGET_SHARE, worst["commit"]))
         # Where the floor predicts no cut or a tiny one (a step bound by reading the weights, as at B = 1), the same
-        # target without the division: the change at most 90% of the predicted one (no slower than the baseline).
+        # target without the division: the change at most 90% of the predicted one (where none is predicted, no
+        # slower than the baseline).
         uncut = compared[compared["share of predicted"].isna()]
         if not uncut.empty:
             bound = TARGET_SHARE * uncut["floor predicts"].astype(float).clip(upper=0)
@@ -440,7 +441,10 @@ def report(speed: Speed) -> str:
             f"## {device}\n",
             f"Measured: {environment_line(one)}.\n",
             "### SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(one)),
-            "### StreamBatch: ViT and prefill per stream-frame (ms), means over each stream's first `frames` frames\n", markdown(prefill_table(one)),
+            "### StreamBatch: ViT and prefill per stream-frame (ms), means over each stream's first `frames` frames\n",
+            f"\"share of predicted\": the prefill's change over the change the floor predicts, where it predicts a cut of "
+            f"{SMALLEST_PREDICTED_CUT:.0%} or more (a step bound by the weights' read predicts none).\n",
+            markdown(prefill_table(one)),
             f"### Streams served in real time at {REALTIME_FPS} fps (ViT + prefill, compute only)\n",
             "Each row against the baseline of its own run. \"with projector\": the projector stage counted too; before "
             "commit e39e43f it held LLaVA-OneVision's pooling on a layout that PyTorch's CUDA kernel runs slowly (0.75 ms "

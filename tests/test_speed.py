@@ -184,7 +184,7 @@ def test_pruned_prefill_where_the_floor_predicts_no_cut(files, tmp_path):
     assert (uncut, 16) not in t.index and (uncut, 4) not in t.index  # there the floor predicts a cut
     t = speed.targets_table(speed.load_speed(files + [run("k_slower.json", "kkkkkkk1", 6.0, 7.9)])).set_index(["target", "B"])
     assert t.loc[(uncut, 1)].tolist() == [f"{7.9 / 7.7 - 1:+.1%} (cacher+pruner, 64 frames)", "<= +0.0%", "no", "kkkkkkk"]
-    # a tiny predicted cut (0.4%): no share of it (it would read 5,000%), the bound is 90% of it
+    # a tiny predicted cut (0.4%): no share of it, the bound is 90% of it
     s = speed.load_speed(files + [run("l_tiny.json", "lllllll1", 7.69, 7.68, stc_floor=4.482)])
     p = speed.prefill_table(s).set_index(["B", "method"])
     predicted = 4.482 / 4.5 - 1
