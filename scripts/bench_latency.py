@@ -28,20 +28,13 @@ import torch
 from stc.attention import kernel_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
-from stc.flops import VALUE_BYTES, head_dim, llm_answer_bytes, llm_prefill_floor_ms, vit_floor_ms
+from stc.flops import VALUE_BYTES, head_dim, llm_answer_bytes, llm_prefill_floor_ms, vit_floors_ms
 from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
                          synthetic_pixels)
 from stc.methods import get_method
 from stc.models import build_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def vit_floors(vcfg, rates, dtype: str, cacher: CacherConfig, batch: int = 1) -> tuple[float, float]:
-    """ms per frame at the floor (`stc.flops.vit_floor_ms`): the full SigLIP, and its mean with the Cacher."""
-    both = dict(batch=batch, bytes_per_param=VALUE_BYTES[dtype])
-    return (vit_floor_ms(vcfg, rates, **both),
-            vit_floor_ms(vcfg, rates, cache_interval=cacher.cache_interval, reuse_ratio=cacher.reuse_ratio, **both))
 
 
 def vit_row(full_ms, cacher_ms, floors, **extra) -> dict:
@@ -57,7 +50,8 @@ def vit_part(model, args, rates):
     pixels = synthetic_pixels(args.vit_frames, vcfg.image_size)
     cacher = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     rows = []
-    floors = vit_floors(vcfg, rates, args.dtype, cacher)  # one frame per step: weights read once per frame, as at B = 1
+    # one frame per step: weights read once per frame, as at B = 1
+    floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, bytes_per_param=VALUE_BYTES[args.dtype])
     for chunk in args.chunks:
         full = measure_vit(tower, pixels, None, chunk=chunk, warmup=1, repeats=args.repeats)
         stc = measure_vit(tower, pixels, cacher, chunk=chunk, warmup=1, repeats=args.repeats)
@@ -82,7 +76,7 @@ def graphed_vit_part(model, args, rates):
     for compile, batch, fused, embed, qkv, norm in settings:
         both = dict(batch=batch, repeats=args.repeats, compile=compile, fused_mlp=fused, patch_gemm=embed, fused_qkv=qkv,
                     norm_kernel=norm)
-        floors = vit_floors(vcfg, rates, args.dtype, cacher, batch)
+        floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, batch, VALUE_BYTES[args.dtype])
         full = measure_graphed_vit(tower, pixels, None, **both)
         for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
             stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], **both)

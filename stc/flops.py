@@ -83,6 +83,14 @@ def vit_floor_ms(vision_config, rates: dict, batch: int = 1, cache_interval: flo
     return _cacher_cycle(vision_config, cache_interval, reuse_ratio, per_frame)
 
 
+def vit_floors_ms(vision_config, rates: dict, cache_interval: float, reuse_ratio: float, batch: int = 1,
+                  bytes_per_param: int = 2) -> tuple[float, float]:
+    """The floors a full-vs-Cacher ViT measurement stands against (`vit_floor_ms`), ms per frame: the
+    full encoder's, and the mean over the Cacher's cycle with this cache interval and reuse ratio."""
+    both = dict(batch=batch, bytes_per_param=bytes_per_param)
+    return (vit_floor_ms(vision_config, rates, **both),
+            vit_floor_ms(vision_config, rates, cache_interval=cache_interval, reuse_ratio=reuse_ratio, **both))
+
 def head_dim(text_config) -> int:
     """The decoder's attention head size (its config's head_dim, else hidden size / heads)."""
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

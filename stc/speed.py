@@ -115,10 +115,8 @@ def _floor_model(meta: dict):
     config, value_bytes = _architecture(meta["arch"]), flops.VALUE_BYTES.get(meta.get("dtype"), 2)
 
     def vit(batch: int) -> dict:
-        both = dict(batch=batch, bytes_per_param=value_bytes)
-        return {"floor_full_ms": flops.vit_floor_ms(config.vision_config, rates, **both),
-                "floor_cacher_ms": flops.vit_floor_ms(config.vision_config, rates, cache_interval=VIT_CACHER[0],
-                                                      reuse_ratio=VIT_CACHER[1], **both)}
+        full, cacher = flops.vit_floors_ms(config.vision_config, rates, *VIT_CACHER, batch, value_bytes)
+        return {"floor_full_ms": full, "floor_cacher_ms": cacher}
 
     def prefill(tokens: int, frames: int, batch: int) -> float:
         return flops.llm_prefill_floor_ms(config.text_config, rates, tokens, frames, batch, window=_window(),

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stc.flops import (llm_answer_bytes, llm_prefill_floor_ms, llm_prefill_flops, llm_weight_bytes, vit_floor_ms, vit_frame_flops,
-                       vit_weight_bytes)
+from stc.flops import (llm_answer_bytes, llm_prefill_floor_ms, llm_prefill_flops, llm_weight_bytes, vit_floor_ms, vit_floors_ms,
+                       vit_frame_flops, vit_weight_bytes)
 from stc.models import architecture_config, build_model
 
 
@@ -98,5 +98,7 @@ def test_vit_floor_per_step_and_over_the_cachers_cycle():
     assert vit_floor_ms(vcfg, RATES, batch=16, cache_interval=4) == pytest.approx((full_ms + 3 * selective_ms) / 4)
     assert vit_floor_ms(vcfg, RATES, batch=16, cache_interval=2, reuse_ratio=0.5) == pytest.approx(
         (full_ms + vit_frame_flops(vcfg, recomputed=364) / RATES["matmul_flops"] * 1e3) / 2)
+    # the pair a full-vs-Cacher run stands against
+    assert vit_floors_ms(vcfg, RATES, 4, 0.75, batch=16) == pytest.approx((full_ms, (full_ms + 3 * selective_ms) / 4))
     with pytest.raises(ValueError, match="batch"):
         vit_floor_ms(vcfg, RATES, batch=0)
