@@ -78,14 +78,16 @@ def graphed_vit_part(model, args, rates):
                     norm_kernel=norm)
         floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, batch, VALUE_BYTES[args.dtype])
         full = measure_graphed_vit(tower, pixels, None, **both)
-        for kernels in args.vit_kernels:  # the Cacher's selective layers with and/or without stc.vit_kernel
-            stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], **both)
+        # the Cacher's selective layers with and/or without stc.vit_kernel, and its value buffer
+        for kernels, values in [(k, v) for k in args.vit_kernels for v in args.vit_value_buffer]:
+            stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], value_buffer=flag[values], **both)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
                                 kernels=stc["kernels"], fused_mlp=stc["fused_mlp"], patch_gemm=stc["patch_gemm"],
-                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"]))
+                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"], value_buffer=stc["value_buffer"]))
             r = rows[-1]
             print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']} fused_mlp={r['fused_mlp']} "
-                  f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']} norm_kernel={r['norm_kernel']}: full "
+                  f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']} norm_kernel={r['norm_kernel']} "
+                  f"value_buffer={r['value_buffer']}: full "
                   f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
                   f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (the floors predict {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows
@@ -159,6 +161,9 @@ def main(argv=None):
     p.add_argument("--vit-norm-kernel", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                    help="graphed ViT: every method's LayerNorms (and the add before the second) by stc.vit_kernel (1) or "
                         "as compiled (0); auto: where it runs")
+    p.add_argument("--vit-value-buffer", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: the Cacher's merged values in a buffer kept across frames, only changed rows written (1), "
+                        "or a new tensor each frame (0); auto: with the kernels; '0 1 0 1' to interleave")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")

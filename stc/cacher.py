@@ -185,6 +185,26 @@ def _merge(base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, ba
     return torch.where(pos >= 0, picked, base)
 
 
+def merge_values(work: tuple[torch.Tensor, torch.Tensor], base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
+                 kernel: bool = False) -> torch.Tensor:
+    """`_merge(base, positions, values)` written into a buffer that outlives the call, and returned:
+    work = (buffer [B, T, C], dirty int8 [B * T], the buffer's rows that may differ from base's; see
+    `stc.vit_kernel.merge_rows`). kernel: by `stc.vit_kernel.merge_rows`, which reads and writes only the
+    rows that change; else the same rows change by whole-tensor operations (no faster than `_merge`; its
+    reference). Either way the new rows end up marked and no other."""
+    buffer, dirty = work
+    if kernel:
+        from stc import vit_kernel
+
+        vit_kernel.merge_rows(buffer, dirty, base, positions, values)
+        return buffer
+    new = positions >= 0
+    write = (new | (dirty != 0)).view(buffer.shape[0], -1, 1)
+    buffer.copy_(torch.where(write, _merge(base, positions, values, batch=buffer.shape[0]), buffer))
+    dirty.copy_(new)
+    return buffer
+
+
 @dataclass
 class LayerCache:
     """What one layer caches for a reference frame; each tensor [T, C]."""
@@ -357,6 +377,7 @@ def selective_layer(
     norm_kernel: bool = False,
     normed: torch.Tensor | None = None,
     next_norm: nn.LayerNorm | None = None,
+    value_work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
@@ -368,7 +389,9 @@ def selective_layer(
     fused_mlp: the MLP through `mlp_forward(fused=True)`. qvk: the layer's `fused_projection_weights`
     (the projections that a step computes for the same rows as one GEMM). norm_kernel: the norms (and
     the residual adds and merges before them) by `stc.vit_kernel` (`add_layer_norm`, `merge_layer_norm`).
-    normed, next_norm: as in `reference_layer`.
+    normed, next_norm: as in `reference_layer`. value_work: a buffer for the values that the attention
+    reads (the cached ones with the recomputed rows merged in), kept across frames (`merge_values`; with
+    kernels, only the rows that change are written), and its dirty rows; None: a new tensor each call.
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order); with
     next_norm, next_norm of the output as a third element.
     """
@@ -409,7 +432,8 @@ def selective_layer(
             (q_dyn,), v_dyn = project(layer, h_dyn, "q", qvk), _gather(value_all, rows)
         else:
             q_dyn, v_dyn = project(layer, h_dyn, "qv", qvk)
-        v_full = _merge(ref.value, positions, v_dyn, batch=b)
+        v_full = (_merge(ref.value, positions, v_dyn, batch=b) if value_work is None
+                  else merge_values(value_work, ref.value, positions, v_dyn, kernels))
         a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.

@@ -495,13 +495,18 @@ class GraphedVision:
     channels is a looped reduction); a layer's output pass also computes the next layer's first norm (a
     selective layer's merges its recomputed rows too, `merge_layer_norm`; ToMe's layers do not); None
     (default): where it can (`norm_kernel_supported`: a CUDA device and Triton); True where it cannot raises.
+    value_buffer: the Cacher's selective layers merge their recomputed values into the cached ones in a
+    buffer per layer that outlives the step (`stc.cacher.merge_values`; a [B, T, C] tensor per layer), where
+    with the kernels only the rows that change between frames are written, instead of writing a whole new
+    tensor each frame; None (default): with the kernels, where the Cacher merges values (every reuse mode
+    but "mlp"); True without a selective value merge raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
                  kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
-                 fused_qkv: bool | None = None, norm_kernel: bool | None = None):
+                 fused_qkv: bool | None = None, norm_kernel: bool | None = None, value_buffer: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -540,6 +545,10 @@ class GraphedVision:
             self.tokens = tower.embeddings(self.pixels).shape[1]
         # k only where some frame is selective (cache_interval 1 makes every frame a reference frame)
         self.k = cacher.recomputed_tokens(self.tokens) if cacher and cacher.cache_interval != 1 else None
+        merges_values = self.k is not None and cacher.reuse != "mlp"
+        self.value_buffer = merges_values and self.kernels if value_buffer is None else _option(
+            value_buffer, merges_values, "value_buffer=True needs a Cacher whose selective layers merge values (a reuse mode "
+            "other than 'mlp' and a cache interval above 1)")
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule
@@ -561,6 +570,12 @@ class GraphedVision:
                              for f in _FIELDS))
                 for _ in range(self.depth)
             ]
+        if self.value_buffer:  # each layer's merged values, and its rows that may differ from the cached values'
+            self._values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.depth)]
+            self._dirty = torch.ones(self.depth, batch * self.tokens, device=self.device, dtype=torch.int8)
+            self._value_work = list(zip(self._values, self._dirty.unbind(0)))
+        else:
+            self._value_work = [None] * self.depth
         self._new_refs: list[LayerCache] | None = None
         self._owners: list[weakref.ref] | None = None  # the current streams' states (`_load`)
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -614,13 +629,21 @@ class GraphedVision:
             h = h[0] if h else None
             caches.append(cache)
         self._new_refs = caches
+        self._values_stale()
         return x
+
+    def _values_stale(self) -> None:
+        """Mark every row of the value buffers as possibly differing from the cached values (after these
+        change: a reference step, caches loaded or adopted), so that the next selective step rewrites them."""
+        if self.value_buffer:
+            self._dirty.fill_(1)
 
     def _adopt(self, keep: bool) -> None:
         """Make the reference step's caches (`_new_refs`) the runner's `refs`; keep: copy the current
         caches into them first (after a capture, whose run computed nothing, for loaded streams)."""
         if keep:
             _copy_caches(self._new_refs, self.refs)
+            self._values_stale()  # (a reference step marks them itself, but a capture ran nothing)
         self.refs, self._new_refs = self._new_refs, None
 
     def _selective(self) -> torch.Tensor:
@@ -631,7 +654,7 @@ class GraphedVision:
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared, *h = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
                                                   fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel,
-                                                  normed=h, next_norm=self._next_norm(i))
+                                                  normed=h, next_norm=self._next_norm(i), value_work=self._value_work[i])
             h = h[0] if h else None
         return x
 
@@ -750,4 +773,5 @@ class GraphedVision:
         for row, s in enumerate(states):
             if s.frames_seen and s._refs[0] is not None:
                 _copy_caches(self.refs, s._refs, row)
+        self._values_stale()
         self._owners = [weakref.ref(s) for s in states]

@@ -319,3 +319,66 @@ def merge_layer_norm(x: torch.Tensor, attn: torch.Tensor, mlp: torch.Tensor, pos
 def _(x, attn, mlp, positions, mid, delta, weight, bias, eps):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@triton.jit
+def _merge_rows(WORK, DIRTY, BASE, POS, VALUES, R, T, C, NEW, stride_bb, stride_bt, stride_v,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    inside = c < C
+    live = r < R
+    frame, token = r // T, r % T
+    p = tl.load(POS + r, mask=live, other=-1)
+    new = live & (p >= 0) & (p < NEW)
+    stale = live & ~new & (tl.load(DIRTY + r, mask=live, other=0) != 0)
+    p = tl.where(new, p, 0)
+    v = tl.load(VALUES + p[:, None] * stride_v + c[None, :], mask=new[:, None] & inside[None, :], other=0.0)
+    base = tl.load(BASE + (frame * stride_bb + token * stride_bt)[:, None] + c[None, :], mask=stale[:, None] & inside[None, :],
+                   other=0.0)
+    out = tl.where(new[:, None], v.to(WORK.dtype.element_ty), base)
+    tl.store(WORK + r[:, None] * C + c[None, :], out, mask=(new | stale)[:, None] & inside[None, :])
+    tl.store(DIRTY + r, new.to(tl.int8), mask=live)
+
+
+def _check_merge_rows(work, dirty, base, positions, values) -> None:
+    b, t, c = work.shape if work.dim() == 3 else (None, None, None)
+    if (work.dim() != 3 or not work.is_contiguous() or base.dim() != 3 or base.shape[0] not in (1, b)
+            or base.shape[1:] != work.shape[1:] or values.shape[-1:] != (c,)):
+        raise ValueError(f"merge_rows: expected a contiguous work [B, T, C], base [B or 1, T, C] and values [..., C], got "
+                         f"{tuple(work.shape)}, {tuple(base.shape)} and {tuple(values.shape)}")
+    if dirty.dtype != torch.int8 or dirty.shape != (b * t,) or not dirty.is_contiguous():
+        raise ValueError(f"merge_rows: expected contiguous int8 dirty rows [B * T] = [{b * t}], got {dirty.dtype} {tuple(dirty.shape)}")
+    if positions.dtype != torch.int64 or positions.shape != (b * t,):
+        raise ValueError(f"merge_rows: expected int64 positions [B * T] = [{b * t}], got {positions.dtype} {tuple(positions.shape)}")
+    if len({work.dtype, base.dtype, values.dtype}) != 1:
+        raise ValueError("merge_rows: work, base and values must share a dtype")
+
+
+# A custom op that mutates its first two arguments, which torch.compile calls as it is (in place).
+@torch.library.custom_op("stc::merge_rows", mutates_args=("work", "dirty"))
+def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """Make work [B, T, C] the merge of base [B or 1, T, C] (any frame and token strides) with the rows of
+    values [B, k, C] that positions marks (int64 [B * T], `stc.cacher.token_positions`: token t of frame b
+    takes row positions[b * T + t] of values where it is >= 0), writing only the rows that change.
+
+    work is a buffer that outlives the call: dirty (int8 [B * T]) marks its rows that may differ from
+    base's; rows not marked must already equal base's. Each call writes the new rows and the marked ones
+    (from base), then marks the new rows. Set every mark after base changes (a new reference frame) or
+    work's rows are written elsewhere. For consecutive frames whose recomputed tokens mostly coincide, this
+    writes about their rows instead of the whole tensor: ``stc.cacher._merge`` reads all of base and writes
+    a new tensor."""
+    _check_merge_rows(work, dirty, base, positions, values)
+    b, t, c = work.shape
+    if work.numel() == 0:
+        return
+    base = base if base.stride(2) == 1 else base.contiguous()
+    values = _rows_of(values).contiguous()
+    grid, tiles = _norm_tiles(b * t, c)
+    _merge_rows[grid](work, dirty, base, positions.contiguous(), values, b * t, t, c, values.shape[0],
+                      base.stride(0) if base.shape[0] > 1 else 0, base.stride(1), values.stride(0), **tiles)
+
+
+@merge_rows.register_fake
+def _(work, dirty, base, positions, values):
+    return None

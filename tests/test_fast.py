@@ -39,12 +39,14 @@ def test_same_semantics_as_the_cacher(cfg):
         assert state[0].reference_frames == [i for i in range(7) if i % cfg.cache_interval == 0]
 
 
-@pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=3, reuse_ratio=0.75)])
-def test_compiled_layer_functions_trace_whole(cfg):
-    """compile= runs the same layer functions through torch.compile (aot_eager: traced, not codegen'd)."""
+@pytest.mark.parametrize("cfg, value_buffer", [(None, False), (CacherConfig(cache_interval=3, reuse_ratio=0.75), False),
+                                               (CacherConfig(cache_interval=3, reuse_ratio=0.75), True)])
+def test_compiled_layer_functions_trace_whole(cfg, value_buffer):
+    """compile= runs the same layer functions through torch.compile (aot_eager: traced, not codegen'd),
+    also where they write the value buffers in place."""
     tower, frames = siglip(), video(5)
     want = reference_stream(tower, frames, cfg)
-    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, compile="aot_eager")
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, compile="aot_eager", value_buffer=value_buffer)
     state = [runner.new_state()] if cfg else None
     got = torch.cat([runner(f[None], state) for f in frames])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -95,12 +97,16 @@ def test_tome_step_equals_the_attached_tome(batch, compile):
         GraphedVision(tower, cacher=CacherConfig(), tome=schedule)
 
 
-def test_streams_swap_in_and_out():
+@pytest.mark.parametrize("value_buffer", [False, True])
+def test_streams_swap_in_and_out(value_buffer):
+    """Also with the value buffers (whose rows are written only where marked: a stream swapped in must
+    not see the last one's values)."""
     tower = siglip()
     cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     a, b = video(6, seed=1), video(6, seed=2)
     want_a, want_b = reference_stream(tower, a, cfg), reference_stream(tower, b, cfg)
-    runner = GraphedVision(tower, cacher=cfg, use_graphs=False)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, value_buffer=value_buffer)
+    assert runner.value_buffer == value_buffer
     sa, sb = runner.new_state(), runner.new_state()
     got_a, got_b = [], []
     for i in range(6):
@@ -110,11 +116,12 @@ def test_streams_swap_in_and_out():
     torch.testing.assert_close(torch.cat(got_b), want_b, atol=1e-5, rtol=1e-5)
 
 
-def test_synchronised_streams_in_one_batch():
+@pytest.mark.parametrize("value_buffer", [False, True])
+def test_synchronised_streams_in_one_batch(value_buffer):
     tower = siglip()
     cfg = CacherConfig(cache_interval=3, reuse_ratio=0.75)
     a, b = video(5, seed=1), video(5, seed=2)
-    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False)
+    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, value_buffer=value_buffer)
     states = [runner.new_state(), runner.new_state()]
     got = torch.stack([runner(torch.stack([a[i], b[i]]), states) for i in range(5)], dim=1)
     torch.testing.assert_close(got[0], reference_stream(tower, a, cfg), atol=1e-5, rtol=1e-5)
@@ -123,7 +130,8 @@ def test_synchronised_streams_in_one_batch():
         runner(torch.stack([a[0], b[0]]), [states[0], runner.new_state()])
 
 
-def test_batches_of_streams_change_and_dropped_streams_are_not_kept():
+@pytest.mark.parametrize("value_buffer", [False, True])
+def test_batches_of_streams_change_and_dropped_streams_are_not_kept(value_buffer):
     """Streams leave a batch and come back in other rows with their caches (saved when the batch
     changes); a stream that nobody holds is not kept alive by the runner, nor saved."""
     import gc
@@ -132,7 +140,7 @@ def test_batches_of_streams_change_and_dropped_streams_are_not_kept():
     tower = siglip()
     cfg = CacherConfig(cache_interval=3, reuse_ratio=0.75)
     a, b, c = video(5, seed=1), video(5, seed=2), video(5, seed=3)
-    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False)
+    runner = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, value_buffer=value_buffer)
     sa, sb = runner.new_state(), runner.new_state()
     got_a, got_b = [], []
     for i in range(2):
@@ -214,6 +222,11 @@ def test_bad_inputs():
         GraphedVision(tower, cacher=CacherConfig(), use_graphs=False, kernels=True)
     with pytest.raises(ValueError, match="fused_mlp=True needs a SigLIP MLP"):
         GraphedVision(tower, use_graphs=False, fused_mlp=True)
+    assert not runner.value_buffer  # by default only with the kernels, where it writes only the rows that change
+    for cfg in (None, CacherConfig(cache_interval=1), CacherConfig(reuse="mlp")):  # no selective value merge
+        assert not GraphedVision(tower, cacher=cfg, use_graphs=False).value_buffer
+        with pytest.raises(ValueError, match="value_buffer=True needs a Cacher whose selective layers merge values"):
+            GraphedVision(tower, cacher=cfg, use_graphs=False, value_buffer=True)
 
 
 @pytest.mark.parametrize("size, dtype, tol", [(84, torch.float32, 1e-5), (90, torch.float32, 1e-5), (90, torch.bfloat16, 2e-2)])
@@ -361,6 +374,7 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
     # the defaults on a GPU
     assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv and graphed.norm_kernel
+    assert graphed.value_buffer == bool(cfg)
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay

@@ -4,7 +4,7 @@ PyTorch's, and the selective layer with the kernels against the layer without th
 import pytest
 import torch
 
-from stc.cacher import CacherConfig, reference_layer, select_dynamic_tokens, selective_layer, token_positions
+from stc.cacher import CacherConfig, _merge, merge_values, reference_layer, select_dynamic_tokens, selective_layer, token_positions
 from tests.test_cacher import siglip, video
 from tests.triton_interpreter import run_in_triton_interpreter
 
@@ -138,6 +138,75 @@ def check_norm(case, seed, got, atol, dtype=torch.float32):
     torch.testing.assert_close(after.float(), want, atol=atol, rtol=0)
 
 
+SENTINEL = 12345.0  # a value no merge computes: a row still holding it was not written
+
+
+def _rows_inputs(case, seed, dtype=torch.float32, device="cpu"):
+    """A value buffer's inputs over three frames, in the layouts the selective layer passes: the cached
+    values base [B or 1, T, C] (a column slice, as the projections' output, where `sliced`), and per frame
+    the positions of k recomputed tokens (drawn anew: consecutive frames share some) and their rows [B, k, C]."""
+    b, t, c, k, shared, sliced = case
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(1 if shared else b, t, 3 * c if sliced else c, generator=g)
+    base = wide[..., c : 2 * c] if sliced else wide
+    steps = []
+    for _ in range(3):
+        idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
+        steps.append((token_positions(idx, t).to(device), torch.randn(b, k, c, generator=g).to(dtype).to(device)))
+    return base.to(dtype).to(device), steps
+
+
+def rows_case(case, seed, merge, dtype=torch.float32, device="cpu"):
+    """The buffer and its marks after each of the three frames' merges by merge(work, dirty, base, positions,
+    values): from a buffer of sentinels with every row marked; before the third, the clean rows that it does
+    not recompute are set to the sentinel (such a row, left alone, keeps it)."""
+    b, t, c = case[:3]
+    base, steps = _rows_inputs(case, seed, dtype, device)
+    work = torch.full((b, t, c), SENTINEL, dtype=dtype, device=device)
+    dirty = torch.ones(b * t, dtype=torch.int8, device=device)
+    out = []
+    for i, (pos, values) in enumerate(steps):
+        if i == 2:
+            work.view(b * t, c)[(dirty == 0) & (pos < 0)] = SENTINEL
+        merge(work, dirty, base, pos, values)
+        out.append((work.clone(), dirty.clone()))
+    return out
+
+
+def merge_values_fallback(work, dirty, base, positions, values):
+    merge_values((work, dirty), base, positions, values)
+
+
+def check_rows(case, seed, got, dtype=torch.float32):
+    """Brute force, row by row: a recomputed token's row is written and marked; a marked row that is not
+    recomputed is restored from base and unmarked; any other row is neither read nor written."""
+    b, t, c = case[:3]
+    base, steps = _rows_inputs(case, seed, dtype)
+    work = torch.full((b, t, c), SENTINEL, dtype=dtype)
+    dirty = [1] * (b * t)
+    for i, ((pos, values), (got_work, got_dirty)) in enumerate(zip(steps, got, strict=True)):
+        if i == 2:
+            for r in range(b * t):
+                if not dirty[r] and pos[r] < 0:
+                    work.view(b * t, c)[r] = SENTINEL
+        for f in range(b):
+            for tok in range(t):
+                r, p = f * t + tok, int(pos[f * t + tok])
+                if p >= 0:
+                    work[f, tok], dirty[r] = values.reshape(-1, c)[p], 1
+                elif dirty[r]:
+                    work[f, tok], dirty[r] = base[min(f, base.shape[0] - 1), tok], 0
+        assert got_work.dtype == dtype and torch.equal(got_work.cpu(), work)
+        assert got_dirty.dtype == torch.int8 and got_dirty.cpu().tolist() == dirty
+    for (pos, values), (got_work, _) in zip(steps[:2], got):  # before the sentinels: the merged values, as a new merge's
+        assert torch.equal(got_work.cpu(), _merge(base, pos, values, batch=b))
+
+
+# (frames, tokens, channels, k recomputed per frame, base shared by every frame, base a column slice)
+ROWS_CASES = [(2, 12, 40, 5, False, True), (3, 7, 64, 3, True, False), (1, 9, 1152, 4, False, True), (2, 5, 7, 1, False, False),
+              (2, 4, 3, 4, True, True)]
+
+
 LAYER_CONFIGS = [
     CacherConfig(cache_interval=2, reuse_ratio=0.75),
     CacherConfig(cache_interval=2, reuse_ratio=0.5, reuse="attn", selection_feature="value"),
@@ -167,6 +236,11 @@ def layer_cases(kernels: bool, device: str = "cpu"):
                 given = layer.layer_norm1(x[3:5])
                 results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels, norm_kernel=kernels, normed=given,
                                                next_norm=nxt))
+            if cfg.reuse != "mlp":  # the merged values in a buffer kept over three frames against one reference
+                work = (torch.zeros_like(own.value), torch.ones(own.value.shape[:2].numel(), dtype=torch.int8, device=device))
+                for frame in (x[3:5], x[[4, 3]], x[3:5]):  # frames unlike the reference's (ties would differ by rounding)
+                    results.append(selective_layer(layer, frame, own, k, cfg, kernels=kernels, norm_kernel=kernels,
+                                                   value_work=work))
         results.append((reference_layer(layer, x[3:5], norm_kernel=kernels)[0], torch.zeros(0)))  # a full layer
         out, _, normed = reference_layer(layer, x[3:5], norm_kernel=kernels, next_norm=nxt)
         results.append((out, torch.zeros(0), normed))
@@ -177,15 +251,16 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_vit_kernel import (COSINE_CASES, MERGE_CASES, NORM_CASES, RANK_CASES, _cosine_inputs, _rank_inputs,
-                                           layer_cases, merge_case, norm_case)
+        from tests.test_vit_kernel import (COSINE_CASES, MERGE_CASES, NORM_CASES, RANK_CASES, ROWS_CASES, _cosine_inputs,
+                                           _rank_inputs, layer_cases, merge_case, norm_case, rows_case)
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "positions": [vit_kernel.rank_positions(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "cosine": [vit_kernel.cosine(*_cosine_inputs(case, i)) for i, case in enumerate(COSINE_CASES)],
                "layers": layer_cases(kernels=True),
                "norm": [norm_case(case, i, vit_kernel) for i, case in enumerate(NORM_CASES)],
-               "merge": [merge_case(case, i, vit_kernel) for i, case in enumerate(MERGE_CASES)]}}
+               "merge": [merge_case(case, i, vit_kernel) for i, case in enumerate(MERGE_CASES)],
+               "rows": [rows_case(case, i, vit_kernel.merge_rows) for i, case in enumerate(ROWS_CASES)]}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """, timeout=600)
     out = torch.load(tmp_path / "out.pt")
@@ -202,6 +277,8 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
         check_norm(case, i, out["norm"][i], atol=1e-5)
     for i, case in enumerate(MERGE_CASES):
         check_merge(case, i, out["merge"][i], atol=1e-5)
+    for i, case in enumerate(ROWS_CASES):
+        check_rows(case, i, out["rows"][i])
     check_layers(out["layers"], layer_cases(kernels=False), atol=1e-5)
 
 
@@ -215,6 +292,31 @@ def check_layers(got_all, want_all, atol):
         if len(got) == 3:
             torch.testing.assert_close(got[2], want[2], atol=atol, rtol=atol)
             torch.testing.assert_close(got[0], got_all[i - 1][0], atol=atol, rtol=atol)  # as without the fused norm
+
+
+def test_value_buffer_without_the_kernel_changes_the_same_rows():
+    """`merge_values` without the kernel (its whole-tensor path) leaves the buffer and marks as the kernel
+    does, row by row."""
+    for i, case in enumerate(ROWS_CASES):
+        check_rows(case, i, rows_case(case, i, merge_values_fallback))
+
+
+def test_selective_layer_with_a_value_buffer_equals_without():
+    """Over frames against one reference, the attention reads the same values from the buffer as from a
+    new merge: the same outputs, bit for bit (no kernel; with it, the interpreter and GPU tests compare the
+    two paths)."""
+    tower = siglip(layers=1)
+    layer = tower.encoder.layers[0]
+    with torch.no_grad():
+        x = tower.embeddings(video(7))
+        _, ref = reference_layer(layer, x[:2], keep_hidden=True)
+        for cfg in LAYER_CONFIGS[:3]:
+            k = cfg.recomputed_tokens(x.shape[1])
+            work = (torch.zeros_like(ref.value), torch.ones(2 * x.shape[1], dtype=torch.int8))
+            for frame in (x[2:4], x[4:6], x[5:7], x[2:4]):
+                got = selective_layer(layer, frame, ref, k, cfg, value_work=work)
+                want = selective_layer(layer, frame, ref, k, cfg)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_pytorch_selection_ranks_ties_to_the_lower_index():
@@ -265,6 +367,17 @@ def test_bad_inputs_are_refused_before_any_launch():
         vit_kernel.merge_layer_norm(x, attn, mlp, pos[1:], mid, delta, w, bias, 1e-6)
     with pytest.raises(ValueError, match="share a dtype"):
         vit_kernel.merge_layer_norm(x, attn.double(), mlp, pos, mid, delta, w, bias, 1e-6)
+    base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[0], 0)
+    work, dirty = torch.zeros(2, 12, 40), torch.ones(24, dtype=torch.int8)
+    for bad, match in [((work[:, :, :20], dirty, base, pos, values), r"work \[B, T, C\]"),
+                       ((work.transpose(0, 1), dirty, base, pos, values), "contiguous work"),
+                       ((work, dirty, base[:, 1:], pos, values), r"base \[B or 1, T, C\]"),
+                       ((work, dirty.bool(), base, pos, values), "int8 dirty"),
+                       ((work, dirty[1:], base, pos, values), "int8 dirty"),
+                       ((work, dirty, base, pos.int(), values), "int64 positions"),
+                       ((work, dirty, base.double(), pos, values), "share a dtype")]:
+        with pytest.raises(ValueError, match=match):
+            vit_kernel.merge_rows(*bad)
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -337,3 +450,16 @@ def test_merge_kernel_equals_brute_force_on_gpu(dtype):
     for i, case in enumerate(MERGE_CASES + [(16, 729, 1152, 182, False, True), (1, 729, 1152, 182, True, False)]):
         check_merge(case, i, merge_case(case, i, vit_kernel, dtype, "cuda"), atol, dtype)
     torch.library.opcheck(vit_kernel.merge_layer_norm, (*_merge_inputs(MERGE_CASES[1], 0, dtype, "cuda"), 1e-6))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_value_buffer_kernel_equals_brute_force_on_gpu(dtype):
+    """Exactly the rows of the brute force, marks included, also at SigLIP-so400m's size (16 frames)."""
+    from stc import vit_kernel
+
+    for i, case in enumerate(ROWS_CASES + [(16, 729, 1152, 182, False, True)]):
+        check_rows(case, i, rows_case(case, i, vit_kernel.merge_rows, dtype, "cuda"), dtype)
+    base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[0], 0, dtype, "cuda")
+    work, dirty = torch.zeros(2, 12, 40, dtype=dtype, device="cuda"), torch.ones(24, dtype=torch.int8, device="cuda")
+    torch.library.opcheck(vit_kernel.merge_rows, (work, dirty, base, pos, values))
