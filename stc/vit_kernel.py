@@ -1,5 +1,5 @@
 """Triton kernels for the graph-captured SigLIP step on a GPU (`stc.fast.GraphedVision`): STC-Cacher's
-token selection, and every method's LayerNorms.
+token selection and its value merge, and every method's LayerNorms.
 
 `stc.cacher.selective_layer(..., kernels=True)` calls them; the module needs Triton and is imported
 only then. `rank_select` is a `torch.library.triton_op` (``stc::rank_select``), so `torch.compile`
@@ -27,6 +27,11 @@ layer's output, its recomputed rows merged into the reused ones, with the next l
 are custom ops for every method's encoder layers (`stc.cacher.layer_norm`, `GraphedVision(norm_kernel=...)`):
 one program normalises a few whole rows in one pass. Inductor compiles SigLIP's norm of 1152 channels as a
 looped reduction, 51.6 us for 16 frames on the H200, against 17.7 here (results/latency/h200_vit_layer_norm.json).
+
+`merge_rows` (``stc::merge_rows``) keeps a selective layer's values (the cached ones with the recomputed rows
+merged in) in a buffer across a stream's frames (`stc.cacher.merge_values`, `GraphedVision(value_buffer=...)`):
+each frame writes its recomputed rows and restores the last frame's, instead of reading all the cached values
+and writing a new tensor.
 """
 
 from __future__ import annotations

@@ -463,3 +463,19 @@ def test_value_buffer_kernel_equals_brute_force_on_gpu(dtype):
     base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[0], 0, dtype, "cuda")
     work, dirty = torch.zeros(2, 12, 40, dtype=dtype, device="cuda"), torch.ones(24, dtype=torch.int8, device="cuda")
     torch.library.opcheck(vit_kernel.merge_rows, (work, dirty, base, pos, values))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_value_buffer_kernel_compiles_for_hopper(dtype):
+    """`merge_rows` lowered to an sm_90 cubin on the CPU at SigLIP-so400m's width (1152 channels, the
+    launch's whole-row tiles): what the interpreter test does not cover."""
+    pytest.importorskip("triton")
+    from stc.vit_kernel import _merge_rows, _norm_tiles
+    from tests.triton_interpreter import compile_for_hopper
+
+    _, tiles = _norm_tiles(16 * 729, 1152)
+    sig = {"WORK": f"*{dtype}", "DIRTY": "*i8", "BASE": f"*{dtype}", "POS": "*i64", "VALUES": f"*{dtype}",
+           **{name: "i32" for name in ("R", "T", "C", "NEW", "stride_bb", "stride_bt", "stride_v")}}
+    warps = tiles.pop("num_warps")
+    asm = compile_for_hopper(_merge_rows, sig, tiles, num_warps=warps)
+    assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
