@@ -378,7 +378,7 @@ def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, posi
     if work.numel() == 0:
         return
     base = base if base.stride(2) == 1 else base.contiguous()
-    values = _rows_of(values).contiguous()
+    values = _rows_of(values)  # a view where it can be (the projections' column slice): no copy
     grid, tiles = _norm_tiles(b * t, c)
     _merge_rows[grid](work, dirty, base, positions.contiguous(), values, b * t, t, c, values.shape[0],
                       base.stride(0) if base.shape[0] > 1 else 0, base.stride(1), values.stride(0), **tiles)

@@ -152,7 +152,8 @@ def _rows_inputs(case, seed, dtype=torch.float32, device="cpu"):
     steps = []
     for _ in range(3):
         idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
-        steps.append((token_positions(idx, t).to(device), torch.randn(b, k, c, generator=g).to(dtype).to(device)))
+        rows = torch.randn(b, k, 2 * c, generator=g)[..., c:] if sliced else torch.randn(b, k, c, generator=g)
+        steps.append((token_positions(idx, t).to(device), rows.to(dtype).to(device)))
     return base.to(dtype).to(device), steps
 
 
@@ -202,7 +203,7 @@ def check_rows(case, seed, got, dtype=torch.float32):
         assert torch.equal(got_work.cpu(), _merge(base, pos, values, batch=b))
 
 
-# (frames, tokens, channels, k recomputed per frame, base shared by every frame, base a column slice)
+# (frames, tokens, channels, k recomputed per frame, base shared by every frame, base and rows column slices)
 ROWS_CASES = [(2, 12, 40, 5, False, True), (3, 7, 64, 3, True, False), (1, 9, 1152, 4, False, True), (2, 5, 7, 1, False, False),
               (2, 4, 3, 4, True, True)]
 
@@ -238,9 +239,11 @@ def layer_cases(kernels: bool, device: str = "cpu"):
                                                next_norm=nxt))
             if cfg.reuse != "mlp":  # the merged values in a buffer kept over three frames against one reference
                 work = (torch.zeros_like(own.value), torch.ones(own.value.shape[:2].numel(), dtype=torch.int8, device=device))
-                for frame in (x[3:5], x[[4, 3]], x[3:5]):  # frames unlike the reference's (ties would differ by rounding)
-                    results.append(selective_layer(layer, frame, own, k, cfg, kernels=kernels, norm_kernel=kernels,
-                                                   value_work=work))
+                g = torch.Generator().manual_seed(k)
+                for frame in (x[3:5], x[[4, 3]], x[3:5]):  # tokens given: near-ties could rank apart by rounding
+                    dynamic = torch.stack([torch.randperm(x.shape[1], generator=g)[:k] for _ in range(2)]).to(device)
+                    results.append(selective_layer(layer, frame, own, k, cfg, dynamic=dynamic, kernels=kernels,
+                                                   norm_kernel=kernels, value_work=work))
         results.append((reference_layer(layer, x[3:5], norm_kernel=kernels)[0], torch.zeros(0)))  # a full layer
         out, _, normed = reference_layer(layer, x[3:5], norm_kernel=kernels, next_norm=nxt)
         results.append((out, torch.zeros(0), normed))
