@@ -143,8 +143,8 @@ SENTINEL = 12345.0  # a value no merge computes: a row still holding it was not 
 
 def _rows_inputs(case, seed, dtype=torch.float32, device="cpu"):
     """A value buffer's inputs over three frames, in the layouts the selective layer passes: the cached
-    values base [B or 1, T, C] (a column slice, as the projections' output, where `sliced`), and per frame
-    the positions of k recomputed tokens (drawn anew: consecutive frames share some) and their rows [B, k, C]."""
+    values base [B or 1, T, C] and per frame the positions of k recomputed tokens (drawn anew: consecutive
+    frames share some) and their rows [B, k, C], both column slices where `sliced` (as the projections' outputs)."""
     b, t, c, k, shared, sliced = case
     g = torch.Generator().manual_seed(seed)
     wide = torch.randn(1 if shared else b, t, 3 * c if sliced else c, generator=g)
