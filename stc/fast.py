@@ -138,6 +138,14 @@ def layer_functions(backend: str | None) -> tuple:
 
 
 @functools.cache
+def embedding_function(backend: str | None):
+    """`patch_embeddings`, compiled with `backend` unless None. Compiled by inductor, the patches are gathered
+    in one pass, padded to a multiple of 8 values for an aligned GEMM (a SigLIP patch is 588), and the
+    bias and position embeddings are added in one pass after it."""
+    return patch_embeddings if backend is None else torch.compile(patch_embeddings, backend=backend, dynamic=False)
+
+
+@functools.cache
 def tome_function(backend: str | None):
     """`stc.baselines.tome.tome_layer`, compiled with `backend` unless None. Its token count differs per
     layer, so it is compiled with dynamic shapes: one compiled function for every layer and count."""
@@ -474,10 +482,11 @@ class GraphedVision:
 
     tower: a SigLIP/CLIP vision tower (transformers 5.x); cacher: STC-Cacher settings or None for
     the baseline; feature_layer: index into hidden_states (-1 = last layer, LLaVA-OV's choice);
-    compile: run the layer functions through `torch.compile` (see `compile_backend`); tome: a ToMe
-    merge schedule (tokens merged per layer, `stc.baselines.tome.tome_r_for_budget`) instead of a
-    cacher (with compile, its layer function has dynamic shapes, `tome_function`); keep_input_of: an
-    encoder layer index (negative: from the end) whose input each call also keeps, as `layer_input`
+    compile: run the layer functions, and the patch embedding as a GEMM (`embedding_function`), through
+    `torch.compile` (see `compile_backend`); tome: a ToMe merge schedule (tokens merged per layer,
+    `stc.baselines.tome.tome_r_for_budget`) instead of a cacher (with compile, its layer function has
+    dynamic shapes, `tome_function`); keep_input_of: an encoder layer index (negative: from the end)
+    whose input each call also keeps, as `layer_input`
     (a copy, [B, T, C]), for compressors that read it (VisionZip); kernels: run the Cacher's
     token selection with the Triton kernel of `stc.vit_kernel` (the same tokens as without). None
     (default): where it can run (a CUDA device and Triton); True where it cannot raises. fused_mlp:
@@ -523,6 +532,7 @@ class GraphedVision:
         backend = compile_backend(compile)
         self._encoder_layer, self._reference_layer, self._selective_layer = layer_functions(backend)
         self._tome_layer = tome_function(backend) if tome is not None else None
+        self._patch_embeddings = embedding_function(backend)
         self.kernels = bool(cacher) and _option(
             kernels, vit_kernels_supported(self.dtype, self.device),
             f"kernels=True needs Triton and a CUDA device (stc.vit_kernel), here {self.device} {self.dtype}")
@@ -586,7 +596,7 @@ class GraphedVision:
 
     def _embed(self) -> torch.Tensor:
         if self.patch_gemm:
-            return patch_embeddings(self.tower.embeddings, self.pixels)
+            return self._patch_embeddings(self.tower.embeddings, self.pixels)
         # the module's output is a transposed view (tokens of a channel adjacent), a layout that every
         # residual add would pass on to the next layer: make it row-major, as the GEMM's is
         return self.tower.embeddings(self.pixels).contiguous()
