@@ -139,9 +139,11 @@ def layer_functions(backend: str | None) -> tuple:
 
 @functools.cache
 def embedding_function(backend: str | None):
-    """`patch_embeddings`, compiled with `backend` unless None. Compiled by inductor, the patches are gathered
-    in one pass, padded to a multiple of 8 values for an aligned GEMM (a SigLIP patch is 588), and the
-    bias and position embeddings are added in one pass after it."""
+    """`patch_embeddings`, compiled with `backend` unless None. Uncompiled it is three eager kernels around
+    the GEMM's: the patches' permute copy, and the bias and position add; and the GEMM runs a 2-byte-aligned
+    kernel (a SigLIP patch is 588 values, not a multiple of 8). Inductor may fuse the copies and pad the
+    GEMM (its shape padding); which kernels it chose was not profiled, only the step's time
+    (results/latency/README.md)."""
     return patch_embeddings if backend is None else torch.compile(patch_embeddings, backend=backend, dynamic=False)
 
 

@@ -91,6 +91,7 @@ def vit_floors_ms(vision_config, rates: dict, cache_interval: float, reuse_ratio
     return (vit_floor_ms(vision_config, rates, **both),
             vit_floor_ms(vision_config, rates, cache_interval=cache_interval, reuse_ratio=reuse_ratio, **both))
 
+
 def head_dim(text_config) -> int:
     """The decoder's attention head size (its config's head_dim, else hidden size / heads)."""
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
