@@ -79,15 +79,18 @@ def graphed_vit_part(model, args, rates):
         floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, batch, VALUE_BYTES[args.dtype])
         full = measure_graphed_vit(tower, pixels, None, **both)
         # the Cacher's selective layers with and/or without stc.vit_kernel, and its value buffer
-        for kernels, values in [(k, v) for k in args.vit_kernels for v in args.vit_value_buffer]:
-            stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], value_buffer=flag[values], **both)
+        for kernels, values, attention in [(k, v, a) for k in args.vit_kernels for v in args.vit_value_buffer
+                                           for a in args.vit_attention_kernel]:
+            stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], value_buffer=flag[values],
+                                      attention_kernel=flag[attention], **both)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
                                 kernels=stc["kernels"], fused_mlp=stc["fused_mlp"], patch_gemm=stc["patch_gemm"],
-                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"], value_buffer=stc["value_buffer"]))
+                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"], value_buffer=stc["value_buffer"],
+                                attention_kernel=stc["attention_kernel"]))
             r = rows[-1]
             print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']} fused_mlp={r['fused_mlp']} "
                   f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']} norm_kernel={r['norm_kernel']} "
-                  f"value_buffer={r['value_buffer']}: full "
+                  f"value_buffer={r['value_buffer']} attention_kernel={r['attention_kernel']}: full "
                   f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
                   f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (the floors predict {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows
@@ -164,6 +167,9 @@ def main(argv=None):
     p.add_argument("--vit-value-buffer", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                    help="graphed ViT: the Cacher's merged values in a buffer kept across frames, only changed rows written (1), "
                         "or a new tensor each frame (0); auto: with the kernels; '0 1 0 1' to interleave")
+    p.add_argument("--vit-attention-kernel", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: the Cacher's selective attention by stc.vit_kernel.attention (1) or PyTorch's (0); "
+                        "auto: with the kernels; '0 1 0 1' to interleave")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")

@@ -45,9 +45,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 
-from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
-                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
-                        selective_layer)
+from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_kernel_supported, attention_projections,
+                        encoder_layers, fused_mlp_supported, fused_projection_weights, fused_projections_supported,
+                        reference_layer, selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -511,13 +511,19 @@ class GraphedVision:
     with the kernels only the rows that change between frames are written, instead of writing a whole new
     tensor each frame; None (default): with the kernels, where the Cacher merges values (every reuse mode
     but "mlp"); True without a selective value merge raises.
+    attention_kernel: the Cacher's selective layers compute their recomputed tokens' attention by
+    `stc.vit_kernel.attention` instead of PyTorch's attention (cuDNN on the H100, which pads SigLIP's heads of
+    72 channels to 128); every method's full attention stays PyTorch's, faster there at 16 frames. None
+    (default): with the kernels, where the Cacher recomputes only some tokens' attention (every reuse mode but
+    "mlp") and `stc.cacher.attention_kernel_supported` (SigLIP's heads, a CUDA device); True where not raises.
     """
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
                  kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
-                 fused_qkv: bool | None = None, norm_kernel: bool | None = None, value_buffer: bool | None = None):
+                 fused_qkv: bool | None = None, norm_kernel: bool | None = None, value_buffer: bool | None = None,
+                 attention_kernel: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -561,6 +567,11 @@ class GraphedVision:
         self.value_buffer = merges_values and self.kernels if value_buffer is None else _option(
             value_buffer, merges_values, "value_buffer=True needs a Cacher whose selective layers merge values (a reuse mode "
             "other than 'mlp' and a cache interval above 1)")
+        selective_attention = merges_values and attention_kernel_supported(self.layers[0], self.dtype, self.device)
+        self.attention_kernel = selective_attention and self.kernels if attention_kernel is None else _option(
+            attention_kernel, selective_attention, "attention_kernel=True needs a Cacher whose selective layers recompute "
+            f"some tokens' attention (a reuse mode other than 'mlp' and a cache interval above 1) and SigLIP-style heads "
+            f"(stc.cacher.attention_kernel_supported) on a CUDA device, here {self.device} {self.dtype}")
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule
@@ -666,7 +677,8 @@ class GraphedVision:
             reuse = None if self.cacher.per_layer_selection else shared
             x, shared, *h = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
                                                   fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel,
-                                                  normed=h, next_norm=self._next_norm(i), value_work=self._value_work[i])
+                                                  normed=h, next_norm=self._next_norm(i), value_work=self._value_work[i],
+                                                  attention_kernel=self.attention_kernel)
             h = h[0] if h else None
         return x
 

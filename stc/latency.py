@@ -117,17 +117,20 @@ def measure_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, chu
 def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None, *, batch: int = 1,
                         warmup: int = 1, repeats: int = 3, compile: bool | str = False, kernels: bool | None = None,
                         fused_mlp: bool | None = None, patch_gemm: bool | None = None, fused_qkv: bool | None = None,
-                        norm_kernel: bool | None = None, value_buffer: bool | None = None) -> dict:
+                        norm_kernel: bool | None = None, value_buffer: bool | None = None,
+                        attention_kernel: bool | None = None) -> dict:
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
     (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`; kernels,
-    fused_mlp, patch_gemm, fused_qkv, norm_kernel, value_buffer: as the `GraphedVision` options of those names)."""
+    fused_mlp, patch_gemm, fused_qkv, norm_kernel, value_buffer, attention_kernel: as the `GraphedVision` options
+    of those names)."""
     from stc.fast import GraphedVision
 
     device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     pixels = pixels.to(device, dtype)
     f = len(pixels)
     runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile, kernels=kernels, fused_mlp=fused_mlp,
-                           patch_gemm=patch_gemm, fused_qkv=fused_qkv, norm_kernel=norm_kernel, value_buffer=value_buffer)
+                           patch_gemm=patch_gemm, fused_qkv=fused_qkv, norm_kernel=norm_kernel, value_buffer=value_buffer,
+                           attention_kernel=attention_kernel)
     steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
 
     def run():  # B streams, from fresh states
@@ -137,7 +140,7 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
 
     return {**_per_frame_ms(run, f * batch, device, warmup, repeats), "kernels": runner.kernels, "fused_mlp": runner.fused_mlp,
             "patch_gemm": runner.patch_gemm, "fused_qkv": runner.fused_qkv, "norm_kernel": runner.norm_kernel,
-            "value_buffer": runner.value_buffer}
+            "value_buffer": runner.value_buffer, "attention_kernel": runner.attention_kernel}
 
 
 def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, checkpoints=(16, 32, 64), warmup: int = 1,

@@ -387,3 +387,172 @@ def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, posi
 @merge_rows.register_fake
 def _(work, dirty, base, positions, values):
     return None
+
+
+@triton.jit
+def _attention_kv(KB, VB, skn, svn, start, N, d0, d1, dmask, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """A block of BLOCK_N keys and values of one head, each as its first 64 channels and the rest."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if MASK:
+        k0 = tl.load(KB + cols[:, None] * skn + d0[None, :], mask=cmask[:, None], other=0.0)
+        v0 = tl.load(VB + cols[:, None] * svn + d0[None, :], mask=cmask[:, None], other=0.0)
+        tail = cmask[:, None] & dmask[None, :]
+    else:
+        k0 = tl.load(KB + cols[:, None] * skn + d0[None, :])
+        v0 = tl.load(VB + cols[:, None] * svn + d0[None, :])
+        tail = dmask[None, :]
+    k1 = tl.load(KB + cols[:, None] * skn + d1[None, :], mask=tail, other=0.0)
+    v1 = tl.load(VB + cols[:, None] * svn + d1[None, :], mask=tail, other=0.0)
+    return k0, k1, v0, v1, cmask
+
+
+@triton.jit
+def _attention_update(acc0, acc1, l_i, m_i, q0, q1, k0, k1, v0, v1, scale2, cmask, MASK: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """One online-softmax step of a tile of 64 queries over a block of keys (logits in base 2)."""
+    if IEEE:
+        s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0), input_precision="ieee"), input_precision="ieee")
+    else:
+        s = tl.dot(q1, tl.trans(k1), tl.dot(q0, tl.trans(k0)))
+    if MASK:
+        s = tl.where(cmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
+    p = tl.exp2(s * scale2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v0.dtype)
+    if IEEE:
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision="ieee")
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision="ieee")
+    else:
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit
+def _attention_query(QB, sqm, rows, M, d0, d1, dmask):
+    live = rows < M
+    q0 = tl.load(QB + rows[:, None] * sqm + d0[None, :], mask=live[:, None], other=0.0)
+    q1 = tl.load(QB + rows[:, None] * sqm + d1[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
+    return q0, q1
+
+
+@triton.jit
+def _attention_store(OB, rows, M, C, acc0, acc1, l_i, d0, d1, dmask):
+    live = rows < M
+    inv = 1.0 / l_i
+    tl.store(OB + rows[:, None] * C + d0[None, :], (acc0 * inv[:, None]).to(OB.dtype.element_ty), mask=live[:, None])
+    tl.store(OB + rows[:, None] * C + d1[None, :], (acc1 * inv[:, None]).to(OB.dtype.element_ty),
+             mask=live[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _attention(Q, K, V, O, sqb, sqm, skb, skn, svb, svn, M, N, H, scale2, D: tl.constexpr, DT: tl.constexpr,
+               BLOCK_N: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
+    # One program: 64 * TILES queries of one head of one frame. Its tiles of 64 share each block of keys
+    # and values (loaded once). A head's D channels are its first 64 and a tail of DT (masked past D).
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = tl.program_id(0) * (64 * TILES) + tl.arange(0, 64)
+    d0 = tl.arange(0, 64)
+    d1 = 64 + tl.arange(0, DT)
+    dmask = d1 < D
+    QB = Q + b * sqb + h * D
+    KB = K + b * skb + h * D
+    VB = V + b * svb + h * D
+    qa0, qa1 = _attention_query(QB, sqm, rows, M, d0, d1, dmask)
+    ma = tl.full((64,), float("-inf"), tl.float32)
+    la = tl.zeros((64,), tl.float32)
+    aa0 = tl.zeros((64, 64), tl.float32)
+    aa1 = tl.zeros((64, DT), tl.float32)
+    if TILES == 3:
+        qb0, qb1 = _attention_query(QB, sqm, rows + 64, M, d0, d1, dmask)
+        qc0, qc1 = _attention_query(QB, sqm, rows + 128, M, d0, d1, dmask)
+        mb = tl.full((64,), float("-inf"), tl.float32)
+        mc = tl.full((64,), float("-inf"), tl.float32)
+        lb = tl.zeros((64,), tl.float32)
+        lc = tl.zeros((64,), tl.float32)
+        ab0 = tl.zeros((64, 64), tl.float32)
+        ac0 = tl.zeros((64, 64), tl.float32)
+        ab1 = tl.zeros((64, DT), tl.float32)
+        ac1 = tl.zeros((64, DT), tl.float32)
+    full = (N // BLOCK_N) * BLOCK_N
+    for start in range(0, full, BLOCK_N):  # whole blocks: no key mask
+        k0, k1, v0, v1, cmask = _attention_kv(KB, VB, skn, svn, start, N, d0, d1, dmask, BLOCK_N, False)
+        aa0, aa1, la, ma = _attention_update(aa0, aa1, la, ma, qa0, qa1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
+        if TILES == 3:
+            ab0, ab1, lb, mb = _attention_update(ab0, ab1, lb, mb, qb0, qb1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
+            ac0, ac1, lc, mc = _attention_update(ac0, ac1, lc, mc, qc0, qc1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
+    if full < N:  # the last, partial block
+        k0, k1, v0, v1, cmask = _attention_kv(KB, VB, skn, svn, full, N, d0, d1, dmask, BLOCK_N, True)
+        aa0, aa1, la, ma = _attention_update(aa0, aa1, la, ma, qa0, qa1, k0, k1, v0, v1, scale2, cmask, True, IEEE)
+        if TILES == 3:
+            ab0, ab1, lb, mb = _attention_update(ab0, ab1, lb, mb, qb0, qb1, k0, k1, v0, v1, scale2, cmask, True, IEEE)
+            ac0, ac1, lc, mc = _attention_update(ac0, ac1, lc, mc, qc0, qc1, k0, k1, v0, v1, scale2, cmask, True, IEEE)
+    C = H * D
+    OB = O + b * M * C + h * D
+    _attention_store(OB, rows, M, C, aa0, aa1, la, d0, d1, dmask)
+    if TILES == 3:
+        _attention_store(OB, rows + 64, M, C, ab0, ab1, lb, d0, d1, dmask)
+        _attention_store(OB, rows + 128, M, C, ac0, ac1, lc, d0, d1, dmask)
+
+
+def attention_supported(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `attention` runs heads of this size and dtype: 64 < head_dim <= 128 (SigLIP's 72; a head of
+    64, CLIP's, is left to PyTorch's attention), float16, bfloat16 or float32."""
+    return 64 < head_dim <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention_tiles(frames: int, heads: int, queries: int, device: torch.device) -> int:
+    """How many tiles of 64 queries each program of `attention` computes: 3 (sharing each block of keys and
+    values) where that still gives every SM a program, else 1. On the H100 at SigLIP-so400m's shapes (182
+    queries over 729 keys, 16 heads of 72, bf16; results/latency/h100_vit_attention_kernel.json): 16 frames
+    44.7 us with 3 tiles, 49.0 with 1 (cuDNN 53.9); one frame 11.9 with 1, 27.5 with 3 (cuDNN 16.1)."""
+    device = torch.device(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return 3 if frames * heads * triton.cdiv(queries, 192) >= sms else 1
+
+
+@torch.library.custom_op("stc::attention", mutates_args=())
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float,
+              tiles: int = 0) -> torch.Tensor:
+    """Multi-head attention without a mask: softmax(q k^T * scale) v for each head, query [B, M, H * D] and
+    key, value [B, N, H * D] (any frame and token strides; channels contiguous) -> [B, M, H * D], contiguous.
+
+    For the selective layer's few queries over a whole frame (`stc.cacher.selective_layer`,
+    `GraphedVision(attention_kernel=...)`): each program computes one or three tiles of 64 queries of one
+    head (tiles: 1 or 3; 0 chooses by `attention_tiles`) over blocks of 64 keys, in the online softmax of
+    FlashAttention, with float32 statistics and accumulators. A head of 72 is computed as 64 + 16 channels,
+    where PyTorch's kernels pad it to 128 (cuDNN). Needs `attention_supported`; float32 inputs are multiplied
+    in IEEE float32 (not TF32)."""
+    b, m, c = query.shape if query.dim() == 3 else (None, None, None)
+    if (query.dim() != 3 or key.dim() != 3 or key.shape != value.shape or key.shape[0] != b or key.shape[2] != c
+            or not isinstance(heads, int) or heads <= 0 or c % heads):
+        raise ValueError(f"attention: expected query [B, M, H * D] and key, value [B, N, H * D] with H = heads, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} and heads={heads!r}")
+    d = c // heads
+    if not attention_supported(d, query.dtype) or len({query.dtype, key.dtype, value.dtype}) != 1:
+        raise ValueError(f"attention: needs 64 < head size <= 128 and one dtype of float16, bfloat16 and float32, got "
+                         f"heads of {d} and {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.shape[1] == 0:
+        raise ValueError("attention: needs at least one key")
+    if tiles not in (0, 1, 3):
+        raise ValueError(f"attention: tiles must be 0 (chosen), 1 or 3, got {tiles!r}")
+    out = torch.empty(b, m, c, dtype=query.dtype, device=query.device)
+    if out.numel() == 0:
+        return out
+    query, key, value = (t if t.stride(2) == 1 else t.contiguous() for t in (query, key, value))
+    tiles = tiles or attention_tiles(b, heads, m, query.device)
+    n = key.shape[1]
+    _attention[(triton.cdiv(m, 64 * tiles), b * heads)](
+        query, key, value, out, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), m, n, heads, scale * 1.4426950408889634, D=d, DT=max(16, triton.next_power_of_2(d - 64)),
+        BLOCK_N=64, TILES=tiles, IEEE=query.dtype == torch.float32, num_warps=4, num_stages=3)
+    return out
+
+
+@attention.register_fake
+def _(query, key, value, heads, scale, tiles=0):
+    return query.new_empty(query.shape, memory_format=torch.contiguous_format)
