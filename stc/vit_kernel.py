@@ -555,4 +555,4 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
 
 @attention.register_fake
 def _(query, key, value, heads, scale, tiles=0):
-    return query.new_empty(query.shape, memory_format=torch.contiguous_format)
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)

@@ -12,10 +12,12 @@ from stc.cacher import CacherConfig, attach_cacher
 TOKENS = 36  # 84 px / 14 px patches = 6 x 6
 
 
-def siglip(seed=0, layers=3, dtype=torch.float32, attn="sdpa"):
+def siglip(seed=0, layers=3, dtype=torch.float32, attn="sdpa", hidden=32, heads=4):
+    """A tiny random SigLIP tower (heads of hidden / heads channels: 8 by default; hidden=144, heads=2 gives
+    SigLIP-so400m's 72, for `stc.vit_kernel.attention`)."""
     torch.manual_seed(seed)
     cfg = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=heads,
         image_size=84, patch_size=14, attn_implementation=attn,
     )
     return SiglipVisionModel(cfg).eval().to(dtype)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
+from stc.cacher import (CacherConfig, attach_cacher, attention_kernel_supported, fused_mlp_supported, fused_projection_weights,
+                        mlp_forward, project)
 from stc.fast import FusedProjections, GraphedVision, norm_kernel_supported, patch_embeddings, patch_gemm_supported
 from tests.test_cacher import clip, siglip, video
 
@@ -227,6 +228,22 @@ def test_bad_inputs():
         assert not GraphedVision(tower, cacher=cfg, use_graphs=False).value_buffer
         with pytest.raises(ValueError, match="value_buffer=True needs a Cacher whose selective layers merge values"):
             GraphedVision(tower, cacher=cfg, use_graphs=False, value_buffer=True)
+    wide = siglip(hidden=144, heads=2)  # SigLIP-so400m's heads of 72: the attention kernel's, but it needs a GPU
+    assert not runner.attention_kernel and not GraphedVision(wide, cacher=CacherConfig(), use_graphs=False).attention_kernel
+    with pytest.raises(ValueError, match="attention_kernel=True needs a Cacher whose selective layers recompute"):
+        GraphedVision(wide, cacher=CacherConfig(), use_graphs=False, attention_kernel=True)
+
+
+def test_attention_kernel_only_for_siglip_heads_on_a_gpu():
+    """`stc.vit_kernel.attention` runs heads of 64 < D <= 128 channels (SigLIP-so400m's 72; not the tiny
+    towers' 8 nor CLIP's), on a CUDA device with Triton."""
+    wide = siglip(hidden=144, heads=2).encoder.layers[0]
+    assert not attention_kernel_supported(wide, torch.float32, torch.device("cpu"))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert attention_kernel_supported(wide, dtype, torch.device("cuda")) == (importlib.util.find_spec("triton") is not None)
+    assert not attention_kernel_supported(wide, torch.float64, torch.device("cuda"))
+    assert not attention_kernel_supported(siglip().encoder.layers[0], torch.bfloat16, torch.device("cuda"))
+    assert not attention_kernel_supported(clip().encoder.layers[0], torch.bfloat16, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("size, dtype, tol", [(84, torch.float32, 1e-5), (90, torch.float32, 1e-5), (90, torch.bfloat16, 2e-2)])
@@ -390,6 +407,27 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     # returned features are copies: later replays do not change earlier outputs
     assert not torch.equal(outs[1], outs[2])
     torch.testing.assert_close(outs[1], eager_again(tower, frames, cfg, tome)[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphs_with_the_attention_kernel_equal_eager_on_gpu(compile):
+    """With SigLIP-so400m's heads of 72 the graphed Cacher computes its selective attention by the kernel (its
+    default on a GPU): the features of two streams equal the eager runner's without it, through reference
+    and selective frames; the mode that recomputes every token's attention ("mlp") keeps PyTorch's."""
+    tower = siglip(hidden=144, heads=2).cuda()
+    cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
+    frames = video(10).cuda()
+    eager = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, kernels=False, fused_mlp=False, patch_gemm=False,
+                          fused_qkv=False, norm_kernel=False)
+    graphed = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=True, compile=compile)
+    assert graphed.attention_kernel and not eager.attention_kernel
+    assert not GraphedVision(tower, cacher=CacherConfig(reuse="mlp"), use_graphs=False).attention_kernel
+    se, sg = [eager.new_state(), eager.new_state()], [graphed.new_state(), graphed.new_state()]
+    for i in range(len(frames) - 1):
+        pair = frames[i : i + 2]  # stream 1 runs one frame ahead of stream 0
+        torch.testing.assert_close(graphed(pair, sg), eager(pair, se), atol=1e-4, rtol=1e-4)
+    assert set(graphed._graphs) == {"reference", "selective"}
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -250,12 +250,75 @@ def layer_cases(kernels: bool, device: str = "cpu"):
     return results
 
 
+# (frames, queries, keys, heads, head size, tiles per program (0: chosen), query and key column slices of wider
+# tensors as the fused projections give them): partial query tiles and key blocks, three tiles with a second
+# program, tails of 16, 32 and 64 channels
+ATTENTION_CASES = [(2, 37, 70, 3, 72, 1, True), (2, 37, 70, 3, 72, 3, True), (1, 200, 129, 2, 72, 3, False),
+                   (1, 130, 64, 2, 80, 1, False), (2, 5, 3, 2, 96, 3, True), (1, 9, 65, 1, 128, 0, False)]
+
+
+def _attention_inputs(case, seed, dtype=torch.float32, device="cpu"):
+    b, m, n, heads, d, tiles, sliced = case
+    c = heads * d
+    g = torch.Generator().manual_seed(seed)
+    if sliced:
+        q = torch.randn(b, m, 3 * c, generator=g).to(device, dtype)[..., c : 2 * c]
+        k = torch.randn(b, n, 2 * c, generator=g).to(device, dtype)[..., c:]
+    else:
+        q = torch.randn(b, m, c, generator=g).to(device, dtype)
+        k = torch.randn(b, n, c, generator=g).to(device, dtype)
+    v = torch.randn(b, n, c, generator=g).to(device, dtype)
+    return q, k, v, heads, d**-0.5, tiles
+
+
+def attention_brute_force(q, k, v, heads, scale):
+    """softmax(q k^T * scale) v for each frame and head, from the definition, in float64."""
+    b, m, c = q.shape
+    d = c // heads
+    out = torch.empty(b, m, c, dtype=torch.float64)
+    for f in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            logits = (q[f, :, cols].double() @ k[f, :, cols].double().T).cpu() * scale
+            w = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            out[f, :, cols] = (w / w.sum(dim=1, keepdim=True)) @ v[f, :, cols].double().cpu()
+    return out
+
+
+def check_attention(case, seed, got, atol, dtype=torch.float32):
+    q, k, v, heads, scale, _ = _attention_inputs(case, seed, dtype)
+    assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
+    torch.testing.assert_close(got.cpu().double(), attention_brute_force(q, k, v, heads, scale), atol=atol, rtol=0)
+
+
+def attention_layer_cases(kernel: bool, device: str = "cpu"):
+    """selective_layer on a tiny SigLIP layer with SigLIP-so400m's heads of 72 channels, its recomputed
+    tokens' attention with (kernel) and without `stc.vit_kernel.attention`: against one reference and their
+    own, and with the value buffer over three frames."""
+    tower = siglip(layers=1, hidden=144, heads=2).to(device)
+    layer = tower.encoder.layers[0]
+    with torch.no_grad():
+        x = tower.embeddings(video(5).to(device))
+        _, one = reference_layer(layer, x[:1], keep_hidden=True)
+        _, own = reference_layer(layer, x[1:3], keep_hidden=True)
+        results = []
+        for cfg in LAYER_CONFIGS[:3]:  # the reuse modes that recompute some tokens' attention
+            k = cfg.recomputed_tokens(x.shape[1])
+            for ref in (one, own):
+                results.append(selective_layer(layer, x[3:5], ref, k, cfg, attention_kernel=kernel))
+            work = (torch.zeros_like(own.value), torch.ones(own.value.shape[:2].numel(), dtype=torch.int8, device=device))
+            for frame in (x[3:5], x[[4, 3]], x[3:5]):
+                results.append(selective_layer(layer, frame, own, k, cfg, value_work=work, attention_kernel=kernel))
+    return results
+
+
 def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     """The kernel, and the selective layer with it, run by Triton's interpreter on the CPU (float32)."""
     run_in_triton_interpreter(f"""
         import torch
-        from tests.test_vit_kernel import (COSINE_CASES, MERGE_CASES, NORM_CASES, RANK_CASES, ROWS_CASES, _cosine_inputs,
-                                           _rank_inputs, layer_cases, merge_case, norm_case, rows_case)
+        from tests.test_vit_kernel import (ATTENTION_CASES, COSINE_CASES, MERGE_CASES, NORM_CASES, RANK_CASES, ROWS_CASES,
+                                           _attention_inputs, _cosine_inputs, _rank_inputs, attention_layer_cases, layer_cases,
+                                           merge_case, norm_case, rows_case)
         from stc import vit_kernel
         out = {{"rank": [vit_kernel.rank_select(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
                "positions": [vit_kernel.rank_positions(*_rank_inputs(case, i)) for i, case in enumerate(RANK_CASES)],
@@ -263,7 +326,9 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
                "layers": layer_cases(kernels=True),
                "norm": [norm_case(case, i, vit_kernel) for i, case in enumerate(NORM_CASES)],
                "merge": [merge_case(case, i, vit_kernel) for i, case in enumerate(MERGE_CASES)],
-               "rows": [rows_case(case, i, vit_kernel.merge_rows) for i, case in enumerate(ROWS_CASES)]}}
+               "rows": [rows_case(case, i, vit_kernel.merge_rows) for i, case in enumerate(ROWS_CASES)],
+               "attention": [vit_kernel.attention(*_attention_inputs(case, i)) for i, case in enumerate(ATTENTION_CASES)],
+               "attention_layers": attention_layer_cases(kernel=True)}}
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """, timeout=600)
     out = torch.load(tmp_path / "out.pt")
@@ -283,6 +348,9 @@ def test_kernel_equals_brute_force_in_the_triton_interpreter(tmp_path):
     for i, case in enumerate(ROWS_CASES):
         check_rows(case, i, out["rows"][i])
     check_layers(out["layers"], layer_cases(kernels=False), atol=1e-5)
+    for i, case in enumerate(ATTENTION_CASES):
+        check_attention(case, i, out["attention"][i], atol=1e-5)
+    check_layers(out["attention_layers"], attention_layer_cases(kernel=False), atol=1e-5)
 
 
 def check_layers(got_all, want_all, atol):
@@ -381,6 +449,17 @@ def test_bad_inputs_are_refused_before_any_launch():
                        ((work, dirty, base.double(), pos, values), "share a dtype")]:
         with pytest.raises(ValueError, match=match):
             vit_kernel.merge_rows(*bad)
+    q, k, v, heads, scale, _ = _attention_inputs(ATTENTION_CASES[0], 0)
+    for bad, match in [((q, k, v[:, 1:], heads, scale), r"key, value \[B, N, H \* D\]"),
+                       ((q[:1], k, v, heads, scale), r"key, value \[B, N, H \* D\]"),
+                       ((q, k, v, 5, scale), "heads=5"),
+                       ((q[..., :128], k[..., :128], v[..., :128], 2, scale), "64 < head size <= 128"),
+                       ((q, k.double(), v, heads, scale), "one dtype"),
+                       ((q, k[:, :0], v[:, :0], heads, scale), "at least one key"),
+                       ((q, k, v, heads, scale, 2), "tiles must be")]:
+        with pytest.raises(ValueError, match=match):
+            vit_kernel.attention(*bad)
+    assert vit_kernel.attention(q[:, :0], k, v, heads, scale).shape == (2, 0, q.shape[2])
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -481,4 +560,39 @@ def test_value_buffer_kernel_compiles_for_hopper(dtype):
            **{name: "i32" for name in ("R", "T", "C", "NEW", "stride_bb", "stride_bt", "stride_v")}}
     warps = tiles.pop("num_warps")
     asm = compile_for_hopper(_merge_rows, sig, tiles, num_warps=warps)
+    assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_kernel_equals_brute_force_on_gpu(dtype):
+    """Also at SigLIP-so400m's selective attention (182 queries over 729 keys, 16 heads of 72) for 16 frames and
+    one, with each tiling. atol: about a unit of the dtype at the outputs' size (float32: IEEE products)."""
+    from stc import vit_kernel
+
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    so400m = [(16, 182, 729, 16, 72, 0, True), (16, 182, 729, 16, 72, 1, True), (1, 182, 729, 16, 72, 3, True),
+              (1, 182, 729, 16, 72, 0, True)]
+    for i, case in enumerate(ATTENTION_CASES + so400m):
+        check_attention(case, i, vit_kernel.attention(*_attention_inputs(case, i, dtype, "cuda")), atol, dtype)
+    assert vit_kernel.attention_tiles(16, 16, 182, "cuda") == 3 and vit_kernel.attention_tiles(1, 16, 182, "cuda") == 1
+    torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[0], 0, dtype, "cuda")[:5])
+
+
+@gpu
+def test_selective_layer_with_the_attention_kernel_equals_without_on_gpu():
+    check_layers(attention_layer_cases(True, "cuda"), attention_layer_cases(False, "cuda"), atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_attention_kernel_compiles_for_hopper(tiles):
+    """`attention` lowered to an sm_90 cubin on the CPU at SigLIP-so400m's heads (64 + 16 channels, bf16), with
+    each tiling: what the interpreter test does not cover."""
+    pytest.importorskip("triton")
+    from stc.vit_kernel import _attention
+    from tests.triton_interpreter import compile_for_hopper
+
+    sig = {**{name: "*bf16" for name in ("Q", "K", "V", "O")},
+           **{name: "i32" for name in ("sqb", "sqm", "skb", "skn", "svb", "svn", "M", "N", "H")}, "scale2": "fp32"}
+    asm = compile_for_hopper(_attention, sig, dict(D=72, DT=16, BLOCK_N=64, TILES=tiles, IEEE=False), num_warps=4, num_stages=3)
     assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
