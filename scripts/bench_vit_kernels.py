@@ -34,6 +34,7 @@ def heads(x):  # [B, T, C] -> [B, H, T, D], a strided view as in the Hugging Fac
 
 
 def attention_rows(b, tq):
+    """PyTorch's attention backends and `stc.vit_kernel.attention` for tq queries over a frame's keys."""
     q = torch.randn(b, tq, C, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
@@ -51,6 +52,16 @@ def attention_rows(b, tq):
         err = ((out.float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
         rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
                      "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+    from stc import vit_kernel
+
+    scale = (C // HEADS) ** -0.5
+    for tiles in (0, 1, 3):  # stc.vit_kernel.attention: its choice (0), and each tiling
+        def fn():
+            return vit_kernel.attention(q, k, v, HEADS, scale, tiles)
+
+        err = ((fn().float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
+        rows.append({"op": "attention", "variant": f"stc kernel{f', {tiles} tiles' if tiles else ''}", "batch": b,
+                     "queries": tq, "rel_err": err, "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
     return rows
 
 
