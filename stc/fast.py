@@ -512,8 +512,8 @@ class GraphedVision:
     tensor each frame; None (default): with the kernels, where the Cacher merges values (every reuse mode
     but "mlp"); True without a selective value merge raises.
     attention_kernel: the Cacher's selective layers compute their recomputed tokens' attention by
-    `stc.vit_kernel.attention` instead of PyTorch's attention (cuDNN on the H100, which pads SigLIP's heads of
-    72 channels to 128); every method's full attention stays PyTorch's, faster there at 16 frames. None
+    `stc.vit_kernel.attention` instead of PyTorch's attention (cuDNN on the H100); every method's full attention
+    stays PyTorch's (the kernel was not consistently faster for a whole frame's queries, results/latency/README.md). None
     (default): with the kernels, where the Cacher recomputes only some tokens' attention (every reuse mode but
     "mlp") and `stc.cacher.attention_kernel_supported` (SigLIP's heads, a CUDA device); True where not raises.
     """

@@ -35,9 +35,10 @@ and writing a new tensor.
 
 `attention` (``stc::attention``) is the selective layer's attention, its recomputed queries over the whole
 frame's keys (`GraphedVision(attention_kernel=...)`): a FlashAttention-style online softmax that computes a
-head of 72 channels as 64 + 16 (PyTorch's kernels pad it to 128) and, with 16 frames, three tiles of 64
-queries per program that share each block of keys and values. For 182 queries on the H100 it takes 43 us at
-16 frames against cuDNN's 55.5, and 12.4 against 16.6 for one frame (results/latency/h100_vit_attention_kernel.json).
+head of 72 channels as 64 + 16 (cuDNN's kernel on the H100 is named for tiles of 128 channels) and, with 16
+frames, three tiles of 64 queries per program that share each block of keys and values. For 182 queries on the
+H100 it takes 43 us at 16 frames against cuDNN's 55.5, and 12.4 against 16.6 for one frame
+(results/latency/h100_vit_attention_kernel.json).
 """
 
 from __future__ import annotations
@@ -526,13 +527,13 @@ def attention_tiles(frames: int, heads: int, queries: int, device: torch.device)
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float,
               tiles: int = 0) -> torch.Tensor:
     """Multi-head attention without a mask: softmax(q k^T * scale) v for each head, query [B, M, H * D] and
-    key, value [B, N, H * D] (any frame and token strides; channels contiguous) -> [B, M, H * D], contiguous.
+    key, value [B, N, H * D] (any frame and token strides) -> [B, M, H * D], contiguous.
 
     For the selective layer's few queries over a whole frame (`stc.cacher.selective_layer`,
     `GraphedVision(attention_kernel=...)`): each program computes one or three tiles of 64 queries of one
     head (tiles: 1 or 3; 0 chooses by `attention_tiles`) over blocks of 64 keys, in the online softmax of
-    FlashAttention, with float32 statistics and accumulators. A head of 72 is computed as 64 + 16 channels,
-    where PyTorch's kernels pad it to 128 (cuDNN). Needs `attention_supported`; float32 inputs are multiplied
+    FlashAttention, with float32 statistics and accumulators. A head of 72 is computed as 64 + 16 channels
+    (a tail of 16, 32 or 64 channels past the first 64). Needs `attention_supported`; float32 inputs are multiplied
     in IEEE float32 (not TF32)."""
     b, m, c = query.shape if query.dim() == 3 else (None, None, None)
     if (query.dim() != 3 or key.dim() != 3 or key.shape != value.shape or key.shape[0] != b or key.shape[2] != c
