@@ -28,6 +28,7 @@ import torch
 from stc.attention import kernel_supported
 from stc.cacher import CacherConfig
 from stc.engine import EngineConfig
+from stc.fast import GraphedVision
 from stc.flops import VALUE_BYTES, head_dim, llm_answer_bytes, llm_prefill_floor_ms, vit_floors_ms
 from stc.latency import (device_rates, environment, measure_batch, measure_graphed_vit, measure_stream, measure_vit,
                          synthetic_pixels)
@@ -78,19 +79,16 @@ def graphed_vit_part(model, args, rates):
                     norm_kernel=norm)
         floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, batch, VALUE_BYTES[args.dtype])
         full = measure_graphed_vit(tower, pixels, None, **both)
-        # the Cacher's selective layers with and/or without stc.vit_kernel, and its value buffer
+        # the Cacher's selective layers with and/or without stc.vit_kernel, its value buffer and its attention kernel
         for kernels, values, attention in [(k, v, a) for k in args.vit_kernels for v in args.vit_value_buffer
                                            for a in args.vit_attention_kernel]:
             stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], value_buffer=flag[values],
                                       attention_kernel=flag[attention], **both)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
-                                kernels=stc["kernels"], fused_mlp=stc["fused_mlp"], patch_gemm=stc["patch_gemm"],
-                                fused_qkv=stc["fused_qkv"], norm_kernel=stc["norm_kernel"], value_buffer=stc["value_buffer"],
-                                attention_kernel=stc["attention_kernel"]))
+                                **{name: stc[name] for name in GraphedVision.OPTIONS}))
             r = rows[-1]
-            print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} kernels={r['kernels']} fused_mlp={r['fused_mlp']} "
-                  f"patch_gemm={r['patch_gemm']} fused_qkv={r['fused_qkv']} norm_kernel={r['norm_kernel']} "
-                  f"value_buffer={r['value_buffer']} attention_kernel={r['attention_kernel']}: full "
+            print(f"ViT graphs{f' compile={compile}' if compile else ''} B={batch} "
+                  f"{' '.join(f'{name}={r[name]}' for name in GraphedVision.OPTIONS)}: full "
                   f"{r['full_ms_per_frame']:.2f} ms/frame ({r['full_vs_floor']:.1f}x floor), cacher {r['cacher_ms_per_frame']:.2f} "
                   f"({r['cacher_vs_floor']:.1f}x floor): {1 - r['ratio']:.0%} less time (the floors predict {1 - r['ideal_ratio']:.0%})", flush=True)
     return rows

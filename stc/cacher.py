@@ -219,7 +219,7 @@ class LayerCache:
 def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C].
     kernel: by `stc.vit_kernel.attention` (no mask, no dropout: SigLIP's and CLIP's vision attention; check
-    `attention_kernel_supported`) instead of the layer's attention function."""
+    `stc.fast.attention_kernel_supported`) instead of the layer's attention function."""
     attn = layer.self_attn
     if kernel:
         from stc import vit_kernel
@@ -234,21 +234,6 @@ def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     out, _ = interface(attn, q4, k4, v4, None, is_causal=False, scaling=attn.scale, dropout=0.0)
     return out.reshape(b, tq, -1).contiguous()
-
-
-def attention_kernel_supported(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `selective_layer(..., attention_kernel=True)` can run this layer's attention by
-    `stc.vit_kernel.attention`: a SigLIP or CLIP vision attention (no mask, no dropout at inference) with heads
-    the kernel supports (`stc.vit_kernel.attention_supported`: SigLIP's 72, not CLIP's 64), on a CUDA device
-    with Triton."""
-    attn = getattr(layer, "self_attn", None)
-    if type(attn).__name__ not in ("SiglipAttention", "CLIPAttention") or torch.device(device).type != "cuda":
-        return False
-    try:
-        from stc import vit_kernel
-    except ImportError:
-        return False
-    return vit_kernel.attention_supported(attn.head_dim, dtype)
 
 
 def fused_mlp_supported(layer: nn.Module, device: torch.device) -> bool:
@@ -415,7 +400,7 @@ def selective_layer(
     reads (the cached ones with the recomputed rows merged in), kept across frames (`merge_values`; with
     kernels, only the rows that change are written), and its dirty rows; None: a new tensor each call.
     attention_kernel: the recomputed tokens' attention by `stc.vit_kernel.attention` (check
-    `attention_kernel_supported`). value_work and attention_kernel apply where the layer recomputes only
+    `stc.fast.attention_kernel_supported`). value_work and attention_kernel apply where the layer recomputes only
     some tokens' attention: every reuse mode but "mlp".
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order); with
     next_norm, next_norm of the output as a third element.

@@ -45,9 +45,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP
 
-from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_kernel_supported, attention_projections,
-                        encoder_layers, fused_mlp_supported, fused_projection_weights, fused_projections_supported,
-                        reference_layer, selective_layer)
+from stc.cacher import (CacherConfig, CacherState, FrameReport, LayerCache, attention_projections, encoder_layers,
+                        fused_mlp_supported, fused_projection_weights, fused_projections_supported, reference_layer,
+                        selective_layer)
 
 _FIELDS = ("key", "value", "attn", "mlp", "hidden")
 
@@ -430,6 +430,19 @@ def norm_kernel_supported(layer: nn.Module, device: torch.device) -> bool:
     return vit_kernels_supported(norms[0].weight.dtype, device)
 
 
+def attention_kernel_supported(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `stc.cacher.selective_layer(..., attention_kernel=True)` can run this layer's attention by
+    `stc.vit_kernel.attention`: a SigLIP or CLIP vision attention (no mask, no dropout at inference) with heads
+    the kernel supports (`stc.vit_kernel.attention_supported`: SigLIP's 72, not CLIP's 64), and the kernels run
+    (`vit_kernels_supported`)."""
+    attn = getattr(layer, "self_attn", None)
+    if type(attn).__name__ not in ("SiglipAttention", "CLIPAttention") or not vit_kernels_supported(dtype, device):
+        return False
+    from stc import vit_kernel
+
+    return vit_kernel.attention_supported(attn.head_dim, dtype)
+
+
 def _option(requested: bool | None, available: bool, refusal: str) -> bool:
     """A GraphedVision option: None -> where available; True where not available raises `refusal`."""
     if requested and not available:
@@ -513,10 +526,14 @@ class GraphedVision:
     but "mlp"); True without a selective value merge raises.
     attention_kernel: the Cacher's selective layers compute their recomputed tokens' attention by
     `stc.vit_kernel.attention` instead of PyTorch's attention (cuDNN on the H100); every method's full attention
-    stays PyTorch's (the kernel was not consistently faster for a whole frame's queries, results/latency/README.md). None
-    (default): with the kernels, where the Cacher recomputes only some tokens' attention (every reuse mode but
-    "mlp") and `stc.cacher.attention_kernel_supported` (SigLIP's heads, a CUDA device); True where not raises.
+    stays PyTorch's (the kernel was not consistently faster for a whole frame's queries,
+    results/latency/README.md). None (default): with the kernels, where the Cacher recomputes only some tokens'
+    attention (every reuse mode but "mlp") and `attention_kernel_supported` (SigLIP's heads, a CUDA device); True
+    where not raises.
     """
+
+    # the options a runner resolves (None: where available) and exposes as attributes of the same names
+    OPTIONS = ("kernels", "fused_mlp", "patch_gemm", "fused_qkv", "norm_kernel", "value_buffer", "attention_kernel")
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
@@ -571,7 +588,7 @@ class GraphedVision:
         self.attention_kernel = selective_attention and self.kernels if attention_kernel is None else _option(
             attention_kernel, selective_attention, "attention_kernel=True needs a Cacher whose selective layers recompute "
             f"some tokens' attention (a reuse mode other than 'mlp' and a cache interval above 1) and SigLIP-style heads "
-            f"(stc.cacher.attention_kernel_supported) on a CUDA device, here {self.device} {self.dtype}")
+            f"(stc.fast.attention_kernel_supported) on a CUDA device, here {self.device} {self.dtype}")
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule
@@ -594,9 +611,8 @@ class GraphedVision:
                 for _ in range(self.depth)
             ]
         if self.value_buffer:  # each layer's merged values, and its rows that may differ from the cached values'
-            self._values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.depth)]
             self._dirty = torch.ones(self.depth, batch * self.tokens, device=self.device, dtype=torch.int8)
-            self._value_work = list(zip(self._values, self._dirty.unbind(0)))
+            self._value_work = [(torch.zeros(shape, device=self.device, dtype=self.dtype), dirty) for dirty in self._dirty.unbind(0)]
         else:
             self._value_work = [None] * self.depth
         self._new_refs: list[LayerCache] | None = None

@@ -122,7 +122,7 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
     (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`; kernels,
     fused_mlp, patch_gemm, fused_qkv, norm_kernel, value_buffer, attention_kernel: as the `GraphedVision` options
-    of those names)."""
+    of those names), and the value the runner resolved for each of them (`GraphedVision.OPTIONS`)."""
     from stc.fast import GraphedVision
 
     device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
@@ -138,9 +138,7 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
         for x in steps:
             runner(x, states)
 
-    return {**_per_frame_ms(run, f * batch, device, warmup, repeats), "kernels": runner.kernels, "fused_mlp": runner.fused_mlp,
-            "patch_gemm": runner.patch_gemm, "fused_qkv": runner.fused_qkv, "norm_kernel": runner.norm_kernel,
-            "value_buffer": runner.value_buffer, "attention_kernel": runner.attention_kernel}
+    return {**_per_frame_ms(run, f * batch, device, warmup, repeats), **{name: getattr(runner, name) for name in runner.OPTIONS}}
 
 
 def measure_batch(model, processor, method: str, n_frames: int, batch: int, *, checkpoints=(16, 32, 64), warmup: int = 1,

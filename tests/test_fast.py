@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stc.cacher import (CacherConfig, attach_cacher, attention_kernel_supported, fused_mlp_supported, fused_projection_weights,
-                        mlp_forward, project)
-from stc.fast import FusedProjections, GraphedVision, norm_kernel_supported, patch_embeddings, patch_gemm_supported
+from stc.cacher import CacherConfig, attach_cacher, fused_mlp_supported, fused_projection_weights, mlp_forward, project
+from stc.fast import (FusedProjections, GraphedVision, attention_kernel_supported, norm_kernel_supported, patch_embeddings,
+                      patch_gemm_supported)
 from tests.test_cacher import clip, siglip, video
 
 CUDA = torch.cuda.is_available()

@@ -322,3 +322,13 @@ def test_committed_gpu_measurements_render():
             assert set(t["method"]) >= {"baseline", "pruner", "cacher+pruner"} and t["answer / floor"].notna().all()
     h100 = s.on(next(d for d in s.devices if "H100" in d))
     assert set(h100.vit["batch"]) >= {1, 4, 16} and speed.stream_table(h100)["of which retrieval"].notna().all()
+
+
+def test_levels_name_every_option_a_graphed_runner_resolves():
+    """The report's levels follow `GraphedVision.OPTIONS`, the flags `stc.latency.measure_graphed_vit` records per
+    row: an option measured but missing from the levels would merge runs with it on and off into one level."""
+    from stc.fast import GraphedVision
+
+    assert [name for name, _ in speed._LEVEL_OPTIONS] == list(GraphedVision.OPTIONS)
+    every = {name: True for name in GraphedVision.OPTIONS}
+    assert speed._level(True, every) == speed.COMPILE_LEVELS[-1]
