@@ -79,11 +79,12 @@ def graphed_vit_part(model, args, rates):
                     norm_kernel=norm)
         floors = vit_floors_ms(vcfg, rates, cacher.cache_interval, cacher.reuse_ratio, batch, VALUE_BYTES[args.dtype])
         full = measure_graphed_vit(tower, pixels, None, **both)
-        # the Cacher's selective layers with and/or without stc.vit_kernel, its value buffer and its attention kernel
-        for kernels, values, attention in [(k, v, a) for k in args.vit_kernels for v in args.vit_value_buffer
-                                           for a in args.vit_attention_kernel]:
+        # the Cacher's selective layers with and/or without stc.vit_kernel, its value buffer, its attention kernel
+        # and its projections of every token
+        for kernels, values, attention, every in [(k, v, a, e) for k in args.vit_kernels for v in args.vit_value_buffer
+                                                  for a in args.vit_attention_kernel for e in args.vit_project_all]:
             stc = measure_graphed_vit(tower, pixels, cacher, kernels=flag[kernels], value_buffer=flag[values],
-                                      attention_kernel=flag[attention], **both)
+                                      attention_kernel=flag[attention], project_all=flag[every], **both)
             rows.append(vit_row(full["ms_per_frame"], stc["ms_per_frame"], floors, batch=batch, graphs=True, compile=compile,
                                 **{name: stc[name] for name in GraphedVision.OPTIONS}))
             r = rows[-1]
@@ -168,6 +169,10 @@ def main(argv=None):
     p.add_argument("--vit-attention-kernel", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                    help="graphed ViT: the Cacher's selective attention by stc.vit_kernel.attention (1) or PyTorch's (0); "
                         "auto: with the kernels; '0 1 0 1' to interleave")
+    p.add_argument("--vit-project-all", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                   help="graphed ViT: the Cacher's selective layers project every token's query, value and key as one GEMM "
+                        "(1) or the key of every token and then the query and value of the recomputed ones (0); auto: with "
+                        "the kernels and fused projections at B = 1; '0 1 0 1' to interleave")
     p.add_argument("--compile-llm", default="1", choices=["0", "1"],
                    help="--graphs: captured decoder steps with (1, the engine's default) or without (0) compiled decoder layers")
     p.add_argument("--skip-eager-vit", action="store_true")

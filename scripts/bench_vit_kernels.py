@@ -155,6 +155,33 @@ def projection_rows(b):
     return rows
 
 
+def selective_projection_rows(b, k=182):
+    """A selective layer's projections two ways: the key projection of every token, then the query and
+    value projections of the k gathered dynamic rows (as `stc.cacher.selective_layer` computes them), or
+    all three projections of every token as one GEMM, the dynamic rows' query gathered after it (or read in
+    place, as an attention that takes a row map would)."""
+    x = torch.randn(b * T, C, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3 * C, C, device="cuda", dtype=torch.bfloat16) / C**0.5
+    bias = torch.randn(3 * C, device="cuda", dtype=torch.bfloat16)
+    rows = (torch.randperm(T, device="cuda")[:k] + T * torch.arange(b, device="cuda")[:, None]).reshape(-1)
+
+    def key_then_dynamic():
+        key = torch.addmm(bias[2 * C:], x, w[2 * C:].t())
+        return key, torch.addmm(bias[:2 * C], x.index_select(0, rows), w[:2 * C].t())
+
+    def all_rows():
+        return torch.addmm(bias, x, w.t())
+
+    def all_rows_gather():
+        out = torch.addmm(bias, x, w.t())
+        return out, out[:, :C].index_select(0, rows)
+
+    return [{"op": "selective projections", "variant": name, "batch": b, "rows": k,
+             "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")}
+            for name, fn in (("k all, q,v dynamic", key_then_dynamic), ("q,v,k all", all_rows),
+                             ("q,v,k all + q gather", all_rows_gather))]
+
+
 def autotune_rows(b):
     """The layer's GEMMs as cuBLAS runs them against inductor's max-autotune (Triton templates and ATen,
     the fastest per shape), at the row counts of a full (729) and a selective (182) layer."""
@@ -506,7 +533,8 @@ def pooling_rows(b, hidden=3584, size=384, patch=14):
 
 
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
-             "cosine": cosine_rows, "projections": projection_rows, "embedding": embedding_rows, "norm": norm_rows,
+             "cosine": cosine_rows, "projections": projection_rows,
+             "selective_projections": selective_projection_rows, "embedding": embedding_rows, "norm": norm_rows,
              "pooling": pooling_rows}
 
 

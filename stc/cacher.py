@@ -186,21 +186,24 @@ def _merge(base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, ba
 
 
 def merge_values(work: tuple[torch.Tensor, torch.Tensor], base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
-                 kernel: bool = False) -> torch.Tensor:
+                 kernel: bool = False, own_rows: bool = False) -> torch.Tensor:
     """`_merge(base, positions, values)` written into a buffer that outlives the call, and returned:
     work = (buffer [B, T, C], dirty int8 [B * T], the buffer's rows that may differ from base's; see
     `stc.vit_kernel.merge_rows`). kernel: by `stc.vit_kernel.merge_rows`, which reads and writes only the
     rows that change; else the same rows change by whole-tensor operations (no faster than `_merge`; its
-    reference). Either way the new rows end up marked and no other."""
+    reference). Either way the new rows end up marked and no other. own_rows: values is [B, T, C], every
+    token's, and a marked token takes its own row of it."""
     buffer, dirty = work
     if kernel:
         from stc import vit_kernel
 
-        vit_kernel.merge_rows(buffer, dirty, base, positions, values)
+        vit_kernel.merge_rows(buffer, dirty, base, positions, values, own_rows)
         return buffer
     new = positions >= 0
-    write = (new | (dirty != 0)).view(buffer.shape[0], -1, 1)
-    buffer.copy_(torch.where(write, _merge(base, positions, values, batch=buffer.shape[0]), buffer))
+    b = buffer.shape[0]
+    write = (new | (dirty != 0)).view(b, -1, 1)
+    merged = (torch.where(new.view(b, -1, 1), values, base) if own_rows else _merge(base, positions, values, batch=b))
+    buffer.copy_(torch.where(write, merged, buffer))
     dirty.copy_(new)
     return buffer
 
@@ -216,15 +219,19 @@ class LayerCache:
     hidden: torch.Tensor | None = None
 
 
-def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+def _attention(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention with the layer's own settings. q [B, Tq, C], k/v [B, T, C] -> [B, Tq, C].
     kernel: by `stc.vit_kernel.attention` (no mask, no dropout: SigLIP's and CLIP's vision attention; check
-    `stc.fast.attention_kernel_supported`) instead of the layer's attention function."""
+    `stc.fast.attention_kernel_supported`) instead of the layer's attention function. rows: token indices
+    [B, M]: the queries are these rows of q (read in place by the kernel) -> [B, M, C]."""
     attn = layer.self_attn
     if kernel:
         from stc import vit_kernel
 
-        return vit_kernel.attention(q, k, v, q.shape[-1] // attn.head_dim, attn.scale)
+        return vit_kernel.attention(q, k, v, q.shape[-1] // attn.head_dim, attn.scale, 0, rows)
+    if rows is not None:
+        q = _gather(q, _rows(rows, q.shape[1]))
     head_dim = attn.head_dim
     b, tq, _ = q.shape
     q4 = q.view(b, tq, -1, head_dim).transpose(1, 2)
@@ -385,6 +392,7 @@ def selective_layer(
     next_norm: nn.LayerNorm | None = None,
     value_work: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_kernel: bool = False,
+    project_all: bool = False,
 ) -> tuple:
     """The layer forward for non-reference frames: recompute k dynamic tokens, reuse the rest.
 
@@ -400,8 +408,12 @@ def selective_layer(
     reads (the cached ones with the recomputed rows merged in), kept across frames (`merge_values`; with
     kernels, only the rows that change are written), and its dirty rows; None: a new tensor each call.
     attention_kernel: the recomputed tokens' attention by `stc.vit_kernel.attention` (check
-    `stc.fast.attention_kernel_supported`). value_work and attention_kernel apply where the layer recomputes only
-    some tokens' attention: every reuse mode but "mlp".
+    `stc.fast.attention_kernel_supported`). project_all: the query, value and key projections of every token
+    (one GEMM with qvk), of which the recomputed tokens' query and value rows are used (read in place by the
+    attention kernel and the value buffer's kernel, else gathered): the same values as projecting only those
+    rows, in less time where a GEMM's time is its latency (one frame per step on the H100,
+    results/latency/README.md). value_work, attention_kernel and project_all apply where the layer recomputes
+    only some tokens' attention: every reuse mode but "mlp".
     Returns the output [B, T, C] and the dynamic indices [B, k] (in no particular order); with
     next_norm, next_norm of the output as a third element.
     """
@@ -411,7 +423,7 @@ def selective_layer(
     b, t, _ = x.shape
     h = layer_norm(layer.layer_norm1, x, norm_kernel) if normed is None else normed
     query_all = value_all = positions = None
-    if config.reuse == "mlp":  # full attention for every token: all three projections of every token
+    if config.reuse == "mlp" or project_all:  # full attention for every token, or project_all
         query_all, value_all, key = project(layer, h, "qvk", qvk)
     elif config.selection_feature == "value":
         value_all, key = project(layer, h, "vk", qvk)
@@ -437,14 +449,17 @@ def selective_layer(
         # Full attention for every token; only the MLP is selective.
         a_full = attn.out_proj(_attention(layer, query_all, key, value_all))
     else:
-        h_dyn = _gather(h, rows)
-        if value_all is not None:
-            (q_dyn,), v_dyn = project(layer, h_dyn, "q", qvk), _gather(value_all, rows)
+        own = project_all and value_work is not None  # the buffer's merge reads the recomputed rows in place
+        q_rows = None
+        if project_all:
+            q_dyn, q_rows, v_dyn = query_all, dynamic, value_all if own else _gather(value_all, rows)
+        elif value_all is not None:
+            (q_dyn,), v_dyn = project(layer, _gather(h, rows), "q", qvk), _gather(value_all, rows)
         else:
-            q_dyn, v_dyn = project(layer, h_dyn, "qv", qvk)
+            q_dyn, v_dyn = project(layer, _gather(h, rows), "qv", qvk)
         v_full = (_merge(ref.value, positions, v_dyn, batch=b) if value_work is None
-                  else merge_values(value_work, ref.value, positions, v_dyn, kernels))
-        a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full, kernel=attention_kernel))
+                  else merge_values(value_work, ref.value, positions, v_dyn, kernels, own_rows=own))
+        a_dyn = attn.out_proj(_attention(layer, q_dyn, key, v_full, kernel=attention_kernel, rows=q_rows))
         if config.reuse == "attn+mlp":
             # Static rows: x + A_ref + M_ref, with no full-size A or M copies; dynamic rows overwrite.
             mid_dyn, h_dyn = add_layer_norm(layer.layer_norm2, x, a_dyn, norm_kernel, rows=rows)

@@ -530,17 +530,26 @@ class GraphedVision:
     results/latency/README.md). None (default): with the kernels, where the Cacher recomputes only some tokens'
     attention (every reuse mode but "mlp") and `attention_kernel_supported` (SigLIP's heads, a CUDA device); True
     where not raises.
+    project_all: the Cacher's selective layers compute the query, value and key projections of every token as
+    one GEMM and use the recomputed tokens' query and value rows (`stc.cacher.selective_layer(project_all=True)`),
+    instead of the key projection of every token and then the query and value projections of the recomputed
+    tokens: the same values, in less time where a GEMM's time is its latency, not its work. On the H100 at
+    SigLIP-so400m's shapes: one frame, 11.5 against 15.7 us; two frames, 20.5 against 19.2
+    (`h100_vit_selective_projections.json` in results/latency). None (default): with the kernels and fused_qkv,
+    at one frame per step (batch 1), where the Cacher recomputes only some tokens' attention; True where it does
+    not raises.
     """
 
     # the options a runner resolves (None: where available) and exposes as attributes of the same names
-    OPTIONS = ("kernels", "fused_mlp", "patch_gemm", "fused_qkv", "norm_kernel", "value_buffer", "attention_kernel")
+    OPTIONS = ("kernels", "fused_mlp", "patch_gemm", "fused_qkv", "norm_kernel", "value_buffer", "attention_kernel",
+               "project_all")
 
     def __init__(self, tower: nn.Module, batch: int = 1, cacher: CacherConfig | None = None,
                  feature_layer: int = -1, use_graphs: bool | None = None, warmup: int = 2,
                  compile: bool | str = False, tome: tuple[int, ...] | None = None, keep_input_of: int | None = None,
                  kernels: bool | None = None, fused_mlp: bool | None = None, patch_gemm: bool | None = None,
                  fused_qkv: bool | None = None, norm_kernel: bool | None = None, value_buffer: bool | None = None,
-                 attention_kernel: bool | None = None):
+                 attention_kernel: bool | None = None, project_all: bool | None = None):
         if tome is not None and cacher is not None:
             raise ValueError("GraphedVision runs either STC-Cacher or ToMe, not both")
         if keep_input_of is not None and tome is not None:
@@ -589,6 +598,9 @@ class GraphedVision:
             attention_kernel, selective_attention, "attention_kernel=True needs a Cacher whose selective layers recompute "
             f"some tokens' attention (a reuse mode other than 'mlp' and a cache interval above 1) and SigLIP-style heads "
             f"(stc.fast.attention_kernel_supported) on a CUDA device, here {self.device} {self.dtype}")
+        self.project_all = merges_values and self.kernels and self.fused_qkv and batch == 1 if project_all is None else _option(
+            project_all, merges_values, "project_all=True needs a Cacher whose selective layers recompute some tokens' "
+            "attention (a reuse mode other than 'mlp' and a cache interval above 1)")
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule
@@ -694,7 +706,7 @@ class GraphedVision:
             x, shared, *h = self._selective_layer(layer, x, self.refs[i], self.k, self.cacher, dynamic=reuse, kernels=self.kernels,
                                                   fused_mlp=self.fused_mlp, qvk=self._qvk[i], norm_kernel=self.norm_kernel,
                                                   normed=h, next_norm=self._next_norm(i), value_work=self._value_work[i],
-                                                  attention_kernel=self.attention_kernel)
+                                                  attention_kernel=self.attention_kernel, project_all=self.project_all)
             h = h[0] if h else None
         return x
 

@@ -118,10 +118,10 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
                         warmup: int = 1, repeats: int = 3, compile: bool | str = False, kernels: bool | None = None,
                         fused_mlp: bool | None = None, patch_gemm: bool | None = None, fused_qkv: bool | None = None,
                         norm_kernel: bool | None = None, value_buffer: bool | None = None,
-                        attention_kernel: bool | None = None) -> dict:
+                        attention_kernel: bool | None = None, project_all: bool | None = None) -> dict:
     """Median ms per stream-frame of `GraphedVision`: B synchronised streams, one frame each per step
     (compile: the layer functions through torch.compile, as `GraphedVision(compile=True)`; kernels,
-    fused_mlp, patch_gemm, fused_qkv, norm_kernel, value_buffer, attention_kernel: as the `GraphedVision` options
+    fused_mlp, patch_gemm, fused_qkv, norm_kernel, value_buffer, attention_kernel, project_all: as the `GraphedVision` options
     of those names), and the value the runner resolved for each of them (`GraphedVision.OPTIONS`)."""
     from stc.fast import GraphedVision
 
@@ -130,7 +130,7 @@ def measure_graphed_vit(tower, pixels: torch.Tensor, cacher: CacherConfig | None
     f = len(pixels)
     runner = GraphedVision(tower, batch=batch, cacher=cacher, compile=compile, kernels=kernels, fused_mlp=fused_mlp,
                            patch_gemm=patch_gemm, fused_qkv=fused_qkv, norm_kernel=norm_kernel, value_buffer=value_buffer,
-                           attention_kernel=attention_kernel)
+                           attention_kernel=attention_kernel, project_all=project_all)
     steps = [pixels[[(i + s) % f for s in range(batch)]] for i in range(f)]
 
     def run():  # B streams, from fresh states

@@ -38,10 +38,10 @@ from stc import flops
 # GraphedVision's options after compile, as a row's flag and its level's suffix: the Cacher's Triton
 # kernels, the MLP's GELU in its fc1 GEMM, the patch embedding as a GEMM, the attention projections as
 # one GEMM, the LayerNorms as one-pass kernels, the Cacher's merged values in a buffer kept across frames, the
-# Cacher's selective attention by stc.vit_kernel
+# Cacher's selective attention by stc.vit_kernel, the Cacher's projections of every token as one GEMM
 _LEVEL_OPTIONS = (("kernels", " + kernels"), ("fused_mlp", " + fused MLP"), ("patch_gemm", " + patch GEMM"),
                   ("fused_qkv", " + fused QKV"), ("norm_kernel", " + norm kernel"), ("value_buffer", " + value buffer"),
-                  ("attention_kernel", " + attention kernel"))
+                  ("attention_kernel", " + attention kernel"), ("project_all", " + all-token projections"))
 # compile=False / True, each without and with every option, least optimised first
 COMPILE_LEVELS = tuple(c + "".join(parts) for c in ("none", "inductor")
                        for parts in itertools.product(*(("", suffix) for _, suffix in _LEVEL_OPTIONS)))

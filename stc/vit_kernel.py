@@ -335,7 +335,7 @@ def _(x, attn, mlp, positions, mid, delta, weight, bias, eps):
 
 @triton.jit
 def _merge_rows(WORK, DIRTY, BASE, POS, VALUES, R, T, C, NEW, stride_bb, stride_bt, stride_v,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, OWN: tl.constexpr):
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     inside = c < C
@@ -344,7 +344,7 @@ def _merge_rows(WORK, DIRTY, BASE, POS, VALUES, R, T, C, NEW, stride_bb, stride_
     p = tl.load(POS + r, mask=live, other=-1)
     new = live & (p >= 0) & (p < NEW)
     stale = live & ~new & (tl.load(DIRTY + r, mask=live, other=0) != 0)
-    p = tl.where(new, p, 0)
+    p = tl.where(new, r if OWN else p, 0)  # OWN: a marked token takes its own row of VALUES [B * T]
     v = tl.load(VALUES + p[:, None] * stride_v + c[None, :], mask=new[:, None] & inside[None, :], other=0.0)
     base = tl.load(BASE + (frame * stride_bb + token * stride_bt)[:, None] + c[None, :], mask=stale[:, None] & inside[None, :],
                    other=0.0)
@@ -353,12 +353,14 @@ def _merge_rows(WORK, DIRTY, BASE, POS, VALUES, R, T, C, NEW, stride_bb, stride_
     tl.store(DIRTY + r, new.to(tl.int8), mask=live)
 
 
-def _check_merge_rows(work, dirty, base, positions, values) -> None:
+def _check_merge_rows(work, dirty, base, positions, values, own_rows) -> None:
     b, t, c = work.shape if work.dim() == 3 else (None, None, None)
     if (work.dim() != 3 or not work.is_contiguous() or base.dim() != 3 or base.shape[0] not in (1, b)
             or base.shape[1:] != work.shape[1:] or values.shape[-1:] != (c,)):
         raise ValueError(f"merge_rows: expected a contiguous work [B, T, C], base [B or 1, T, C] and values [..., C], got "
                          f"{tuple(work.shape)}, {tuple(base.shape)} and {tuple(values.shape)}")
+    if own_rows and values.shape != work.shape:
+        raise ValueError(f"merge_rows: own_rows needs values of work's shape {tuple(work.shape)}, got {tuple(values.shape)}")
     if dirty.dtype != torch.int8 or dirty.shape != (b * t,) or not dirty.is_contiguous():
         raise ValueError(f"merge_rows: expected contiguous int8 dirty rows [B * T] = [{b * t}], got {dirty.dtype} {tuple(dirty.shape)}")
     if positions.dtype != torch.int64 or positions.shape != (b * t,):
@@ -369,10 +371,13 @@ def _check_merge_rows(work, dirty, base, positions, values) -> None:
 
 # A custom op that mutates its first two arguments, which torch.compile calls as it is (in place).
 @torch.library.custom_op("stc::merge_rows", mutates_args=("work", "dirty"))
-def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
+               own_rows: bool = False) -> None:
     """Make work [B, T, C] the merge of base [B or 1, T, C] (any frame and token strides) with the rows of
     values [B, k, C] that positions marks (int64 [B * T], `stc.cacher.token_positions`: token t of frame b
     takes row positions[b * T + t] of values where it is >= 0), writing only the rows that change.
+    own_rows: values is [B, T, C], every token's (a selective layer that projected every token,
+    `stc.cacher.selective_layer(project_all=True)`), and a marked token takes its own row of it.
 
     work is a buffer that outlives the call: dirty (int8 [B * T]) marks its rows that may differ from
     base's; rows not marked must already equal base's. Each call writes the new rows and the marked ones
@@ -380,7 +385,7 @@ def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, posi
     work's rows are written elsewhere. For consecutive frames whose recomputed tokens mostly coincide, this
     writes about their rows instead of the whole tensor: ``stc.cacher._merge`` reads all of base and writes
     a new tensor."""
-    _check_merge_rows(work, dirty, base, positions, values)
+    _check_merge_rows(work, dirty, base, positions, values, own_rows)
     b, t, c = work.shape
     if work.numel() == 0:
         return
@@ -388,11 +393,12 @@ def merge_rows(work: torch.Tensor, dirty: torch.Tensor, base: torch.Tensor, posi
     values = _rows_of(values)  # a view where it can be (the projections' column slice): no copy
     grid, tiles = _norm_tiles(b * t, c)
     _merge_rows[grid](work, dirty, base, positions.contiguous(), values, b * t, t, c, values.shape[0],
-                      base.stride(0) if base.shape[0] > 1 else 0, base.stride(1), values.stride(0), **tiles)
+                      base.stride(0) if base.shape[0] > 1 else 0, base.stride(1), values.stride(0), **tiles,
+                      OWN=bool(own_rows))
 
 
 @merge_rows.register_fake
-def _(work, dirty, base, positions, values):
+def _(work, dirty, base, positions, values, own_rows=False):
     return None
 
 
@@ -439,10 +445,16 @@ def _attention_update(acc0, acc1, l_i, m_i, q0, q1, k0, k1, v0, v1, scale2, cmas
 
 
 @triton.jit
-def _attention_query(QB, sqm, rows, M, d0, d1, dmask):
+def _attention_query(QB, sqm, IB, TQ, rows, M, d0, d1, dmask, ROWMAP: tl.constexpr):
+    """A tile of queries: rows of the query, or (ROWMAP) the query rows that IB lists for them (clamped into
+    the frame's TQ rows, so that a wrong index cannot read outside it)."""
     live = rows < M
-    q0 = tl.load(QB + rows[:, None] * sqm + d0[None, :], mask=live[:, None], other=0.0)
-    q1 = tl.load(QB + rows[:, None] * sqm + d1[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
+    if ROWMAP:
+        src = tl.minimum(tl.maximum(tl.load(IB + rows, mask=live, other=0), 0), TQ - 1)
+    else:
+        src = rows
+    q0 = tl.load(QB + src[:, None] * sqm + d0[None, :], mask=live[:, None], other=0.0)
+    q1 = tl.load(QB + src[:, None] * sqm + d1[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
     return q0, q1
 
 
@@ -456,10 +468,11 @@ def _attention_store(OB, rows, M, C, acc0, acc1, l_i, d0, d1, dmask):
 
 
 @triton.jit
-def _attention(Q, K, V, O, sqb, sqm, skb, skn, svb, svn, M, N, H, scale2, D: tl.constexpr, DT: tl.constexpr,
-               BLOCK_N: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr):
+def _attention(Q, IDX, K, V, O, sqb, sqm, skb, skn, svb, svn, M, N, H, TQ, scale2, D: tl.constexpr, DT: tl.constexpr,
+               BLOCK_N: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, ROWMAP: tl.constexpr):
     # One program: 64 * TILES queries of one head of one frame. Its tiles of 64 share each block of keys
     # and values (loaded once). A head's D channels are its first 64 and a tail of DT (masked past D).
+    # ROWMAP: query i of frame b is row IDX[b, i] of the frame's Q.
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = tl.program_id(0) * (64 * TILES) + tl.arange(0, 64)
@@ -469,14 +482,15 @@ def _attention(Q, K, V, O, sqb, sqm, skb, skn, svb, svn, M, N, H, scale2, D: tl.
     QB = Q + b * sqb + h * D
     KB = K + b * skb + h * D
     VB = V + b * svb + h * D
-    qa0, qa1 = _attention_query(QB, sqm, rows, M, d0, d1, dmask)
+    IB = IDX + b * M
+    qa0, qa1 = _attention_query(QB, sqm, IB, TQ, rows, M, d0, d1, dmask, ROWMAP)
     ma = tl.full((64,), float("-inf"), tl.float32)
     la = tl.zeros((64,), tl.float32)
     aa0 = tl.zeros((64, 64), tl.float32)
     aa1 = tl.zeros((64, DT), tl.float32)
     if TILES == 3:
-        qb0, qb1 = _attention_query(QB, sqm, rows + 64, M, d0, d1, dmask)
-        qc0, qc1 = _attention_query(QB, sqm, rows + 128, M, d0, d1, dmask)
+        qb0, qb1 = _attention_query(QB, sqm, IB, TQ, rows + 64, M, d0, d1, dmask, ROWMAP)
+        qc0, qc1 = _attention_query(QB, sqm, IB, TQ, rows + 128, M, d0, d1, dmask, ROWMAP)
         mb = tl.full((64,), float("-inf"), tl.float32)
         mc = tl.full((64,), float("-inf"), tl.float32)
         lb = tl.zeros((64,), tl.float32)
@@ -525,9 +539,12 @@ def attention_tiles(frames: int, heads: int, queries: int, device: torch.device)
 
 @torch.library.custom_op("stc::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float,
-              tiles: int = 0) -> torch.Tensor:
+              tiles: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention without a mask: softmax(q k^T * scale) v for each head, query [B, M, H * D] and
-    key, value [B, N, H * D] (any frame and token strides) -> [B, M, H * D], contiguous.
+    key, value [B, N, H * D] (any frame and token strides) -> [B, M, H * D], contiguous. rows: int64 [B, M'],
+    the queries are these rows of each frame's query [B, T, H * D] instead (a selective layer that projected
+    every token, `stc.cacher.selective_layer(project_all=True)`; no gathered copy) -> [B, M', H * D]; an
+    index outside [0, T) reads the nearest row.
 
     For the selective layer's few queries over a whole frame (`stc.cacher.selective_layer`,
     `GraphedVision(attention_kernel=...)`): each program computes one or three tiles of 64 queries of one
@@ -548,19 +565,29 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
         raise ValueError("attention: needs at least one key")
     if tiles not in (0, 1, 3):
         raise ValueError(f"attention: tiles must be 0 (chosen), 1 or 3, got {tiles!r}")
+    tq = m
+    if rows is not None:
+        if rows.dtype != torch.int64 or rows.dim() != 2 or rows.shape[0] != b or rows.device != query.device:
+            raise ValueError(f"attention: rows must be int64 [B, M'] = [{b}, M'] on the query's device, got "
+                             f"{rows.dtype} {tuple(rows.shape)} on {rows.device}")
+        m = rows.shape[1]
     out = torch.empty(b, m, c, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
+    if tq == 0:
+        raise ValueError("attention: rows index a query of no rows")
     query, key, value = (t if t.stride(2) == 1 else t.contiguous() for t in (query, key, value))
     tiles = tiles or attention_tiles(b, heads, m, query.device)
     n = key.shape[1]
     _attention[(triton.cdiv(m, 64 * tiles), b * heads)](
-        query, key, value, out, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), m, n, heads, scale * 1.4426950408889634, D=d, DT=max(16, triton.next_power_of_2(d - 64)),
-        BLOCK_N=64, TILES=tiles, IEEE=query.dtype == torch.float32, num_warps=4, num_stages=3)
+        query, query if rows is None else rows.contiguous(), key, value, out, query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), m, n, heads, tq, scale * 1.4426950408889634,
+        D=d, DT=max(16, triton.next_power_of_2(d - 64)), BLOCK_N=64, TILES=tiles, IEEE=query.dtype == torch.float32,
+        ROWMAP=rows is not None, num_warps=4, num_stages=3)
     return out
 
 
 @attention.register_fake
-def _(query, key, value, heads, scale, tiles=0):
-    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+def _(query, key, value, heads, scale, tiles=0, rows=None):
+    shape = query.shape if rows is None else (query.shape[0], rows.shape[1], query.shape[2])
+    return torch.empty(shape, dtype=query.dtype, device=query.device)

@@ -232,6 +232,10 @@ def test_bad_inputs():
     assert not runner.attention_kernel and not GraphedVision(wide, cacher=CacherConfig(), use_graphs=False).attention_kernel
     with pytest.raises(ValueError, match="attention_kernel=True needs a Cacher whose selective layers recompute"):
         GraphedVision(wide, cacher=CacherConfig(), use_graphs=False, attention_kernel=True)
+    assert not runner.project_all  # by default only with the kernels (and at one frame per step)
+    for cfg in (None, CacherConfig(cache_interval=1), CacherConfig(reuse="mlp")):  # no selective attention
+        with pytest.raises(ValueError, match="project_all=True needs a Cacher whose selective layers recompute"):
+            GraphedVision(tower, cacher=cfg, use_graphs=False, project_all=True)
 
 
 def test_attention_kernel_only_for_siglip_heads_on_a_gpu():
@@ -313,6 +317,28 @@ def test_fused_projections_in_every_selective_mode(cfg):
     torch.testing.assert_close(got, reference_stream(tower, frames, cfg), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("value_buffer", [False, True])
+@pytest.mark.parametrize("cfg", [CacherConfig(cache_interval=3, reuse_ratio=0.75), CacherConfig(cache_interval=3, reuse="attn"),
+                                 CacherConfig(cache_interval=3, selection_feature="value", metric="l2"),
+                                 CacherConfig(cache_interval=2, reuse_ratio=0.5, selection_feature="hidden",
+                                              per_layer_selection=False)])
+def test_projections_of_every_token_give_the_cachers_features(cfg, value_buffer):
+    """project_all: every token's query, value and key from one GEMM, of which the recomputed tokens' rows are
+    used, gives the features of projecting those rows alone (the attached Cacher's), in every reuse mode that
+    recomputes some tokens' attention and with each selection feature; two streams in one batch too."""
+    tower, frames = siglip(), video(7)
+    runner = GraphedVision(tower, cacher=cfg, use_graphs=False, project_all=True, value_buffer=value_buffer)
+    assert runner.project_all and runner.fused_qkv
+    state = [runner.new_state()]
+    got = torch.cat([runner(f[None], state) for f in frames])
+    torch.testing.assert_close(got, reference_stream(tower, frames, cfg), atol=1e-5, rtol=1e-5)
+    pair = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, project_all=True, value_buffer=value_buffer)
+    alone = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, project_all=False, value_buffer=value_buffer)
+    sp, sa = [pair.new_state(), pair.new_state()], [alone.new_state(), alone.new_state()]
+    for i in range(len(frames) - 1):
+        torch.testing.assert_close(pair(frames[i : i + 2], sp), alone(frames[i : i + 2], sa), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [None, CacherConfig(cache_interval=2)])
 def test_fused_projections_follow_weights_changed_in_place(cfg):
     tower, frames = siglip(), video(4)
@@ -391,7 +417,7 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
     graphed = GraphedVision(tower, cacher=cfg, use_graphs=True, compile=compile, tome=tome, keep_input_of=keep)
     # the defaults on a GPU
     assert graphed.kernels == bool(cfg) and graphed.fused_mlp and graphed.patch_gemm and graphed.fused_qkv and graphed.norm_kernel
-    assert graphed.value_buffer == bool(cfg)
+    assert graphed.value_buffer == graphed.project_all == bool(cfg)  # project_all: at one frame per step
     se = [eager.new_state()] if cfg else None
     sg = [graphed.new_state()] if cfg else None
     graphed.prepare(sg, frames=2)  # captures now what the next two frames replay
@@ -410,18 +436,20 @@ def test_graphs_equal_eager_on_gpu(cfg, compile):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("project_all", [None, True])
 @pytest.mark.parametrize("compile", [False, True])
-def test_graphs_with_the_attention_kernel_equal_eager_on_gpu(compile):
+def test_graphs_with_the_attention_kernel_equal_eager_on_gpu(compile, project_all):
     """With SigLIP-so400m's heads of 72 the graphed Cacher computes its selective attention by the kernel (its
     default on a GPU): the features of two streams equal the eager runner's without it (nor the other Cacher
     kernels), through reference and selective frames; the mode that recomputes every token's attention ("mlp")
-    keeps PyTorch's. (Both embed the patches by the GEMM: cuDNN's convolution may run in TF32.)"""
+    keeps PyTorch's. project_all (off by default for two streams): the kernel reads the recomputed queries
+    through a row map. (Both embed the patches by the GEMM: cuDNN's convolution may run in TF32.)"""
     tower = siglip(hidden=144, heads=2).cuda()
     cfg = CacherConfig(cache_interval=4, reuse_ratio=0.75)
     frames = video(10).cuda()
     eager = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=False, kernels=False)
-    graphed = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=True, compile=compile)
-    assert graphed.attention_kernel and not eager.attention_kernel
+    graphed = GraphedVision(tower, batch=2, cacher=cfg, use_graphs=True, compile=compile, project_all=project_all)
+    assert graphed.attention_kernel and not eager.attention_kernel and graphed.project_all == bool(project_all)
     assert not GraphedVision(tower, cacher=CacherConfig(reuse="mlp"), use_graphs=False).attention_kernel
     se, sg = [eager.new_state(), eager.new_state()], [graphed.new_state(), graphed.new_state()]
     for i in range(len(frames) - 1):

@@ -144,23 +144,25 @@ SENTINEL = 12345.0  # a value no merge computes: a row still holding it was not 
 def _rows_inputs(case, seed, dtype=torch.float32, device="cpu"):
     """A value buffer's inputs over three frames, in the layouts the selective layer passes: the cached
     values base [B or 1, T, C] and per frame the positions of k recomputed tokens (drawn anew: consecutive
-    frames share some) and their rows [B, k, C], both column slices where `sliced` (as the projections' outputs)."""
-    b, t, c, k, shared, sliced = case
+    frames share some) and their rows [B, k, C], both column slices where `sliced` (as the projections' outputs).
+    own: every token's rows [B, T, C] instead (`merge_rows(own_rows=True)`)."""
+    b, t, c, k, shared, sliced, own = case
     g = torch.Generator().manual_seed(seed)
     wide = torch.randn(1 if shared else b, t, 3 * c if sliced else c, generator=g)
     base = wide[..., c : 2 * c] if sliced else wide
     steps = []
+    n = t if own else k
     for _ in range(3):
         idx = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(b)])
-        rows = torch.randn(b, k, 2 * c, generator=g)[..., c:] if sliced else torch.randn(b, k, c, generator=g)
+        rows = torch.randn(b, n, 2 * c, generator=g)[..., c:] if sliced else torch.randn(b, n, c, generator=g)
         steps.append((token_positions(idx, t).to(device), rows.to(dtype).to(device)))
     return base.to(dtype).to(device), steps
 
 
 def rows_case(case, seed, merge, dtype=torch.float32, device="cpu"):
     """The buffer and its marks after each of the three frames' merges by merge(work, dirty, base, positions,
-    values): from a buffer of sentinels with every row marked; before the third, the clean rows that it does
-    not recompute are set to the sentinel (such a row, left alone, keeps it)."""
+    values, own_rows): from a buffer of sentinels with every row marked; before the third, the clean rows that it
+    does not recompute are set to the sentinel (such a row, left alone, keeps it)."""
     b, t, c = case[:3]
     base, steps = _rows_inputs(case, seed, dtype, device)
     work = torch.full((b, t, c), SENTINEL, dtype=dtype, device=device)
@@ -169,13 +171,13 @@ def rows_case(case, seed, merge, dtype=torch.float32, device="cpu"):
     for i, (pos, values) in enumerate(steps):
         if i == 2:
             work.view(b * t, c)[(dirty == 0) & (pos < 0)] = SENTINEL
-        merge(work, dirty, base, pos, values)
+        merge(work, dirty, base, pos, values, case[6])
         out.append((work.clone(), dirty.clone()))
     return out
 
 
-def merge_values_fallback(work, dirty, base, positions, values):
-    merge_values((work, dirty), base, positions, values)
+def merge_values_fallback(work, dirty, base, positions, values, own_rows):
+    merge_values((work, dirty), base, positions, values, own_rows=own_rows)
 
 
 def check_rows(case, seed, got, dtype=torch.float32):
@@ -194,18 +196,21 @@ def check_rows(case, seed, got, dtype=torch.float32):
             for tok in range(t):
                 r, p = f * t + tok, int(pos[f * t + tok])
                 if p >= 0:
-                    work[f, tok], dirty[r] = values.reshape(-1, c)[p], 1
+                    work[f, tok], dirty[r] = values[f, tok] if case[6] else values.reshape(-1, c)[p], 1
                 elif dirty[r]:
                     work[f, tok], dirty[r] = base[min(f, base.shape[0] - 1), tok], 0
         assert got_work.dtype == dtype and torch.equal(got_work.cpu(), work)
         assert got_dirty.dtype == torch.int8 and got_dirty.cpu().tolist() == dirty
     for (pos, values), (got_work, _) in zip(steps[:2], got):  # before the sentinels: the merged values, as a new merge's
-        assert torch.equal(got_work.cpu(), _merge(base, pos, values, batch=b))
+        want = (torch.where((pos >= 0).view(b, t, 1), values, base) if case[6] else _merge(base, pos, values, batch=b))
+        assert torch.equal(got_work.cpu(), want)
 
 
-# (frames, tokens, channels, k recomputed per frame, base shared by every frame, base and rows column slices)
-ROWS_CASES = [(2, 12, 40, 5, False, True), (3, 7, 64, 3, True, False), (1, 9, 1152, 4, False, True), (2, 5, 7, 1, False, False),
-              (2, 4, 3, 4, True, True)]
+# (frames, tokens, channels, k recomputed per frame, base shared by every frame, base and rows column slices, rows
+# of every token)
+ROWS_CASES = [(2, 12, 40, 5, False, True, False), (3, 7, 64, 3, True, False, False), (1, 9, 1152, 4, False, True, False),
+              (2, 5, 7, 1, False, False, False), (2, 4, 3, 4, True, True, False), (2, 12, 40, 5, False, True, True),
+              (3, 7, 64, 3, True, False, True), (1, 9, 1152, 4, False, True, True)]
 
 
 LAYER_CONFIGS = [
@@ -237,13 +242,15 @@ def layer_cases(kernels: bool, device: str = "cpu"):
                 given = layer.layer_norm1(x[3:5])
                 results.append(selective_layer(layer, x[3:5], ref, k, cfg, kernels=kernels, norm_kernel=kernels, normed=given,
                                                next_norm=nxt))
-            if cfg.reuse != "mlp":  # the merged values in a buffer kept over three frames against one reference
+            # the merged values in a buffer kept over three frames against one reference, the recomputed rows
+            # projected alone or with every token's (project_all: the buffer's kernel reads them in place)
+            for every in (False, True) if cfg.reuse != "mlp" else ():
                 work = (torch.zeros_like(own.value), torch.ones(own.value.shape[:2].numel(), dtype=torch.int8, device=device))
                 g = torch.Generator().manual_seed(k)
                 for frame in (x[3:5], x[[4, 3]], x[3:5]):  # tokens given: near-ties could rank apart by rounding
                     dynamic = torch.stack([torch.randperm(x.shape[1], generator=g)[:k] for _ in range(2)]).to(device)
                     results.append(selective_layer(layer, frame, own, k, cfg, dynamic=dynamic, kernels=kernels,
-                                                   norm_kernel=kernels, value_work=work))
+                                                   norm_kernel=kernels, value_work=work, project_all=every))
         results.append((reference_layer(layer, x[3:5], norm_kernel=kernels)[0], torch.zeros(0)))  # a full layer
         out, _, normed = reference_layer(layer, x[3:5], norm_kernel=kernels, next_norm=nxt)
         results.append((out, torch.zeros(0), normed))
@@ -251,24 +258,30 @@ def layer_cases(kernels: bool, device: str = "cpu"):
 
 
 # (frames, queries, keys, heads, head size, tiles per program (0: chosen), query and key column slices of wider
-# tensors as the fused projections give them): partial query tiles and key blocks, three tiles with a second
-# program, tails of 16, 32 and 64 channels
-ATTENTION_CASES = [(2, 37, 70, 3, 72, 1, True), (2, 37, 70, 3, 72, 3, True), (1, 200, 129, 2, 72, 3, False),
-                   (1, 130, 64, 2, 80, 1, False), (2, 5, 3, 2, 96, 3, True), (1, 9, 65, 1, 128, 0, False)]
+# tensors as the fused projections give them, query rows of each frame when the queries are read through a row map
+# (0: none)): partial query tiles and key blocks, three tiles with a second program, tails of 16, 32 and 64 channels,
+# row maps with each tiling
+ATTENTION_CASES = [(2, 37, 70, 3, 72, 1, True, 0), (2, 37, 70, 3, 72, 3, True, 0), (1, 200, 129, 2, 72, 3, False, 0),
+                   (1, 130, 64, 2, 80, 1, False, 0), (2, 5, 3, 2, 96, 3, True, 0), (1, 9, 65, 1, 128, 0, False, 0),
+                   (2, 37, 70, 3, 72, 1, True, 70), (2, 150, 70, 2, 72, 3, True, 200), (1, 9, 65, 1, 128, 0, False, 9)]
 
 
 def _attention_inputs(case, seed, dtype=torch.float32, device="cpu"):
-    b, m, n, heads, d, tiles, sliced = case
+    """The arguments of `stc.vit_kernel.attention`: query, key, value, heads, scale, tiles, rows (None or [B, M],
+    distinct rows of each frame's query in a random order)."""
+    b, m, n, heads, d, tiles, sliced, t = case
     c = heads * d
     g = torch.Generator().manual_seed(seed)
+    tq = t or m
     if sliced:
-        q = torch.randn(b, m, 3 * c, generator=g).to(device, dtype)[..., c : 2 * c]
+        q = torch.randn(b, tq, 3 * c, generator=g).to(device, dtype)[..., c : 2 * c]
         k = torch.randn(b, n, 2 * c, generator=g).to(device, dtype)[..., c:]
     else:
-        q = torch.randn(b, m, c, generator=g).to(device, dtype)
+        q = torch.randn(b, tq, c, generator=g).to(device, dtype)
         k = torch.randn(b, n, c, generator=g).to(device, dtype)
     v = torch.randn(b, n, c, generator=g).to(device, dtype)
-    return q, k, v, heads, d**-0.5, tiles
+    rows = torch.stack([torch.randperm(t, generator=g)[:m] for _ in range(b)]).to(device) if t else None
+    return q, k, v, heads, d**-0.5, tiles, rows
 
 
 def attention_brute_force(q, k, v, heads, scale):
@@ -286,7 +299,9 @@ def attention_brute_force(q, k, v, heads, scale):
 
 
 def check_attention(case, seed, got, atol, dtype=torch.float32):
-    q, k, v, heads, scale, _ = _attention_inputs(case, seed, dtype)
+    q, k, v, heads, scale, _, rows = _attention_inputs(case, seed, dtype)
+    if rows is not None:
+        q = torch.stack([q[f, rows[f]] for f in range(q.shape[0])])
     assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
     torch.testing.assert_close(got.cpu().double(), attention_brute_force(q, k, v, heads, scale), atol=atol, rtol=0)
 
@@ -294,7 +309,7 @@ def check_attention(case, seed, got, atol, dtype=torch.float32):
 def attention_layer_cases(kernel: bool, device: str = "cpu"):
     """selective_layer on a tiny SigLIP layer with SigLIP-so400m's heads of 72 channels, its recomputed
     tokens' attention with (kernel) and without `stc.vit_kernel.attention`: against one reference and their
-    own, and with the value buffer over three frames."""
+    own, and with the value buffer over three frames; with the queries read through a row map (project_all)."""
     tower = siglip(layers=1, hidden=144, heads=2).to(device)
     layer = tower.encoder.layers[0]
     with torch.no_grad():
@@ -306,6 +321,7 @@ def attention_layer_cases(kernel: bool, device: str = "cpu"):
             k = cfg.recomputed_tokens(x.shape[1])
             for ref in (one, own):
                 results.append(selective_layer(layer, x[3:5], ref, k, cfg, attention_kernel=kernel))
+                results.append(selective_layer(layer, x[3:5], ref, k, cfg, attention_kernel=kernel, project_all=True))
             work = (torch.zeros_like(own.value), torch.ones(own.value.shape[:2].numel(), dtype=torch.int8, device=device))
             for frame in (x[3:5], x[[4, 3]], x[3:5]):
                 results.append(selective_layer(layer, frame, own, k, cfg, value_work=work, attention_kernel=kernel))
@@ -441,6 +457,7 @@ def test_bad_inputs_are_refused_before_any_launch():
     base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[0], 0)
     work, dirty = torch.zeros(2, 12, 40), torch.ones(24, dtype=torch.int8)
     for bad, match in [((work[:, :, :20], dirty, base, pos, values), r"work \[B, T, C\]"),
+                       ((work, dirty, base, pos, values, True), "own_rows needs values of work's shape"),
                        ((work.transpose(0, 1), dirty, base, pos, values), "contiguous work"),
                        ((work, dirty, base[:, 1:], pos, values), r"base \[B or 1, T, C\]"),
                        ((work, dirty.bool(), base, pos, values), "int8 dirty"),
@@ -449,8 +466,12 @@ def test_bad_inputs_are_refused_before_any_launch():
                        ((work, dirty, base.double(), pos, values), "share a dtype")]:
         with pytest.raises(ValueError, match=match):
             vit_kernel.merge_rows(*bad)
-    q, k, v, heads, scale, _ = _attention_inputs(ATTENTION_CASES[0], 0)
-    for bad, match in [((q, k, v[:, 1:], heads, scale), r"key, value \[B, N, H \* D\]"),
+    q, k, v, heads, scale, *_ = _attention_inputs(ATTENTION_CASES[0], 0)
+    rows = torch.zeros(2, 4, dtype=torch.int64)
+    for bad, match in [((q, k, v, heads, scale, 0, rows.int()), r"rows must be int64 \[B, M'\]"),
+                       ((q, k, v, heads, scale, 0, rows[:1]), r"rows must be int64 \[B, M'\]"),
+                       ((q, k, v, heads, scale, 0, rows[0]), r"rows must be int64 \[B, M'\]"),
+                       ((q[:, :0], k, v, heads, scale, 0, rows), "rows index a query of no rows"),((q, k, v[:, 1:], heads, scale), r"key, value \[B, N, H \* D\]"),
                        ((q[:1], k, v, heads, scale), r"key, value \[B, N, H \* D\]"),
                        ((q, k, v, 5, scale), "heads=5"),
                        ((q[..., :128], k[..., :128], v[..., :128], 2, scale), "64 < head size <= 128"),
@@ -460,6 +481,7 @@ def test_bad_inputs_are_refused_before_any_launch():
         with pytest.raises(ValueError, match=match):
             vit_kernel.attention(*bad)
     assert vit_kernel.attention(q[:, :0], k, v, heads, scale).shape == (2, 0, q.shape[2])
+    assert vit_kernel.attention(q, k, v, heads, scale, 0, rows[:, :0]).shape == (2, 0, q.shape[2])
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
         vit_kernel.cosine(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match=r"reference \[B or 1, T, C\]"):
@@ -540,15 +562,18 @@ def test_value_buffer_kernel_equals_brute_force_on_gpu(dtype):
     """Exactly the rows of the brute force, marks included, also at SigLIP-so400m's size (16 frames)."""
     from stc import vit_kernel
 
-    for i, case in enumerate(ROWS_CASES + [(16, 729, 1152, 182, False, True)]):
+    for i, case in enumerate(ROWS_CASES + [(16, 729, 1152, 182, False, True, False), (1, 729, 1152, 182, False, True, True)]):
         check_rows(case, i, rows_case(case, i, vit_kernel.merge_rows, dtype, "cuda"), dtype)
     base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[0], 0, dtype, "cuda")
     work, dirty = torch.zeros(2, 12, 40, dtype=dtype, device="cuda"), torch.ones(24, dtype=torch.int8, device="cuda")
     torch.library.opcheck(vit_kernel.merge_rows, (work, dirty, base, pos, values))
+    base, ((pos, values), *_) = _rows_inputs(ROWS_CASES[5], 0, dtype, "cuda")
+    torch.library.opcheck(vit_kernel.merge_rows, (work, dirty, base, pos, values, True))
 
 
+@pytest.mark.parametrize("own", [False, True])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_value_buffer_kernel_compiles_for_hopper(dtype):
+def test_value_buffer_kernel_compiles_for_hopper(dtype, own):
     """`merge_rows` lowered to an sm_90 cubin on the CPU at SigLIP-so400m's width (1152 channels, the
     launch's whole-row tiles): what the interpreter test does not cover."""
     pytest.importorskip("triton")
@@ -559,7 +584,7 @@ def test_value_buffer_kernel_compiles_for_hopper(dtype):
     sig = {"WORK": f"*{dtype}", "DIRTY": "*i8", "BASE": f"*{dtype}", "POS": "*i64", "VALUES": f"*{dtype}",
            **{name: "i32" for name in ("R", "T", "C", "NEW", "stride_bb", "stride_bt", "stride_v")}}
     warps = tiles.pop("num_warps")
-    asm = compile_for_hopper(_merge_rows, sig, tiles, num_warps=warps)
+    asm = compile_for_hopper(_merge_rows, sig, {**tiles, "OWN": own}, num_warps=warps)
     assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
 
 
@@ -571,12 +596,13 @@ def test_attention_kernel_equals_brute_force_on_gpu(dtype):
     from stc import vit_kernel
 
     atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    so400m = [(16, 182, 729, 16, 72, 0, True), (16, 182, 729, 16, 72, 1, True), (1, 182, 729, 16, 72, 3, True),
-              (1, 182, 729, 16, 72, 0, True)]
+    so400m = [(16, 182, 729, 16, 72, 0, True, 0), (16, 182, 729, 16, 72, 1, True, 0), (1, 182, 729, 16, 72, 3, True, 0),
+              (1, 182, 729, 16, 72, 0, True, 0), (1, 182, 729, 16, 72, 0, True, 729), (16, 182, 729, 16, 72, 0, True, 729)]
     for i, case in enumerate(ATTENTION_CASES + so400m):
         check_attention(case, i, vit_kernel.attention(*_attention_inputs(case, i, dtype, "cuda")), atol, dtype)
     assert vit_kernel.attention_tiles(16, 16, 182, "cuda") == 3 and vit_kernel.attention_tiles(1, 16, 182, "cuda") == 1
     torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[0], 0, dtype, "cuda")[:5])
+    torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[6], 6, dtype, "cuda"))
 
 
 @gpu
@@ -584,15 +610,17 @@ def test_selective_layer_with_the_attention_kernel_equals_without_on_gpu():
     check_layers(attention_layer_cases(True, "cuda"), attention_layer_cases(False, "cuda"), atol=1e-5)
 
 
+@pytest.mark.parametrize("rowmap", [False, True])
 @pytest.mark.parametrize("tiles", [1, 3])
-def test_attention_kernel_compiles_for_hopper(tiles):
+def test_attention_kernel_compiles_for_hopper(tiles, rowmap):
     """`attention` lowered to an sm_90 cubin on the CPU at SigLIP-so400m's heads (64 + 16 channels, bf16), with
-    each tiling: what the interpreter test does not cover."""
+    each tiling, with and without a query row map: what the interpreter test does not cover."""
     pytest.importorskip("triton")
     from stc.vit_kernel import _attention
     from tests.triton_interpreter import compile_for_hopper
 
-    sig = {**{name: "*bf16" for name in ("Q", "K", "V", "O")},
-           **{name: "i32" for name in ("sqb", "sqm", "skb", "skn", "svb", "svn", "M", "N", "H")}, "scale2": "fp32"}
-    asm = compile_for_hopper(_attention, sig, dict(D=72, DT=16, BLOCK_N=64, TILES=tiles, IEEE=False), num_warps=4, num_stages=3)
+    sig = {"Q": "*bf16", "IDX": "*i64", **{name: "*bf16" for name in ("K", "V", "O")},
+           **{name: "i32" for name in ("sqb", "sqm", "skb", "skn", "svb", "svn", "M", "N", "H", "TQ")}, "scale2": "fp32"}
+    asm = compile_for_hopper(_attention, sig, dict(D=72, DT=16, BLOCK_N=64, TILES=tiles, IEEE=False, ROWMAP=rowmap),
+                             num_warps=4, num_stages=3)
     assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
