@@ -332,3 +332,14 @@ def test_levels_name_every_option_a_graphed_runner_resolves():
     assert [name for name, _ in speed._LEVEL_OPTIONS] == list(GraphedVision.OPTIONS)
     every = {name: True for name in GraphedVision.OPTIONS}
     assert speed._level(True, every) == speed.COMPILE_LEVELS[-1]
+
+
+def test_figure_takes_the_most_optimised_path_at_each_batch(files):
+    """The ViT panel plots, at each B, the most optimised level measured there, as the targets do, also where
+    the levels differ between B (GraphedVision's project_all is on at B = 1 only)."""
+    s = speed.load_speed(files)
+    levels = s.vit.groupby("batch")["compile"].last()
+    assert levels[1] != levels[16]  # the fixture's B = 1 has a more optimised level than B = 16's only one
+    full = next(line for line in speed.plot_speed(s).axes[0].get_lines() if line.get_label() == "full")
+    assert list(full.get_xdata()) == [1, 16]
+    assert list(full.get_ydata()) == [2.5, s.vit.query("batch == 16")["full_ms_per_frame"].iloc[-1]]
