@@ -468,15 +468,11 @@ def _attention_store(OB, rows, M, C, acc0, acc1, l_i, d0, d1, dmask):
 
 
 @triton.jit
-def _attention(Q, IDX, K, V, O, PART, STAT, COUNT, sqb, sqm, skb, skn, svb, svn, M, N, H, TQ, scale2, D: tl.constexpr,
-               DT: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, ROWMAP: tl.constexpr,
-               SPLITS: tl.constexpr):
+def _attention(Q, IDX, K, V, O, sqb, sqm, skb, skn, svb, svn, M, N, H, TQ, scale2, D: tl.constexpr, DT: tl.constexpr,
+               BLOCK_N: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr, ROWMAP: tl.constexpr):
     # One program: 64 * TILES queries of one head of one frame. Its tiles of 64 share each block of keys
     # and values (loaded once). A head's D channels are its first 64 and a tail of DT (masked past D).
     # ROWMAP: query i of frame b is row IDX[b, i] of the frame's Q.
-    # SPLITS > 1 (one tile): program (i, bh, s) takes the s-th of SPLITS runs of key blocks and writes its
-    # unnormalised partial (accumulators, maximum and sum of exponentials) to PART and STAT; the last of the
-    # SPLITS programs of a tile to count itself in COUNT (zeroed by the launch) merges them into O.
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     rows = tl.program_id(0) * (64 * TILES) + tl.arange(0, 64)
@@ -504,18 +500,13 @@ def _attention(Q, IDX, K, V, O, PART, STAT, COUNT, sqb, sqm, skb, skn, svb, svn,
         ab1 = tl.zeros((64, DT), tl.float32)
         ac1 = tl.zeros((64, DT), tl.float32)
     full = (N // BLOCK_N) * BLOCK_N
-    lo, hi = 0, N
-    if SPLITS > 1:
-        per = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLITS) * BLOCK_N
-        lo = tl.program_id(2) * per
-        hi = tl.minimum(lo + per, N)
-    for start in range(lo, tl.minimum(hi, full), BLOCK_N):  # whole blocks: no key mask
+    for start in range(0, full, BLOCK_N):  # whole blocks: no key mask
         k0, k1, v0, v1, cmask = _attention_kv(KB, VB, skn, svn, start, N, d0, d1, dmask, BLOCK_N, False)
         aa0, aa1, la, ma = _attention_update(aa0, aa1, la, ma, qa0, qa1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
         if TILES == 3:
             ab0, ab1, lb, mb = _attention_update(ab0, ab1, lb, mb, qb0, qb1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
             ac0, ac1, lc, mc = _attention_update(ac0, ac1, lc, mc, qc0, qc1, k0, k1, v0, v1, scale2, cmask, False, IEEE)
-    if (lo <= full) & (full < hi):  # the last, partial block (in the run that holds it)
+    if full < N:  # the last, partial block
         k0, k1, v0, v1, cmask = _attention_kv(KB, VB, skn, svn, full, N, d0, d1, dmask, BLOCK_N, True)
         aa0, aa1, la, ma = _attention_update(aa0, aa1, la, ma, qa0, qa1, k0, k1, v0, v1, scale2, cmask, True, IEEE)
         if TILES == 3:
@@ -523,33 +514,7 @@ def _attention(Q, IDX, K, V, O, PART, STAT, COUNT, sqb, sqm, skb, skn, svb, svn,
             ac0, ac1, lc, mc = _attention_update(ac0, ac1, lc, mc, qc0, qc1, k0, k1, v0, v1, scale2, cmask, True, IEEE)
     C = H * D
     OB = O + b * M * C + h * D
-    if SPLITS > 1:
-        tile = bh * tl.num_programs(0) + tl.program_id(0)
-        r = tl.arange(0, 64)
-        part = (tile * SPLITS + tl.program_id(2)) * 64 + r
-        tl.store(PART + part[:, None] * (64 + DT) + d0[None, :], aa0)
-        tl.store(PART + part[:, None] * (64 + DT) + 64 + tl.arange(0, DT)[None, :], aa1)
-        tl.store(STAT + 2 * part, ma)
-        tl.store(STAT + 2 * part + 1, la)
-        tl.debug_barrier()  # every thread's partial written before the count (released by it)
-        if tl.atomic_add(COUNT + tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:  # the last: merge
-            first = tile * SPLITS * 64 + r
-            m_max = tl.load(STAT + 2 * first, cache_modifier=".cg")
-            for i in tl.static_range(1, SPLITS):
-                m_max = tl.maximum(m_max, tl.load(STAT + 2 * (first + i * 64), cache_modifier=".cg"))
-            aa0 = tl.zeros((64, 64), tl.float32)
-            aa1 = tl.zeros((64, DT), tl.float32)
-            la = tl.zeros((64,), tl.float32)
-            for i in tl.static_range(SPLITS):
-                one = first + i * 64
-                w = tl.exp2(tl.load(STAT + 2 * one, cache_modifier=".cg") - m_max)  # 0 for a split without keys
-                la += w * tl.load(STAT + 2 * one + 1, cache_modifier=".cg")
-                aa0 += w[:, None] * tl.load(PART + one[:, None] * (64 + DT) + d0[None, :], cache_modifier=".cg")
-                aa1 += w[:, None] * tl.load(PART + one[:, None] * (64 + DT) + 64 + tl.arange(0, DT)[None, :],
-                                            cache_modifier=".cg")
-            _attention_store(OB, rows, M, C, aa0, aa1, la, d0, d1, dmask)
-    else:
-        _attention_store(OB, rows, M, C, aa0, aa1, la, d0, d1, dmask)
+    _attention_store(OB, rows, M, C, aa0, aa1, la, d0, d1, dmask)
     if TILES == 3:
         _attention_store(OB, rows + 64, M, C, ab0, ab1, lb, d0, d1, dmask)
         _attention_store(OB, rows + 128, M, C, ac0, ac1, lc, d0, d1, dmask)
@@ -559,16 +524,6 @@ def attention_supported(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether `attention` runs heads of this size and dtype: 64 < head_dim <= 128 (SigLIP's 72; a head of
     64, CLIP's, is left to PyTorch's attention), float16, bfloat16 or float32."""
     return 64 < head_dim <= 128 and dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def attention_splits(frames: int, heads: int, queries: int, keys: int, device: torch.device) -> int:
-    """Into how many runs of key blocks `attention` splits each tile's keys (programs side by side, their partial
-    softmaxes merged by the last), where one tile per program leaves SMs idle: enough for a program per SM, at
-    most 4 and at least two blocks of keys each; 1 where the tiles fill the GPU."""
-    device = torch.device(device)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    programs = frames * heads * triton.cdiv(queries, 64)
-    return max(1, min(4, triton.cdiv(sms, max(programs, 1)), triton.cdiv(keys, 128)))
 
 
 def attention_tiles(frames: int, heads: int, queries: int, device: torch.device) -> int:
@@ -584,7 +539,7 @@ def attention_tiles(frames: int, heads: int, queries: int, device: torch.device)
 
 @torch.library.custom_op("stc::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float,
-              tiles: int = 0, rows: torch.Tensor | None = None, splits: int = 0) -> torch.Tensor:
+              tiles: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention without a mask: softmax(q k^T * scale) v for each head, query [B, M, H * D] and
     key, value [B, N, H * D] (any frame and token strides) -> [B, M, H * D], contiguous. rows: int64 [B, M'],
     the queries are these rows of each frame's query [B, T, H * D] instead (a selective layer that projected
@@ -595,10 +550,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
     `GraphedVision(attention_kernel=...)`): each program computes one or three tiles of 64 queries of one
     head (tiles: 1 or 3; 0 chooses by `attention_tiles`) over blocks of 64 keys, in the online softmax of
     FlashAttention, with float32 statistics and accumulators. A head of 72 is computed as 64 + 16 channels
-    (a tail of 16, 32 or 64 channels past the first 64). With one tile per program, splits > 1 cuts each tile's
-    keys into that many runs of blocks computed side by side, whose partial softmaxes the last of them to finish
-    merges (for grids that leave SMs idle: one frame; 0 chooses by `attention_splits`, 1 does not split). Needs
-    `attention_supported`; float32 inputs are multiplied in IEEE float32 (not TF32)."""
+    (a tail of 16, 32 or 64 channels past the first 64). Needs `attention_supported`; float32 inputs are multiplied
+    in IEEE float32 (not TF32)."""
     b, m, c = query.shape if query.dim() == 3 else (None, None, None)
     if (query.dim() != 3 or key.dim() != 3 or key.shape != value.shape or key.shape[0] != b or key.shape[2] != c
             or not isinstance(heads, int) or heads <= 0 or c % heads):
@@ -612,8 +565,6 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
         raise ValueError("attention: needs at least one key")
     if tiles not in (0, 1, 3):
         raise ValueError(f"attention: tiles must be 0 (chosen), 1 or 3, got {tiles!r}")
-    if not isinstance(splits, int) or not 0 <= splits <= 8 or (splits > 1 and tiles == 3):
-        raise ValueError(f"attention: splits must be 0 (chosen) to 8, and 0 or 1 with 3 tiles, got {splits!r}")
     tq = m
     if rows is not None:
         if rows.dtype != torch.int64 or rows.dim() != 2 or rows.shape[0] != b or rows.device != query.device:
@@ -628,23 +579,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
     query, key, value = (t if t.stride(2) == 1 else t.contiguous() for t in (query, key, value))
     tiles = tiles or attention_tiles(b, heads, m, query.device)
     n = key.shape[1]
-    splits = 1 if tiles == 3 else splits or attention_splits(b, heads, m, n, query.device)
-    grid = (triton.cdiv(m, 64 * tiles), b * heads, splits)
-    dt = max(16, triton.next_power_of_2(d - 64))
-    part = stat = count = out  # (unused without splits)
-    if splits > 1:  # partials of every tile and split, and the count of each tile's finished splits
-        part = torch.empty(grid[0] * grid[1] * splits * 64, 64 + dt, dtype=torch.float32, device=query.device)
-        stat = torch.empty(grid[0] * grid[1] * splits * 64 * 2, dtype=torch.float32, device=query.device)
-        count = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=query.device)
-    _attention[grid](
-        query, query if rows is None else rows.contiguous(), key, value, out, part, stat, count, query.stride(0),
-        query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1), m, n, heads, tq,
-        scale * 1.4426950408889634, D=d, DT=dt, BLOCK_N=64, TILES=tiles, IEEE=query.dtype == torch.float32,
-        ROWMAP=rows is not None, SPLITS=splits, num_warps=4, num_stages=3)
+    _attention[(triton.cdiv(m, 64 * tiles), b * heads)](
+        query, query if rows is None else rows.contiguous(), key, value, out, query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), m, n, heads, tq, scale * 1.4426950408889634,
+        D=d, DT=max(16, triton.next_power_of_2(d - 64)), BLOCK_N=64, TILES=tiles, IEEE=query.dtype == torch.float32,
+        ROWMAP=rows is not None, num_warps=4, num_stages=3)
     return out
 
 
 @attention.register_fake
-def _(query, key, value, heads, scale, tiles=0, rows=None, splits=0):
+def _(query, key, value, heads, scale, tiles=0, rows=None):
     shape = query.shape if rows is None else (query.shape[0], rows.shape[1], query.shape[2])
     return torch.empty(shape, dtype=query.dtype, device=query.device)

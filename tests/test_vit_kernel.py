@@ -259,19 +259,17 @@ def layer_cases(kernels: bool, device: str = "cpu"):
 
 # (frames, queries, keys, heads, head size, tiles per program (0: chosen), query and key column slices of wider
 # tensors as the fused projections give them, query rows of each frame when the queries are read through a row map
-# (0: none), runs of key blocks per tile (0: chosen)): partial query tiles and key blocks, three tiles with a second
-# program, tails of 16, 32 and 64 channels, row maps with each tiling, split keys (a run with the partial block,
-# runs without keys)
-ATTENTION_CASES = [(2, 37, 70, 3, 72, 1, True, 0, 0), (2, 37, 70, 3, 72, 3, True, 0, 0), (1, 200, 129, 2, 72, 3, False, 0, 0),
-                   (1, 130, 64, 2, 80, 1, False, 0, 0), (2, 5, 3, 2, 96, 3, True, 0, 0), (1, 9, 65, 1, 128, 0, False, 0, 0),
-                   (2, 37, 70, 3, 72, 1, True, 70, 0), (2, 150, 70, 2, 72, 3, True, 200, 0), (1, 9, 65, 1, 128, 0, False, 9, 0),
-                   (1, 100, 300, 2, 72, 1, False, 0, 3), (2, 37, 70, 3, 72, 1, True, 70, 4), (1, 70, 129, 1, 96, 1, True, 0, 2)]
+# (0: none)): partial query tiles and key blocks, three tiles with a second program, tails of 16, 32 and 64 channels,
+# row maps with each tiling
+ATTENTION_CASES = [(2, 37, 70, 3, 72, 1, True, 0), (2, 37, 70, 3, 72, 3, True, 0), (1, 200, 129, 2, 72, 3, False, 0),
+                   (1, 130, 64, 2, 80, 1, False, 0), (2, 5, 3, 2, 96, 3, True, 0), (1, 9, 65, 1, 128, 0, False, 0),
+                   (2, 37, 70, 3, 72, 1, True, 70), (2, 150, 70, 2, 72, 3, True, 200), (1, 9, 65, 1, 128, 0, False, 9)]
 
 
 def _attention_inputs(case, seed, dtype=torch.float32, device="cpu"):
     """The arguments of `stc.vit_kernel.attention`: query, key, value, heads, scale, tiles, rows (None or [B, M],
-    distinct rows of each frame's query in a random order), splits."""
-    b, m, n, heads, d, tiles, sliced, t, splits = case
+    distinct rows of each frame's query in a random order)."""
+    b, m, n, heads, d, tiles, sliced, t = case
     c = heads * d
     g = torch.Generator().manual_seed(seed)
     tq = t or m
@@ -283,7 +281,7 @@ def _attention_inputs(case, seed, dtype=torch.float32, device="cpu"):
         k = torch.randn(b, n, c, generator=g).to(device, dtype)
     v = torch.randn(b, n, c, generator=g).to(device, dtype)
     rows = torch.stack([torch.randperm(t, generator=g)[:m] for _ in range(b)]).to(device) if t else None
-    return q, k, v, heads, d**-0.5, tiles, rows, splits
+    return q, k, v, heads, d**-0.5, tiles, rows
 
 
 def attention_brute_force(q, k, v, heads, scale):
@@ -301,7 +299,7 @@ def attention_brute_force(q, k, v, heads, scale):
 
 
 def check_attention(case, seed, got, atol, dtype=torch.float32):
-    q, k, v, heads, scale, _, rows, _ = _attention_inputs(case, seed, dtype)
+    q, k, v, heads, scale, _, rows = _attention_inputs(case, seed, dtype)
     if rows is not None:
         q = torch.stack([q[f, rows[f]] for f in range(q.shape[0])])
     assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
@@ -479,10 +477,7 @@ def test_bad_inputs_are_refused_before_any_launch():
                        ((q[..., :128], k[..., :128], v[..., :128], 2, scale), "64 < head size <= 128"),
                        ((q, k.double(), v, heads, scale), "one dtype"),
                        ((q, k[:, :0], v[:, :0], heads, scale), "at least one key"),
-                       ((q, k, v, heads, scale, 2), "tiles must be"),
-                       ((q, k, v, heads, scale, 3, None, 2), "splits must be"),
-                       ((q, k, v, heads, scale, 1, None, 9), "splits must be"),
-                       ((q, k, v, heads, scale, 1, None, -1), "splits must be")]:
+                       ((q, k, v, heads, scale, 2), "tiles must be")]:
         with pytest.raises(ValueError, match=match):
             vit_kernel.attention(*bad)
     assert vit_kernel.attention(q[:, :0], k, v, heads, scale).shape == (2, 0, q.shape[2])
@@ -601,19 +596,13 @@ def test_attention_kernel_equals_brute_force_on_gpu(dtype):
     from stc import vit_kernel
 
     atol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    so400m = [(16, 182, 729, 16, 72, 0, True, 0, 0), (16, 182, 729, 16, 72, 1, True, 0, 0), (1, 182, 729, 16, 72, 3, True, 0, 0),
-              (1, 182, 729, 16, 72, 0, True, 0, 0), (1, 182, 729, 16, 72, 0, True, 729, 0), (16, 182, 729, 16, 72, 0, True, 729, 0),
-              (1, 182, 729, 16, 72, 1, True, 729, 1), (1, 182, 729, 16, 72, 1, True, 729, 2), (1, 182, 729, 16, 72, 1, True, 729, 4)]
+    so400m = [(16, 182, 729, 16, 72, 0, True, 0), (16, 182, 729, 16, 72, 1, True, 0), (1, 182, 729, 16, 72, 3, True, 0),
+              (1, 182, 729, 16, 72, 0, True, 0), (1, 182, 729, 16, 72, 0, True, 729), (16, 182, 729, 16, 72, 0, True, 729)]
     for i, case in enumerate(ATTENTION_CASES + so400m):
         check_attention(case, i, vit_kernel.attention(*_attention_inputs(case, i, dtype, "cuda")), atol, dtype)
     assert vit_kernel.attention_tiles(16, 16, 182, "cuda") == 3 and vit_kernel.attention_tiles(1, 16, 182, "cuda") == 1
-    assert vit_kernel.attention_splits(1, 16, 182, 729, "cuda") > 1 and vit_kernel.attention_splits(4, 16, 182, 729, "cuda") == 1
-    q, k, v, heads, scale, _, rows, _ = _attention_inputs(so400m[4], 0, dtype, "cuda")  # the counts start at zero each call
-    once = vit_kernel.attention(q, k, v, heads, scale, 1, rows, 3)
-    assert all(torch.equal(vit_kernel.attention(q, k, v, heads, scale, 1, rows, 3), once) for _ in range(3))
     torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[0], 0, dtype, "cuda")[:5])
     torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[6], 6, dtype, "cuda"))
-    torch.library.opcheck(vit_kernel.attention, _attention_inputs(ATTENTION_CASES[10], 10, dtype, "cuda"))
 
 
 @gpu
@@ -621,17 +610,17 @@ def test_selective_layer_with_the_attention_kernel_equals_without_on_gpu():
     check_layers(attention_layer_cases(True, "cuda"), attention_layer_cases(False, "cuda"), atol=1e-5)
 
 
-@pytest.mark.parametrize("tiles, rowmap, splits", [(1, False, 1), (3, False, 1), (1, True, 1), (3, True, 1), (1, True, 3)])
-def test_attention_kernel_compiles_for_hopper(tiles, rowmap, splits):
+@pytest.mark.parametrize("rowmap", [False, True])
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_attention_kernel_compiles_for_hopper(tiles, rowmap):
     """`attention` lowered to an sm_90 cubin on the CPU at SigLIP-so400m's heads (64 + 16 channels, bf16), with
-    each tiling, with and without a query row map, with split keys: what the interpreter test does not cover."""
+    each tiling, with and without a query row map: what the interpreter test does not cover."""
     pytest.importorskip("triton")
     from stc.vit_kernel import _attention
     from tests.triton_interpreter import compile_for_hopper
 
-    sig = {"Q": "*bf16", "IDX": "*i64", **{name: "*bf16" for name in ("K", "V", "O")}, "PART": "*fp32", "STAT": "*fp32",
-           "COUNT": "*i32", **{name: "i32" for name in ("sqb", "sqm", "skb", "skn", "svb", "svn", "M", "N", "H", "TQ")},
-           "scale2": "fp32"}
-    asm = compile_for_hopper(_attention, sig, dict(D=72, DT=16, BLOCK_N=64, TILES=tiles, IEEE=False, ROWMAP=rowmap,
-                                                   SPLITS=splits), num_warps=4, num_stages=3)
+    sig = {"Q": "*bf16", "IDX": "*i64", **{name: "*bf16" for name in ("K", "V", "O")},
+           **{name: "i32" for name in ("sqb", "sqm", "skb", "skn", "svb", "svn", "M", "N", "H", "TQ")}, "scale2": "fp32"}
+    asm = compile_for_hopper(_attention, sig, dict(D=72, DT=16, BLOCK_N=64, TILES=tiles, IEEE=False, ROWMAP=rowmap),
+                             num_warps=4, num_stages=3)
     assert len(asm["cubin"]) > 0 and ".target sm_90" in asm["ptx"]
