@@ -534,7 +534,7 @@ class GraphedVision:
     one GEMM and use the recomputed tokens' query and value rows (`stc.cacher.selective_layer(project_all=True)`),
     instead of the key projection of every token and then the query and value projections of the recomputed
     tokens: the same values, in less time where a GEMM's time is its latency, not its work. On the H100 at
-    SigLIP-so400m's shapes: one frame, 11.5 against 15.7 us; two frames, 20.5 against 19.2
+    SigLIP-so400m's shapes: one frame, 11.5 against 15.6 us; two frames, 20.0 against 19.2
     (`h100_vit_selective_projections.json` in results/latency). None (default): with the kernels and fused_qkv,
     at one frame per step (batch 1), where the Cacher recomputes only some tokens' attention; True where it does
     not raises.
