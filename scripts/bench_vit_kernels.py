@@ -38,40 +38,41 @@ def attention_rows(b, tq):
     q = torch.randn(b, tq, C, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
-    want = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float())
+
+    def reference(queries):  # float32, [B, tq, C]
+        return F.scaled_dot_product_attention(heads(queries).float(), heads(k).float(), heads(v).float()).transpose(1, 2).reshape(b, tq, C)
+
+    want = reference(q)
     rows = []
+
+    def timed(name, fn, want):  # a row with fn's error against want and its replay time
+        err = ((fn().float() - want).norm() / want.norm()).item()
+        rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
+                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+
     for name, backend in BACKENDS.items():
-        def fn():
+        def fn(backend=backend):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(b, tq, C)
         try:
-            out = fn()
+            fn()
         except RuntimeError as err:
             rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "error": str(err)[:120]})
             continue
-        err = ((out.float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
-        rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
-                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+        timed(name, fn, want)
     from stc import vit_kernel
 
     scale = (C // HEADS) ** -0.5
     for tiles in (0, 1, 3):  # stc.vit_kernel.attention: its choice (0), and each tiling
-        def fn():
-            return vit_kernel.attention(q, k, v, HEADS, scale, tiles)
-
-        err = ((fn().float() - want.transpose(1, 2).reshape(b, tq, C)).norm() / want.norm()).item()
-        rows.append({"op": "attention", "variant": f"stc kernel{f', {tiles} tiles' if tiles else ''}", "batch": b,
-                     "queries": tq, "rel_err": err, "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+        timed(f"stc kernel{f', {tiles} tiles' if tiles else ''}", lambda tiles=tiles: vit_kernel.attention(q, k, v, HEADS, scale, tiles),
+              want)
     # the queries read through a row map (GraphedVision's project_all) against the gathered ones
     frame = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
     idx = torch.stack([torch.randperm(T, device="cuda")[:tq] for _ in range(b)])
     gathered = torch.gather(frame, 1, idx[..., None].expand(-1, -1, C))
-    want = F.scaled_dot_product_attention(heads(gathered).float(), heads(k).float(), heads(v).float()).transpose(1, 2).reshape(b, tq, C)
-    for name, fn in (("stc kernel, gathered queries", lambda: vit_kernel.attention(gathered, k, v, HEADS, scale)),
-                     ("stc kernel, row map", lambda: vit_kernel.attention(frame, k, v, HEADS, scale, 0, idx))):
-        err = ((fn().float() - want).norm() / want.norm()).item()
-        rows.append({"op": "attention", "variant": name, "batch": b, "queries": tq, "rel_err": err,
-                     "us": 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")})
+    want = reference(gathered)
+    timed("stc kernel, gathered queries", lambda: vit_kernel.attention(gathered, k, v, HEADS, scale), want)
+    timed("stc kernel, row map", lambda: vit_kernel.attention(frame, k, v, HEADS, scale, 0, idx), want)
     return rows
 
 

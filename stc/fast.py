@@ -443,6 +443,10 @@ def attention_kernel_supported(layer: nn.Module, dtype: torch.dtype, device: tor
     return vit_kernel.attention_supported(attn.head_dim, dtype)
 
 
+# what the Cacher options of its selective layers need, as their refusals say it
+_SELECTIVE = "a reuse mode other than 'mlp' and a cache interval above 1"
+
+
 def _option(requested: bool | None, available: bool, refusal: str) -> bool:
     """A GraphedVision option: None -> where available; True where not available raises `refusal`."""
     if requested and not available:
@@ -591,16 +595,15 @@ class GraphedVision:
         self.k = cacher.recomputed_tokens(self.tokens) if cacher and cacher.cache_interval != 1 else None
         merges_values = self.k is not None and cacher.reuse != "mlp"
         self.value_buffer = merges_values and self.kernels if value_buffer is None else _option(
-            value_buffer, merges_values, "value_buffer=True needs a Cacher whose selective layers merge values (a reuse mode "
-            "other than 'mlp' and a cache interval above 1)")
+            value_buffer, merges_values, f"value_buffer=True needs a Cacher whose selective layers merge values ({_SELECTIVE})")
         selective_attention = merges_values and attention_kernel_supported(self.layers[0], self.dtype, self.device)
         self.attention_kernel = selective_attention and self.kernels if attention_kernel is None else _option(
             attention_kernel, selective_attention, "attention_kernel=True needs a Cacher whose selective layers recompute "
-            f"some tokens' attention (a reuse mode other than 'mlp' and a cache interval above 1) and SigLIP-style heads "
+            f"some tokens' attention ({_SELECTIVE}) and SigLIP-style heads "
             f"(stc.fast.attention_kernel_supported) on a CUDA device, here {self.device} {self.dtype}")
         self.project_all = merges_values and self.kernels and self.fused_qkv and batch == 1 if project_all is None else _option(
             project_all, merges_values, "project_all=True needs a Cacher whose selective layers recompute some tokens' "
-            "attention (a reuse mode other than 'mlp' and a cache interval above 1)")
+            f"attention ({_SELECTIVE})")
         self.tome = None
         if tome is not None:
             from stc.baselines.tome import CLASS_TOKEN_LAYERS, ToMeState, _normalise_schedule

@@ -483,10 +483,10 @@ def _plot_device(ax1, ax2, speed: Speed, device: str | None) -> None:
     if v.empty:
         ax1.text(0.5, 0.5, "no ViT measurements", ha="center", va="center", transform=ax1.transAxes)
     else:
-        # at each B the most optimised path measured, both sides alike (the levels may differ between B:
-        # GraphedVision's project_all is on by default at B = 1 only)
-        rank = v["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else -1)
-        v = v.assign(_rank=rank).sort_values(["batch", "_rank"], kind="stable").groupby("batch").tail(1)
+        # at each B the most optimised path measured, both sides alike, as `targets_table` takes it (`load_speed`
+        # orders each B's rows from least to most optimised; the levels may differ between B: GraphedVision's
+        # project_all is on by default at B = 1 only)
+        v = v.groupby("batch", sort=True).tail(1)
         ax1.plot(v["batch"], v["full_ms_per_frame"], "o-", label="full")
         ax1.plot(v["batch"], v["cacher_ms_per_frame"], "s-", label="STC-Cacher N=4, R=0.75")
         ax1.plot(v["batch"], v["floor_full_ms"], "--", color="C0", lw=1, label="full floor")
