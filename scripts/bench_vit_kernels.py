@@ -193,6 +193,49 @@ def selective_projection_rows(b, k=182):
                              ("q,v,k all + q gather", all_rows_gather))]
 
 
+def layer_chain_rows(b, k=182, layers=26):
+    """What a layer's GEMMs and attention alone take, chained over `layers` layers as in the tower: the full
+    layer's (the projections of every token, cuDNN's attention, the output projection, fc1 with its GELU
+    epilogue, fc2) and the selective layer's at its fastest (the projections of every token,
+    `stc.vit_kernel.attention` for the k recomputed queries of each frame through a row map, the rest on
+    those k rows). Every other kernel of a layer (norms, selection, merges) is left out, so the selective
+    chain is a floor for a selective layer built from these kernels. Each layer has its own weights (cold
+    in L2, as in the tower), or every layer one layer's (hot). us: per layer."""
+    from stc import vit_kernel
+
+    def layer():  # the weights of the projections, the output projection, fc1 and fc2, then their biases
+        shapes = ((3 * C, C), (C, C), (INTER, C), (C, INTER))
+        return ([torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / i**0.5 for o, i in shapes]
+                + [torch.randn(o, device="cuda", dtype=torch.bfloat16) for o, _ in shapes])
+
+    weights = [layer() for _ in range(layers)]
+    x = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(T, device="cuda")[:k] for _ in range(b)])
+    scale = (C // HEADS) ** -0.5
+
+    def mlp(a, w):  # the output projection, fc1 with its GELU and fc2, on a's rows
+        o = F.linear(a, w[1], w[5]).flatten(0, 1)
+        return F.linear(torch._addmm_activation(w[6], o, w[2].t(), use_gelu=True), w[3], w[7])
+
+    def full(w):
+        q, kk, v = (heads(t) for t in F.linear(x, w[0], w[4]).split(C, dim=-1))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            a = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(b, T, C)
+        return mlp(a, w)
+
+    def selective(w):
+        q, kk, v = F.linear(x, w[0], w[4]).split(C, dim=-1)
+        return mlp(vit_kernel.attention(q, kk, v, HEADS, scale, 0, idx), w)
+
+    rows = []
+    for name, fn in (("full", full), ("selective", selective)):
+        for state, ws in (("cold", weights), ("hot", weights[:1] * layers)):
+            us = 1e3 * do_bench_cudagraph(lambda fn=fn, ws=ws: [fn(w) for w in ws], rep=50, return_mode="median") / layers
+            rows.append({"op": "layer chain", "variant": f"{name}, weights {state}", "batch": b, "rows": T if name == "full" else k,
+                         "layers": layers, "us": us})
+    return rows
+
+
 def autotune_rows(b):
     """The layer's GEMMs as cuBLAS runs them against inductor's max-autotune (Triton templates and ATen,
     the fastest per shape), at the row counts of a full (729) and a selective (182) layer."""
@@ -545,8 +588,8 @@ def pooling_rows(b, hidden=3584, size=384, patch=14):
 
 VIT_PARTS = {"attention": lambda b: attention_rows(b, 182) + attention_rows(b, 729), "selection": selection_rows,
              "cosine": cosine_rows, "projections": projection_rows,
-             "selective_projections": selective_projection_rows, "embedding": embedding_rows, "norm": norm_rows,
-             "pooling": pooling_rows}
+             "selective_projections": selective_projection_rows, "layer_chain": layer_chain_rows,
+             "embedding": embedding_rows, "norm": norm_rows, "pooling": pooling_rows}
 
 
 def main(argv=None):
