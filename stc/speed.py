@@ -10,6 +10,9 @@ optionally two sections this module reads:
 - ``rows`` of a graph-path run (`--graphs`): one stream per method, per-stage ms per frame at the last
   checkpoint, and the question's time (retrieval + answer) with its floor where recorded.
 
+It also reads the ``rows`` of `scripts/bench_vit_kernels.py --vit-parts layer_chain`: a SigLIP layer's
+GEMMs and attention alone, chained over the tower's layers, for the full and the selective layer.
+
 `load_speed` collects them from many files; where several files measured the same setting on the same
 GPU, the newest (by the date in its meta) wins, so re-measuring updates the report without deleting
 history. A StreamBatch row is the newest measurement of its method at that B, and it keeps the baseline
@@ -56,15 +59,20 @@ class Speed:
     vit: pd.DataFrame  # batch, compile (a COMPILE_LEVELS name), full_ms_per_frame, cacher_ms_per_frame, floors, source, device, commit
     batched: pd.DataFrame  # batch, method, tokens_per_frame, vit/prefill ms per stream-frame, prefill floor, ...
     stream: pd.DataFrame = field(default_factory=pd.DataFrame)  # method, frames, tokens, per-stage ms per frame, qa_ms, floors
+    chain: pd.DataFrame = field(default_factory=pd.DataFrame)  # batch, layer (full, selective), weights, us per layer
+
+    @property
+    def _frames(self) -> tuple[pd.DataFrame, ...]:
+        return self.vit, self.batched, self.stream, self.chain
 
     @property
     def empty(self) -> bool:
-        return self.vit.empty and self.batched.empty and self.stream.empty
+        return all(f.empty for f in self._frames)
 
     @property
     def devices(self) -> list[str]:
         """The GPUs measured, the one with the newest measurement first."""
-        frames = [f[["device", "date"]] for f in (self.vit, self.batched, self.stream) if not f.empty]
+        frames = [f[["device", "date"]] for f in self._frames if not f.empty]
         if not frames:
             return []
         newest = pd.concat(frames).groupby("device")["date"].max()
@@ -74,8 +82,7 @@ class Speed:
         """The measurements of one GPU (a name from `devices`)."""
         if device not in self.devices:
             raise ValueError(f"no measurements on {device!r}; measured: {self.devices}")
-        return Speed(*(f[f["device"] == device].reset_index(drop=True) if not f.empty else f
-                       for f in (self.vit, self.batched, self.stream)))
+        return Speed(*(f[f["device"] == device].reset_index(drop=True) if not f.empty else f for f in self._frames))
 
 
 def _one_device(speed: Speed) -> None:
@@ -137,10 +144,10 @@ def _lengths(row: dict) -> list[dict]:
 
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
-    """The vit_graphs, batched and graph-path rows sections of the given latency JSON files (others are
-    skipped). Floors are those of `stc.flops` at each run's measured rates (where its meta records them
+    """The vit_graphs, batched and graph-path rows sections, and the layer-chain rows, of the given latency
+    JSON files (others are skipped). Floors are those of `stc.flops` at each run's measured rates (where its meta records them
     and its architecture), not the ones written when it ran: the floor model applies to old runs alike."""
-    vit, batched, stream = [], [], []
+    vit, batched, stream, chain = [], [], [], []
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
         meta = data.get("meta", {})
@@ -166,6 +173,11 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
                            **last, "qa_ms": row["qa_ms"], "qa_floor_ms": row.get("qa_floor_ms"),
                            "qa_retrieval_ms": row.get("qa_retrieval_ms"),
                            "qa_new_tokens": row.get("qa_new_tokens"), **info})
+        for row in data.get("rows") or []:
+            if isinstance(row, dict) and row.get("op") == "layer chain":  # variant: "full, weights cold"
+                layer, weights = row["variant"].split(", weights ")
+                chain.append({"batch": row["batch"], "layer": layer, "weights": weights, "rows": row["rows"],
+                              "us_per_layer": row["us"], **info})
     vit_df = _newest(pd.DataFrame(vit), ["device", "batch", "compile"])
     if not vit_df.empty:  # per GPU and B: uncompiled first, then more optimised
         rank = vit_df["compile"].map(lambda c: COMPILE_LEVELS.index(c) if c in COMPILE_LEVELS else len(COMPILE_LEVELS))
@@ -184,7 +196,8 @@ def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
     if not stream_df.empty:
         newest = stream_df.sort_values("date").groupby("device")["source"].last()
         stream_df = stream_df[stream_df["source"] == stream_df["device"].map(newest)].reset_index(drop=True)
-    return Speed(vit=vit_df, batched=batched_df, stream=stream_df)
+    chain_df = _newest(pd.DataFrame(chain), ["device", "batch", "layer", "weights"])
+    return Speed(vit=vit_df, batched=batched_df, stream=stream_df, chain=chain_df)
 
 
 def _full_length(batched: pd.DataFrame) -> pd.DataFrame:
@@ -209,6 +222,31 @@ def vit_table(speed: Speed) -> pd.DataFrame:
         "full / floor": v["full_ms_per_frame"] / v["floor_full_ms"],
         "Cacher / floor": v["cacher_ms_per_frame"] / v["floor_cacher_ms"],
         "commit": v["commit"],
+    })
+
+
+def chain_table(speed: Speed) -> pd.DataFrame:
+    """The layer chains per B (weights cold, as in the tower): a full and a selective layer's GEMMs and
+    attention alone, in us per layer; "chains predict": the Cacher's change against the full ViT (N=4: one
+    reference step, a full one, in every N) if every step, the full ones too, took its layers' chains alone;
+    "change": the one measured on the most optimised path (`vit_table`, another run)."""
+    _one_device(speed)
+    c = speed.chain
+    if c.empty:
+        return pd.DataFrame()
+    us = c[c["weights"] == "cold"].pivot_table(index="batch", columns="layer", values="us_per_layer", aggfunc="last")
+    if not {"full", "selective"} <= set(us.columns):
+        return pd.DataFrame()
+    us = us.dropna(subset=["full", "selective"])
+    n = VIT_CACHER[0]
+    ratio = us["selective"] / us["full"]
+    vit = vit_table(speed)
+    measured = vit.groupby("B", sort=True).tail(1).set_index("B")["change"] if not vit.empty else pd.Series(dtype=float)
+    commits = c.drop_duplicates("batch", keep="last").set_index("batch")["commit"]
+    return pd.DataFrame({
+        "B": us.index, "full layer (us)": us["full"].values, "selective layer (us)": us["selective"].values,
+        "selective / full": ratio.values, "chains predict": ((1 + (n - 1) * ratio) / n - 1).values,
+        "change": [measured.get(b) for b in us.index], "commit": [commits[b] for b in us.index],
     })
 
 
@@ -379,7 +417,7 @@ def _cell(value, column: str) -> str:
         return ""
     if isinstance(value, (bool, str)) or column in ("B", "tokens", "frames") or column.startswith("streams"):
         return str(value)
-    if column in ("change", "prefill change", "floor predicts"):
+    if column in ("change", "prefill change", "floor predicts", "chains predict"):
         return f"{value:+.0%}"
     if column == "share of predicted":  # one decimal: 89.9% must not read as a met 90%
         return f"{value:.1%}"
@@ -400,7 +438,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def environment_line(speed: Speed, files: bool = True) -> str:
     """Where the numbers come from: per file (files=True), or per device and versions with their commits."""
-    both = pd.concat([speed.vit, speed.batched, speed.stream], ignore_index=True) if not speed.empty else pd.DataFrame()
+    both = pd.concat([f for f in speed._frames if not f.empty], ignore_index=True) if not speed.empty else pd.DataFrame()
     if both.empty:
         return ""
     parts = both.drop_duplicates("source")
@@ -427,6 +465,15 @@ _VIT_NOTE = (
     "did not): they overstate the Cacher's saving at B = 1.\n")
 
 
+_CHAIN_NOTE = (
+    "### Layer chains: a SigLIP layer's GEMMs and attention alone (us per layer)\n\n"
+    "`scripts/bench_vit_kernels.py --vit-parts layer_chain`: the projections of every token, the attention, the output "
+    "projection, fc1 with its GELU and fc2 of each of 26 layers, each with its own weights, and nothing else (no norm, "
+    "selection or merge); the selective layer's attention and the rest for its 182 recomputed tokens per frame. "
+    "\"chains predict\": the Cacher's change if every step, the full ones too, took its layers' chains alone (N=4: "
+    "a reference step, full, in every four); \"change\": the measured one, on the most optimised path.\n")
+
+
 def report(speed: Speed) -> str:
     """The tables of each GPU measured (the newest first), its targets last, as one Markdown document."""
     parts = ["# Speed at paper scale (LLaVA-OV-7B architecture, random weights)\n",
@@ -441,6 +488,7 @@ def report(speed: Speed) -> str:
             f"## {device}\n",
             f"Measured: {environment_line(one)}.\n",
             "### SigLIP step, graph-captured, B synchronised streams (ms per stream-frame)\n", markdown(vit_table(one)),
+            *([_CHAIN_NOTE, markdown(chain_table(one))] if not one.chain.empty else []),
             "### StreamBatch: ViT and prefill per stream-frame (ms), means over each stream's first `frames` frames\n",
             f"\"share of predicted\": the prefill's change over the change the floor predicts, where it predicts a cut of "
             f"{SMALLEST_PREDICTED_CUT:.0%} or more (a step bound by the weights' read predicts none).\n",

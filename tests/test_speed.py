@@ -343,3 +343,44 @@ def test_figure_takes_the_most_optimised_path_at_each_batch(files):
     full = next(line for line in speed.plot_speed(s).axes[0].get_lines() if line.get_label() == "full")
     assert list(full.get_xdata()) == [1, 16]
     assert list(full.get_ydata()) == [2.5, s.vit.query("batch == 16")["full_ms_per_frame"].iloc[-1]]
+
+
+def chain_file(path, date, commit, us, device="GPU X"):
+    """A `bench_vit_kernels --vit-parts layer_chain` file: us maps (B, layer, weights) to us per layer."""
+    rows = [{"op": "layer chain", "variant": f"{layer}, weights {weights}", "batch": b, "rows": 729 if layer == "full" else 182,
+             "layers": 26, "us": t} for (b, layer, weights), t in us.items()]
+    rows.append({"op": "attention", "variant": "cudnn", "batch": 1, "queries": 182, "us": 16.0})  # another part: skipped
+    path.write_text(json.dumps({"meta": {"device": device, "torch": "2.x", "commit": commit, "date": date}, "rows": rows}))
+    return path
+
+
+def test_layer_chains_predict_the_cachers_change(files, tmp_path):
+    """The chain table takes each B's newest cold-weight chains, predicts the Cacher's change as one full step and N - 1
+    selective ones over N full ones, next to the measured change; it stays on its own GPU's part of the report."""
+    old = chain_file(tmp_path / "e_chain_old.json", "2026-03-01T00:00:00+00:00", "eeeeeee5",
+                     {(1, "full", "cold"): 90.0, (1, "selective", "cold"): 80.0})
+    new = chain_file(tmp_path / "f_chain_new.json", "2026-04-01T00:00:00+00:00", "fffffff6",
+                     {(1, "full", "cold"): 80.0, (1, "selective", "cold"): 52.0, (1, "full", "hot"): 10.0,
+                      (1, "selective", "hot"): 1.0, (16, "full", "cold"): 700.0, (16, "selective", "cold"): 280.0,
+                      (4, "full", "cold"): 200.0})  # B = 4: no selective chain, no row
+    other = chain_file(tmp_path / "g_chain_other.json", "2026-05-01T00:00:00+00:00", "ggggggg7",
+                       {(1, "full", "cold"): 1.0, (1, "selective", "cold"): 1.0}, device="GPU Y")
+    h = write(tmp_path / "h_other_gpu.json", "2026-08-01T00:00:00+00:00", "hhhhhhh8", device="GPU Z", vit=[vit_row(16, 1.0, 0.7)])
+    s = speed.load_speed(files + [old, new, other, h])
+    with pytest.raises(ValueError, match="several GPUs"):
+        speed.chain_table(s)
+    x = s.on("GPU X")
+    t = speed.chain_table(x).set_index("B")
+    assert list(t.index) == [1, 16] and set(t["commit"]) == {"fffffff"}
+    for b, full, selective in ((1, 80.0, 52.0), (16, 700.0, 280.0)):
+        ratio = selective / full
+        assert t.loc[b, "full layer (us)"] == full and t.loc[b, "selective / full"] == pytest.approx(ratio)
+        assert t.loc[b, "chains predict"] == pytest.approx((full + 3 * selective) / (4 * full) - 1)
+    measured = speed.vit_table(x).groupby("B").tail(1).set_index("B")["change"]
+    assert t.loc[1, "change"] == pytest.approx(measured[1]) and t.loc[16, "change"] == pytest.approx(measured[16])
+    assert speed.chain_table(s.on("GPU Y")).set_index("B").loc[1, "chains predict"] == pytest.approx(0.0)
+    assert speed.chain_table(s.on("GPU Z")).empty
+    text = speed.report(s)
+    z_part, x_part = text.split("## GPU Z")[1].split("\n## ")[0], text.split("## GPU X")[1]
+    assert "### SigLIP step" in z_part
+    assert "### Layer chains" not in z_part and "| 1 | 80.00 | 52.00 | 0.65 | -26% |" in x_part
