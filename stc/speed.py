@@ -145,8 +145,9 @@ def _lengths(row: dict) -> list[dict]:
 
 def load_speed(paths: Iterable[str | os.PathLike]) -> Speed:
     """The vit_graphs, batched and graph-path rows sections, and the layer-chain rows, of the given latency
-    JSON files (others are skipped). Floors are those of `stc.flops` at each run's measured rates (where its meta records them
-    and its architecture), not the ones written when it ran: the floor model applies to old runs alike."""
+    JSON files (others are skipped). Floors are those of `stc.flops` at each run's measured rates (where its
+    meta records them and its architecture), not the ones written when it ran: the floor model applies to old
+    runs alike."""
     vit, batched, stream, chain = [], [], [], []
     for path in sorted(Path(p) for p in paths):
         data = json.loads(path.read_text())
@@ -234,19 +235,20 @@ def chain_table(speed: Speed) -> pd.DataFrame:
     c = speed.chain
     if c.empty:
         return pd.DataFrame()
-    us = c[c["weights"] == "cold"].pivot_table(index="batch", columns="layer", values="us_per_layer", aggfunc="last")
+    cold = c[c["weights"] == "cold"]
+    us = cold.pivot_table(index="batch", columns="layer", values="us_per_layer", aggfunc="last")
     if not {"full", "selective"} <= set(us.columns):
         return pd.DataFrame()
     us = us.dropna(subset=["full", "selective"])
+    runs = cold[cold["layer"].isin(["full", "selective"])].groupby("batch")["commit"].agg(lambda x: ", ".join(dict.fromkeys(x)))
     n = VIT_CACHER[0]
     ratio = us["selective"] / us["full"]
     vit = vit_table(speed)
     measured = vit.groupby("B", sort=True).tail(1).set_index("B")["change"] if not vit.empty else pd.Series(dtype=float)
-    commits = c.drop_duplicates("batch", keep="last").set_index("batch")["commit"]
     return pd.DataFrame({
         "B": us.index, "full layer (us)": us["full"].values, "selective layer (us)": us["selective"].values,
         "selective / full": ratio.values, "chains predict": ((1 + (n - 1) * ratio) / n - 1).values,
-        "change": [measured.get(b) for b in us.index], "commit": [commits[b] for b in us.index],
+        "change": [measured.get(b) for b in us.index], "commit": [runs[b] for b in us.index],
     })
 
 

@@ -363,15 +363,17 @@ def test_layer_chains_predict_the_cachers_change(files, tmp_path):
                      {(1, "full", "cold"): 80.0, (1, "selective", "cold"): 52.0, (1, "full", "hot"): 10.0,
                       (1, "selective", "hot"): 1.0, (16, "full", "cold"): 700.0, (16, "selective", "cold"): 280.0,
                       (4, "full", "cold"): 200.0})  # B = 4: no selective chain, no row
+    # B = 16's selective chain measured again later, alone: the newest of each chain, both commits shown
+    newer = chain_file(tmp_path / "f_chain_newer.json", "2026-04-02T00:00:00+00:00", "abcdef07", {(16, "selective", "cold"): 280.0})
     other = chain_file(tmp_path / "g_chain_other.json", "2026-05-01T00:00:00+00:00", "ggggggg7",
                        {(1, "full", "cold"): 1.0, (1, "selective", "cold"): 1.0}, device="GPU Y")
     h = write(tmp_path / "h_other_gpu.json", "2026-08-01T00:00:00+00:00", "hhhhhhh8", device="GPU Z", vit=[vit_row(16, 1.0, 0.7)])
-    s = speed.load_speed(files + [old, new, other, h])
+    s = speed.load_speed(files + [old, new, newer, other, h])
     with pytest.raises(ValueError, match="several GPUs"):
         speed.chain_table(s)
     x = s.on("GPU X")
     t = speed.chain_table(x).set_index("B")
-    assert list(t.index) == [1, 16] and set(t["commit"]) == {"fffffff"}
+    assert list(t.index) == [1, 16] and t["commit"].tolist() == ["fffffff", "fffffff, abcdef0"]
     for b, full, selective in ((1, 80.0, 52.0), (16, 700.0, 280.0)):
         ratio = selective / full
         assert t.loc[b, "full layer (us)"] == full and t.loc[b, "selective / full"] == pytest.approx(ratio)
