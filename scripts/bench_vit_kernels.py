@@ -24,6 +24,7 @@ from triton.testing import do_bench_cudagraph
 from stc.latency import environment
 
 T, C, HEADS, INTER = 729, 1152, 16, 4304
+SCALE = (C // HEADS) ** -0.5  # SigLIP's attention scale
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -31,6 +32,10 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 def heads(x):  # [B, T, C] -> [B, H, T, D], a strided view as in the Hugging Face layer
     b, t, _ = x.shape
     return x.view(b, t, HEADS, -1).transpose(1, 2)
+
+
+def recomputed(b, k):  # int64 [B, k]: k distinct random tokens of each of b frames, as a Cacher's recomputed ones
+    return torch.stack([torch.randperm(T, device="cuda")[:k] for _ in range(b)])
 
 
 def attention_rows(b, tq):
@@ -62,17 +67,16 @@ def attention_rows(b, tq):
         timed(name, fn, want)
     from stc import vit_kernel
 
-    scale = (C // HEADS) ** -0.5
     for tiles in (0, 1, 3):  # stc.vit_kernel.attention: its choice (0), and each tiling
-        timed(f"stc kernel{f', {tiles} tiles' if tiles else ''}", lambda tiles=tiles: vit_kernel.attention(q, k, v, HEADS, scale, tiles),
+        timed(f"stc kernel{f', {tiles} tiles' if tiles else ''}", lambda tiles=tiles: vit_kernel.attention(q, k, v, HEADS, SCALE, tiles),
               want)
     # the queries read through a row map (GraphedVision's project_all) against the gathered ones
     frame = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
-    idx = torch.stack([torch.randperm(T, device="cuda")[:tq] for _ in range(b)])
+    idx = recomputed(b, tq)
     gathered = torch.gather(frame, 1, idx[..., None].expand(-1, -1, C))
     want = reference(gathered)
-    timed("stc kernel, gathered queries", lambda: vit_kernel.attention(gathered, k, v, HEADS, scale), want)
-    timed("stc kernel, row map", lambda: vit_kernel.attention(frame, k, v, HEADS, scale, 0, idx), want)
+    timed("stc kernel, gathered queries", lambda: vit_kernel.attention(gathered, k, v, HEADS, SCALE), want)
+    timed("stc kernel, row map", lambda: vit_kernel.attention(frame, k, v, HEADS, SCALE, 0, idx), want)
     return rows
 
 
@@ -210,8 +214,7 @@ def layer_chain_rows(b, k=182, layers=26):
 
     weights = [layer() for _ in range(layers)]
     x = torch.randn(b, T, C, device="cuda", dtype=torch.bfloat16)
-    idx = torch.stack([torch.randperm(T, device="cuda")[:k] for _ in range(b)])
-    scale = (C // HEADS) ** -0.5
+    idx = recomputed(b, k)
 
     def mlp(a, w):  # the output projection, fc1 with its GELU and fc2, on a's rows
         o = F.linear(a, w[1], w[5]).flatten(0, 1)
@@ -225,7 +228,7 @@ def layer_chain_rows(b, k=182, layers=26):
 
     def selective(w):
         q, kk, v = F.linear(x, w[0], w[4]).split(C, dim=-1)
-        return mlp(vit_kernel.attention(q, kk, v, HEADS, scale, 0, idx), w)
+        return mlp(vit_kernel.attention(q, kk, v, HEADS, SCALE, 0, idx), w)
 
     rows = []
     for name, fn in (("full", full), ("selective", selective)):

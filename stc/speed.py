@@ -226,6 +226,13 @@ def vit_table(speed: Speed) -> pd.DataFrame:
     })
 
 
+def _most_optimised(frame: pd.DataFrame, batch: str) -> pd.DataFrame:
+    """Each B's row of the most optimised ViT path measured there: its last (`load_speed` orders each B's rows
+    from least to most optimised; the levels may differ between B, GraphedVision's project_all is on by default
+    at B = 1 only). batch: the frame's column of B ("batch" in `Speed.vit`, "B" in `vit_table`)."""
+    return frame.groupby(batch, sort=True).tail(1)
+
+
 def chain_table(speed: Speed) -> pd.DataFrame:
     """The layer chains per B (weights cold, as in the tower): a full and a selective layer's GEMMs and
     attention alone, in us per layer; "chains predict": the Cacher's change against the full ViT (N=4: one
@@ -244,7 +251,7 @@ def chain_table(speed: Speed) -> pd.DataFrame:
     n = VIT_CACHER[0]
     ratio = us["selective"] / us["full"]
     vit = vit_table(speed)
-    measured = vit.groupby("B", sort=True).tail(1).set_index("B")["change"] if not vit.empty else pd.Series(dtype=float)
+    measured = _most_optimised(vit, "B").set_index("B")["change"] if not vit.empty else pd.Series(dtype=float)
     return pd.DataFrame({
         "B": us.index, "full layer (us)": us["full"].values, "selective layer (us)": us["selective"].values,
         "selective / full": ratio.values, "chains predict": ((1 + (n - 1) * ratio) / n - 1).values,
@@ -360,7 +367,7 @@ def targets_table(speed: Speed) -> pd.DataFrame:
     rows = []
     vit = vit_table(speed)
     if not vit.empty:
-        best = vit.groupby("B", sort=True).tail(1).set_index("B")  # rows run from least to most optimised
+        best = _most_optimised(vit, "B").set_index("B")
         if 1 in best.index:
             change = best.loc[1, "change"]
             rows.append(_target("ViT: Cacher N=4 R=0.75 against full", 1, f"{change:+.0%}", f"<= {TARGET_VIT_CHANGE:+.0%}",
@@ -533,10 +540,7 @@ def _plot_device(ax1, ax2, speed: Speed, device: str | None) -> None:
     if v.empty:
         ax1.text(0.5, 0.5, "no ViT measurements", ha="center", va="center", transform=ax1.transAxes)
     else:
-        # at each B the most optimised path measured, both sides alike, as `targets_table` takes it (`load_speed`
-        # orders each B's rows from least to most optimised; the levels may differ between B: GraphedVision's
-        # project_all is on by default at B = 1 only)
-        v = v.groupby("batch", sort=True).tail(1)
+        v = _most_optimised(v, "batch")  # both sides alike, as `targets_table` takes them
         ax1.plot(v["batch"], v["full_ms_per_frame"], "o-", label="full")
         ax1.plot(v["batch"], v["cacher_ms_per_frame"], "s-", label="STC-Cacher N=4, R=0.75")
         ax1.plot(v["batch"], v["floor_full_ms"], "--", color="C0", lw=1, label="full floor")
